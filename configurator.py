@@ -1,0 +1,64 @@
+"""
+nanoGPT-style configuration, stricter: every script keeps its config as flat globals and calls
+
+    cfg = configure(globals(), config_keys, sys.argv[1:])
+
+with arguments like `config/tiny_cpu.py --lr=1e-4 --out_dir=out/x`. Config files are executed and
+their keys checked like command-line ones; unknown keys, wrong types and bad syntax stop the run with
+a sentence naming the key. Ints are accepted for floats, lists for tuples, anything for a None default.
+Returns the resolved config as a dict (printed by the scripts and saved with their outputs).
+"""
+from ast import literal_eval
+
+
+def _coerce(key, value, default, source):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):  # before int: bool is an int subclass
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(default, tuple) and isinstance(value, (tuple, list)):
+        return tuple(value)
+    elif isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)):
+        return value
+    raise SystemExit(f"{source}: config key '{key}' expects {type(default).__name__}, got {type(value).__name__} {value!r}")
+
+
+def configure(g, keys, argv):
+    keys = set(keys)
+    defaults = {k: g[k] for k in keys}
+    for arg in argv:
+        if not arg.startswith("--"):
+            try:
+                with open(arg, encoding="utf-8") as f:
+                    src = f.read()
+            except OSError:
+                raise SystemExit(f"config file '{arg}' not found (arguments are config files or --key=value)")
+            ns = {}
+            try:
+                exec(compile(src, arg, "exec"), ns)
+            except Exception as err:
+                raise SystemExit(f"config file '{arg}' failed to run: {type(err).__name__}: {err}")
+            for k, v in ns.items():
+                if k.startswith("_") or type(v).__name__ == "module":
+                    continue
+                if k not in keys:
+                    raise SystemExit(f"config file '{arg}' sets unknown key '{k}'; known keys: {', '.join(sorted(keys))}")
+                g[k] = _coerce(k, v, defaults[k], arg)
+        else:
+            if "=" not in arg:
+                raise SystemExit(f"argument '{arg}' must look like --key=value")
+            k, s = arg[2:].split("=", 1)
+            if k not in keys:
+                raise SystemExit(f"unknown config key '{k}'; known keys: {', '.join(sorted(keys))}")
+            try:
+                v = literal_eval(s)
+            except (ValueError, SyntaxError):
+                v = s  # a bare string: --model=tiny
+            if isinstance(defaults[k], str) and not isinstance(v, str):
+                v = s  # --out_dir=123 stays a string
+            g[k] = _coerce(k, v, defaults[k], f"--{k}")
+    cfg = {k: g[k] for k in sorted(keys)}
+    return cfg

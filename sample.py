@@ -1,0 +1,504 @@
+"""
+The model side of E²PO on Stable Diffusion 3.5: loading (hub id, local folder or `tiny`), prompt
+encoding with token-embedding perturbations, the noise-aware condition schedule, the flow ODE
+sampler, VAE decoding, and a CLI that writes images.
+
+    # the embedded tiny model, CPU, seconds
+    python sample.py config/tiny_cpu.py --prompts=data/tiny_prompts.txt --out_dir=out/samples
+    # SD3.5-M with Phase I perturbations and a trained LoRA: K conditions x G noises per prompt
+    python sample.py --prompts=prompts.txt --perturbations=out/perturb.safetensors --K=12 --G=4 \
+        --lora=out/align/checkpoint/lora_ema --out_dir=out/samples
+
+Every function above `main()` imports without side effects; phase1_perturb.py, phase2_align.py,
+rewards.py and eval_diversity.py import them from here. Formulas: METHOD.md §2 (where δ goes),
+§3.1 (gamma, mix_condition).
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config (overridden by configurator.py: python sample.py config/x.py --key=value)
+model = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local diffusers folder, or "tiny"
+prompts = "data/tiny_prompts.txt"  # .txt (one prompt a line) or .jsonl (objects with "prompt")
+perturbations = None  # Phase I file; None samples only the original condition (K=1)
+K = 1  # conditions per prompt: C^orig plus K-1 perturbed ones
+G = 4  # initial noises per condition
+rho = 0.4  # gamma schedule: perturb while sigma > 1 - rho
+steps = 10
+solver = "dpm2"  # "dpm2" (2nd-order multistep, as DiffusionNFT) or "euler"
+guidance = 1.0  # CFG scale; 1.0 = no CFG (the RL setting)
+resolution = 512
+t5_len = 128  # T5 tokens, as DiffusionNFT
+lora = None  # folder with pytorch_lora_weights.safetensors
+batch_size = 8  # images per transformer forward
+seed = 0
+out_dir = "out/samples"
+device = "auto"  # "auto" = cuda if available else cpu
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+
+ENCODERS = ("clip_l", "clip_g", "t5")  # the order of SD3's text encoders 1, 2, 3
+CLIP_LEN = 77
+
+
+# ----------------------------------------------------------------------------- prompts
+def read_prompts(path):
+    """Prompts and per-prompt metadata from a .txt (one a line) or .jsonl (GenEval style) file."""
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"prompt file '{path}' not found: pass --prompts=FILE (.txt, one prompt a line, or .jsonl with a 'prompt' field)")
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    if path.endswith(".jsonl"):
+        metadata = []
+        for i, ln in enumerate(lines):
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError:
+                raise SystemExit(f"{path} line {i + 1} is not valid JSON: each line must be an object with a 'prompt' field")
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise SystemExit(f"{path} line {i + 1} has no 'prompt' string field")
+            metadata.append(obj)
+        prompt_list = [m["prompt"] for m in metadata]
+    else:
+        prompt_list, metadata = lines, [{} for _ in lines]
+    if not prompt_list:
+        raise SystemExit(f"prompt file '{path}' holds no prompts")
+    return prompt_list, metadata
+
+
+def prompts_hash(prompt_list):
+    return hashlib.sha256("\n".join(prompt_list).encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the tiny model
+# A seeded, random-weight, SD3.5-Medium-shaped pipeline built offline: the same classes as the real
+# one with tiny widths. Real widths in comments. T5's d_model (96) stays >= CLIP-L + CLIP-G hidden
+# (32 + 48) so the zero-padding of the CLIP features mirrors the real 2048 -> 4096 one.
+
+def tiny_clip_tokenizer(pad_token="<|endoftext|>"):
+    """A real CLIPTokenizer (byte-level BPE) with the byte alphabet and no merges: every character is
+    a token, BOS/EOS are the two highest ids (as in real CLIP, so legacy argmax pooling finds EOS).
+    SD3's tokenizer pads with EOS, tokenizer_2 with '!' (id 0): pass pad_token="!" for the latter."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=CLIP_LEN)
+
+
+def tiny_t5_tokenizer():
+    """A real T5Tokenizer (unigram) over single characters; <pad>=0, </s>=1, <unk>=2 as in T5."""
+    from transformers import T5Tokenizer
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.!?'\"-:;()#&/"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in alphabet] + [("\u2581" + c, -2.5) for c in alphabet]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def tiny_text_components(seed=0):
+    """(tokenizers, encoders) of the tiny model; each encoder seeded on its own so that loading the
+    text side alone gives the same weights as the full pipeline."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    tok_l, tok_g, tok_t5 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
+    clip = dict(vocab_size=len(tok_l), max_position_embeddings=CLIP_LEN, num_hidden_layers=2, num_attention_heads=2,
+                hidden_act="gelu", bos_token_id=tok_l.bos_token_id, eos_token_id=2)  # eos 2 = legacy argmax pooling, as SD3's configs
+    torch.manual_seed(seed + 1)
+    enc_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=64, projection_dim=32, **clip))  # 768, proj 768
+    torch.manual_seed(seed + 2)
+    enc_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=48, **clip))  # 1280, proj 1280
+    torch.manual_seed(seed + 3)
+    enc_t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=96, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                     feed_forward_proj="gated-gelu", is_encoder_decoder=False))  # T5-XXL: 4096
+    return (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5)
+
+
+def tiny_pipeline(seed=0):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5) = tiny_text_components(seed)
+    torch.manual_seed(seed + 4)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,  # SD3.5-M: 128, 2, 16, 16, 24
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=96,  # 64, 24, 4096
+        caption_projection_dim=16, pooled_projection_dim=80, pos_embed_max_size=16,  # 1536, 2048, 384
+        dual_attention_layers=(0,), qk_norm="rms_norm")  # (0..12), rms_norm
+    torch.manual_seed(seed + 5)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 16, 16, 16), scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False)  # 4 blocks: 8x down, as the real VAE
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                    text_encoder=enc_l, tokenizer=tok_l, text_encoder_2=enc_g, tokenizer_2=tok_g,
+                                    text_encoder_3=enc_t5, tokenizer_3=tok_t5)
+
+
+# ----------------------------------------------------------------------------- loading
+def pick_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)  # bf16 on CUDA, fp32 on CPU
+
+
+def _offline_error(model_id, err):
+    return SystemExit(f"could not load '{model_id}' ({type(err).__name__}): download it first on a machine with internet "
+                      f"(huggingface-cli download {model_id}) or pass --model=/path/to/local/folder, or --model=tiny")
+
+
+def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
+    """The whole StableDiffusion3Pipeline (text encoders, transformer, VAE, scheduler)."""
+    if model_id == "tiny":
+        pipe = tiny_pipeline(seed)
+    else:
+        from diffusers import StableDiffusion3Pipeline
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(model_id, torch_dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise _offline_error(model_id, err)
+    pipe.to(device, dtype)
+    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer, pipe.vae):
+        m.requires_grad_(False).eval()
+    return pipe
+
+
+def load_text(model_id, device="cpu", dtype=torch.float32, t5_len=128, seed=0, pipe=None):
+    """What `encode` needs: the three tokenizers and frozen text encoders (from `pipe` if given,
+    else loaded alone: Phase I needs no transformer or VAE)."""
+    if pipe is not None:
+        toks = (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)
+        encs = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+    elif model_id == "tiny":
+        toks, encs = tiny_text_components(seed)
+    else:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+        try:
+            toks = tuple(AutoTokenizer.from_pretrained(model_id, subfolder=s) for s in ("tokenizer", "tokenizer_2", "tokenizer_3"))
+            encs = (CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dtype),
+                    CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2", torch_dtype=dtype),
+                    T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_3", torch_dtype=dtype))
+        except (OSError, ValueError) as err:
+            raise _offline_error(model_id, err)
+    for e in encs:
+        e.to(device, dtype).requires_grad_(False).eval()
+    return {"model": model_id, "t5_len": t5_len, "tokenizers": dict(zip(ENCODERS, toks)), "encoders": dict(zip(ENCODERS, encs))}
+
+
+# ----------------------------------------------------------------------------- encoding with perturbations
+def tokenize(text, prompt_list):
+    """Per encoder: input_ids [B, S] and the content mask [B, S] (True at the positions δ may touch).
+    Content = after BOS, before EOS, inside the attention mask. Found by *position*: CLIP-G pads with
+    '!' (id 0), a token that can also sit inside a prompt, so token ids cannot tell content apart."""
+    out = {}
+    for name, tok in text["tokenizers"].items():
+        length = text["t5_len"] if name == "t5" else CLIP_LEN
+        enc = tok(prompt_list, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        ids, valid = enc.input_ids, enc.attention_mask.bool()
+        content = valid.clone()
+        content[torch.arange(len(ids)), valid.sum(1) - 1] = False  # the EOS closing every sequence
+        if tok.bos_token_id is not None and bool((ids[:, 0] == tok.bos_token_id).all()):
+            content[:, 0] = False  # CLIP's BOS; T5 has none
+        out[name] = (ids, content)
+    return out
+
+
+def run_encoders(text, prompt_list, deltas=None, names=ENCODERS, tokens=None):
+    """Run the chosen encoders with δ added to their token embeddings at content positions.
+
+    deltas: {name: [B, S, d]} dense over token positions (only content positions are used; see
+    `scatter_content`). Returns {name: (hidden, global_embedding, content_mask)} where hidden is what
+    SD3 consumes (CLIP: hidden_states[-2]; T5: last hidden state) and the global embedding is what
+    Phase I's loss compares (CLIP: projected pooled `text_embeds`; T5: mean over content tokens)."""
+    deltas = deltas or {}
+    tokens = tokens or tokenize(text, prompt_list)
+    out = {}
+    for name in names:
+        enc = text["encoders"][name]
+        ids, content = (t.to(enc.device) for t in tokens[name])
+        hook = None
+        if name in deltas:
+            # A hook on the input-embedding module, not inputs_embeds: CLIP's forward rejects
+            # inputs_embeds and needs the real input_ids to find EOS for pooling. x + 0 is exact, so
+            # δ = 0 gives a bit-identical forward.
+            d = deltas[name].to(enc.device) * content.unsqueeze(-1)
+            hook = enc.get_input_embeddings().register_forward_hook(lambda mod, inp, emb, d=d: emb + d.to(emb.dtype))
+        try:
+            if name == "t5":
+                hidden = enc(ids)[0]
+                m = content.unsqueeze(-1).to(hidden.dtype)
+                glob = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+            else:
+                o = enc(ids, output_hidden_states=True)
+                hidden, glob = o.hidden_states[-2], o.text_embeds
+        finally:
+            if hook is not None:
+                hook.remove()
+        out[name] = (hidden, glob, content)
+    return out
+
+
+def encode(text, prompt_list, deltas=None):
+    """SD3 conditioning (prompt_embeds [B, 77+T, D_t5], pooled [B, D_l+D_g]) exactly as diffusers'
+    StableDiffusion3Pipeline.encode_prompt builds it, with optional per-encoder δ (see run_encoders)."""
+    h = run_encoders(text, prompt_list, deltas)
+    (hl, pl, _), (hg, pg, _), (ht5, _, _) = h["clip_l"], h["clip_g"], h["t5"]
+    clip = torch.cat([hl, hg.to(hl.dtype)], dim=-1)
+    clip = F.pad(clip, (0, ht5.shape[-1] - clip.shape[-1]))  # zero-pad 2048 -> 4096 features
+    prompt_embeds = torch.cat([clip.to(ht5.dtype), ht5], dim=-2)
+    pooled = torch.cat([pl, pg.to(pl.dtype)], dim=-1)
+    return prompt_embeds, pooled
+
+
+def scatter_content(rows, content):
+    """Stored δ rows (a list of [n_b, L_b, d], content tokens only) -> dense [sum n_b, S, d] for
+    `run_encoders`, sample-major: row block b is repeated n_b times with content mask content[b]."""
+    n = [r.shape[0] for r in rows]
+    mask = content.repeat_interleave(torch.tensor(n), dim=0)
+    dense = rows[0].new_zeros(mask.shape[0], mask.shape[1], rows[0].shape[-1])
+    dense[mask] = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
+    return dense
+
+
+# ----------------------------------------------------------------------------- perturbation files
+def perturbation_files(path):
+    """One file, or the per-rank shards `{stem}-{r:05d}-of-{W:05d}.safetensors` that phase1 writes under torchrun."""
+    if os.path.isfile(path):
+        return [path]
+    import glob
+    stem = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
+    shards = sorted(glob.glob(f"{glob.escape(stem)}-*-of-*.safetensors"))
+    if not shards:
+        raise SystemExit(f"perturbation file '{path}' not found: run phase1_perturb.py first")
+    return shards
+
+
+def load_perturbations(path, text, prompt_list, K=None):
+    """Open a Phase I file (lazily, memory-mapped) and check it belongs to this model, these prompts
+    and these token lengths. Returns a dict: meta, K, and `rows(i)` -> {encoder: [K-1, L, d]}."""
+    from safetensors import safe_open
+    handles, where, meta = [], {}, None
+    for f in perturbation_files(path):
+        h = safe_open(f, framework="pt")
+        m = json.loads(h.metadata()["e2po"])
+        common = {k: v for k, v in m.items() if k != "shard"}
+        if meta is not None and common != meta:
+            raise SystemExit(f"perturbation shard {f} was written with other settings than its siblings")
+        meta = common
+        handles.append(h)
+        where.update({key: h for key in h.keys()})
+    if meta["model"] != text["model"]:
+        raise SystemExit(f"perturbation file {path} was learned on model '{meta['model']}', not '{text['model']}': rerun phase1_perturb.py")
+    if meta["prompts_sha256"] != prompts_hash(prompt_list):
+        raise SystemExit(f"perturbation file {path} was learned on other prompts ({meta['n_prompts']} from {meta['prompts_path']}): "
+                         "rerun phase1_perturb.py on this prompt file")
+    if K is not None and meta["K"] != K:
+        raise SystemExit(f"perturbation file {path} holds K={meta['K']} conditions per prompt, but K={K} was asked: rerun phase1 or set --K={meta['K']}")
+    if meta["t5_len"] != text["t5_len"]:
+        raise SystemExit(f"perturbation file {path} was learned with t5_len={meta['t5_len']}, not {text['t5_len']}")
+    tokens = tokenize(text, prompt_list)
+    for name in meta["encoders"]:
+        lengths = tokens[name][1].sum(1).tolist()
+        for i, L in enumerate(lengths):
+            key = f"{i}.{name}"
+            if key not in where:
+                raise SystemExit(f"perturbation file {path} has no entry {key}: a shard is missing or phase1 did not finish")
+            shape = where[key].get_slice(key).get_shape()
+            if shape[1] != L:
+                raise SystemExit(f"perturbation {key} covers {shape[1]} content tokens but the tokenizer gives {L}: "
+                                 "the file was made with another tokenizer; rerun phase1_perturb.py")
+    return {"meta": meta, "K": meta["K"], "encoders": meta["encoders"],
+            "rows": lambda i: {n: where[f"{i}.{n}"].get_tensor(f"{i}.{n}") for n in meta["encoders"]}}
+
+
+def perturbed_conditions(text, pert, prompt_list, indices):
+    """C^opt_k for the prompts `indices` of `prompt_list`: (prompt_embeds, pooled), K-1 rows per
+    prompt, prompt-major."""
+    sub = [prompt_list[i] for i in indices]
+    km1 = pert["K"] - 1
+    tokens = tokenize(text, sub)
+    rows = [pert["rows"](i) for i in indices]
+    deltas = {n: scatter_content([r[n].float() for r in rows], tokens[n][1]) for n in pert["encoders"]}
+    rep = [p for p in sub for _ in range(km1)]
+    return encode(text, rep, deltas)
+
+
+# ----------------------------------------------------------------------------- the noise-aware schedule (METHOD §3.1)
+def gamma(sigma, rho):
+    """gamma(sigma) = clip((sigma - (1 - rho)) / rho, 0, 1): 1 at pure noise, 0 once sigma <= 1 - rho."""
+    if not 0 < rho <= 1:
+        raise ValueError(f"rho must lie in (0, 1], got {rho}")
+    g = (torch.as_tensor(sigma, dtype=torch.float32) - (1 - rho)) / rho
+    g = g.clamp(0, 1)
+    return g if torch.is_tensor(sigma) else float(g)
+
+
+def mix_condition(c_opt, c_orig, sigma, rho):
+    """C_k(t) = gamma(sigma_t) * C^opt_k + (1 - gamma(sigma_t)) * C^orig, on prompt_embeds and pooled."""
+    g = gamma(sigma, rho)
+    out = []
+    for opt, orig in zip(c_opt, c_orig):
+        gg = torch.as_tensor(g, dtype=orig.dtype, device=orig.device)
+        gg = gg.reshape(-1, *([1] * (orig.dim() - 1))) if gg.dim() else gg  # per-sample sigma broadcasts over features
+        out.append(gg * opt + (1 - gg) * orig)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- the flow ODE sampler
+def sigma_grid(scheduler, steps):
+    """The scheduler's sigmas (steps + 1 values from ~1 to 0, shift applied). The scheduler is
+    stateful, so the grid is taken once per rollout and we step with it ourselves."""
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.float().cpu()
+
+
+def velocity(transformer, x, sigma, cond):
+    """v(x_t, t) of the SD3 transformer; x_t = (1 - t) x0 + t eps, v = eps - x0, timestep = t * 1000."""
+    t = torch.full((x.shape[0],), float(sigma) * 1000, device=x.device, dtype=x.dtype)
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1], return_dict=False)[0]
+
+
+@torch.no_grad()
+def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0, c_neg=None, solver="dpm2",
+           batch_size=None, return_traj=False):
+    """Integrate the flow ODE from `noise` (sigma=1) to x0 over `sigmas`.
+
+    c_orig, c_opt: per-sample conditions (prompt_embeds [B, S, D], pooled [B, P]). Sample i is conditioned
+    on mix_condition(c_opt[i], c_orig[i], sigma) at each step; c_opt=None (or a row equal to c_orig)
+    is the plain original condition. c_neg: the negative/empty condition for CFG (guidance > 1).
+    solver: "euler", or "dpm2" = DPM-Solver++(2M) in x0 form on alpha=1-t, sigma=t (2nd order, no extra
+    forward passes; its first and last steps are first order). Returns x0 latents [B, C, h, w], and
+    with return_traj the list of x at every sigma."""
+    B = noise.shape[0]
+    batch_size = batch_size or B
+    x, traj, x0_prev = noise, [noise], None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        cond = c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho)
+        v = []
+        for j in range(0, B, batch_size):  # chunk the batch to bound memory
+            sl = slice(j, j + batch_size)
+            cj = (cond[0][sl], cond[1][sl])
+            if guidance > 1.0:
+                neg = (c_neg[0].expand_as(cj[0]), c_neg[1].expand_as(cj[1]))
+                vu, vc = velocity(transformer, torch.cat([x[sl]] * 2), s, (torch.cat([neg[0], cj[0]]), torch.cat([neg[1], cj[1]]))).chunk(2)
+                v.append(vu + guidance * (vc - vu))
+            else:
+                v.append(velocity(transformer, x[sl], s, cj))
+        v = torch.cat(v).to(x.dtype)
+        x0 = x - s * v
+        # 1st order on the first step, after sigma=1 (lambda = -inf makes 2M degenerate to 1st order
+        # anyway) and into sigma=0 (lambda = +inf), as DPM-Solver's lower_order_final does.
+        if solver == "euler" or x0_prev is None or s_next == 0 or float(sigmas[i - 1]) >= 1:
+            x = x + (s_next - s) * v  # = s_next * eps_hat + (1 - s_next) * x0_hat (DDIM = DPM-Solver-1)
+        elif solver == "dpm2":
+            lam = lambda t: math.log((1 - t) / t)
+            h, h_prev = lam(s_next) - lam(s), lam(s) - lam(float(sigmas[i - 1]))
+            r = h_prev / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            x = (s_next / s) * x - (1 - s_next) * math.expm1(-h) * D
+        else:
+            raise ValueError(f"unknown solver '{solver}': use 'euler' or 'dpm2'")
+        x0_prev = x0
+        if return_traj:
+            traj.append(x)
+    return (x, traj) if return_traj else x
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    """Latents -> images [B, 3, H, W] float32 in [0, 1]."""
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+def image_noise(seeds, shape, device, dtype):
+    """Initial noise, one seeded generator per image, so each image is reproducible from its seed alone."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device, dtype)
+
+
+def latent_shape(pipe, resolution):
+    f = pipe.vae_scale_factor
+    if resolution % (f * pipe.transformer.config.patch_size):
+        raise SystemExit(f"resolution {resolution} must be a multiple of {f * pipe.transformer.config.patch_size}")
+    return (pipe.transformer.config.in_channels, resolution // f, resolution // f)
+
+
+def to_pil(img):
+    from PIL import Image
+    return Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
+
+
+def grid(images, ncol):
+    """[N, 3, H, W] -> one [3, rows*H, ncol*W] image."""
+    n, c, h, w = images.shape
+    nrow = math.ceil(n / ncol)
+    out = images.new_ones(c, nrow * h, ncol * w)
+    for i, im in enumerate(images):
+        out[:, (i // ncol) * h:(i // ncol + 1) * h, (i % ncol) * w:(i % ncol + 1) * w] = im
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv=None):
+    from configurator import configure
+    from tqdm import tqdm
+    cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    prompt_list, metadata = read_prompts(prompts)
+    if K > 1 and not perturbations:
+        raise SystemExit(f"K={K} needs --perturbations=FILE from phase1_perturb.py (or K=1)")
+    dev, dtype = pick_device(device)
+    pipe = load_pipeline(model, dev, dtype, seed=0)
+    text = load_text(model, dev, dtype, t5_len, pipe=pipe)
+    pert = load_perturbations(perturbations, text, prompt_list, K) if perturbations else None
+    shape = latent_shape(pipe, resolution)
+    if lora:
+        if not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+            raise SystemExit(f"--lora={lora} holds no pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(lora)
+    c_neg = encode(text, [""]) if guidance > 1.0 else None
+    os.makedirs(out_dir, exist_ok=True)
+    index = []
+    for pi in tqdm(range(len(prompt_list)), desc="prompts"):
+        orig = encode(text, [prompt_list[pi]])
+        c_orig = tuple(c.repeat_interleave(K * G, 0) for c in orig)
+        c_opt = None
+        if pert is not None:
+            opt = perturbed_conditions(text, pert, prompt_list, [pi])  # K-1 rows
+            c_opt = tuple(torch.cat([o, p]).repeat_interleave(G, 0) for o, p in zip(orig, opt))  # k=0 is C^orig
+        seeds = [seed + (pi * K + k) * G + g for k in range(K) for g in range(G)]
+        x0 = sample(pipe.transformer, sigma_grid(pipe.scheduler, steps), image_noise(seeds, shape, dev, dtype),
+                    c_orig, c_opt, rho, guidance, c_neg, solver, batch_size)
+        images = decode(pipe.vae, x0)
+        for j, img in enumerate(images):
+            k, g = divmod(j, G)
+            fname = f"{pi:05d}_k{k:02d}_g{g:02d}.png"
+            to_pil(img).save(os.path.join(out_dir, fname))
+            index.append({"prompt_index": pi, "prompt": prompt_list[pi], "k": k, "g": g, "seed": seeds[j], "file": fname,
+                          "metadata": metadata[pi]})
+        to_pil(grid(images, G)).save(os.path.join(out_dir, f"{pi:05d}_grid.png"))
+    write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
+    write_text_atomic(os.path.join(out_dir, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
+    print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {out_dir}/ (index.jsonl)")
+
+
+def write_text_atomic(path, s):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(s)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
