@@ -7,8 +7,34 @@ with arguments like `config/tiny_cpu.py --lr=1e-4 --out_dir=out/x`. Config files
 their keys checked like command-line ones; unknown keys, wrong types and bad syntax stop the run with
 a sentence naming the key. Ints are accepted for floats, lists for tuples, anything for a None default.
 Returns the resolved config as a dict (printed by the scripts and saved with their outputs).
+
+One experiment file (config/geneval_g4k12.py) serves every stage: a key that belongs to another
+stage's script (phase1 reads mu/eps, phase2 reads lr/beta) is skipped by this one; a key that no
+stage knows is a typo and stops the run. Command-line keys must belong to the script being run.
 """
+import ast
+import os
 from ast import literal_eval
+
+STAGES = ("sample.py", "phase1_perturb.py", "phase2_align.py", "eval_diversity.py")
+
+
+def stage_keys():
+    """Config keys of every stage script: the top-level names assigned before its `config_keys` line."""
+    keys = set()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in STAGES:
+        path = os.path.join(here, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                if node.targets[0].id == "config_keys":
+                    break
+                keys.add(node.targets[0].id)
+    return keys
 
 
 def _coerce(key, value, default, source):
@@ -28,7 +54,11 @@ def _coerce(key, value, default, source):
 
 def configure(g, keys, argv):
     keys = set(keys)
-    defaults = {k: g[k] for k in keys}
+    # remember the script's own defaults on the first call and start every call from them, so that
+    # main() can run twice in one process (tests) without inheriting the last run's settings
+    defaults = g.setdefault("_config_defaults", {k: g[k] for k in keys})
+    g.update(defaults)
+    all_keys = None  # computed on the first config file
     for arg in argv:
         if not arg.startswith("--"):
             try:
@@ -45,7 +75,10 @@ def configure(g, keys, argv):
                 if k.startswith("_") or type(v).__name__ == "module":
                     continue
                 if k not in keys:
-                    raise SystemExit(f"config file '{arg}' sets unknown key '{k}'; known keys: {', '.join(sorted(keys))}")
+                    all_keys = all_keys or stage_keys()
+                    if k in all_keys:
+                        continue  # another stage's setting
+                    raise SystemExit(f"config file '{arg}' sets '{k}', which no stage knows; known keys here: {', '.join(sorted(keys))}")
                 g[k] = _coerce(k, v, defaults[k], arg)
         else:
             if "=" not in arg:

@@ -31,7 +31,8 @@ K = 1  # conditions per prompt: C^orig plus K-1 perturbed ones
 G = 4  # initial noises per condition
 rho = 0.4  # gamma schedule: perturb while sigma > 1 - rho
 steps = 10
-solver = "dpm2"  # "dpm2" (2nd-order multistep, as DiffusionNFT) or "euler"
+solver = "euler"  # "euler", or "dpm2": DPM-Solver++(2M), 2nd order (DiffusionNFT samples with a 2nd-order DPM solver);
+#   at 10 shift-3 steps its last big step extrapolates hard, so Euler stays the default (METHOD §3.3)
 guidance = 1.0  # CFG scale; 1.0 = no CFG (the RL setting)
 resolution = 512
 t5_len = 128  # T5 tokens, as DiffusionNFT
@@ -41,7 +42,7 @@ seed = 0
 out_dir = "out/samples"
 device = "auto"  # "auto" = cuda if available else cpu
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 ENCODERS = ("clip_l", "clip_g", "t5")  # the order of SD3's text encoders 1, 2, 3
 CLIP_LEN = 77
@@ -149,7 +150,24 @@ def pick_device(name="auto"):
     return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)  # bf16 on CUDA, fp32 on CPU
 
 
+def setup_distributed(device_name="auto"):
+    """Single process unless launched by torchrun (RANK/WORLD_SIZE set): then one process per GPU with
+    nccl, or gloo on CPU. Returns (rank, world_size, device, dtype)."""
+    if "RANK" not in os.environ:
+        return (0, 1) + pick_device(device_name)
+    import torch.distributed as dist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    dev, dtype = pick_device(device_name)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev, dtype
+
+
 def _offline_error(model_id, err):
+    if model_id.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
+        return SystemExit(f"model folder '{model_id}' does not exist: pass a diffusers folder of SD3.5, a hub id, or --model=tiny")
     return SystemExit(f"could not load '{model_id}' ({type(err).__name__}): download it first on a machine with internet "
                       f"(huggingface-cli download {model_id}) or pass --model=/path/to/local/folder, or --model=tiny")
 
@@ -161,10 +179,10 @@ def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
     else:
         from diffusers import StableDiffusion3Pipeline
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(model_id, torch_dtype=dtype)
+            pipe = StableDiffusion3Pipeline.from_pretrained(model_id, dtype=dtype)
         except (OSError, ValueError) as err:
             raise _offline_error(model_id, err)
-    pipe.to(device, dtype)
+    pipe.to(device, dtype) if model_id == "tiny" else pipe.to(device)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer, pipe.vae):
         m.requires_grad_(False).eval()
     return pipe
@@ -182,9 +200,9 @@ def load_text(model_id, device="cpu", dtype=torch.float32, t5_len=128, seed=0, p
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
         try:
             toks = tuple(AutoTokenizer.from_pretrained(model_id, subfolder=s) for s in ("tokenizer", "tokenizer_2", "tokenizer_3"))
-            encs = (CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dtype),
-                    CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2", torch_dtype=dtype),
-                    T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_3", torch_dtype=dtype))
+            encs = (CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder", dtype=dtype),
+                    CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2", dtype=dtype),
+                    T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_3", dtype=dtype))
         except (OSError, ValueError) as err:
             raise _offline_error(model_id, err)
     for e in encs:
@@ -210,6 +228,14 @@ def tokenize(text, prompt_list):
     return out
 
 
+def token_embedding(enc):
+    """The nn.Embedding that the encoder's forward really calls. For CLIP that is get_input_embeddings();
+    transformers 5's T5EncoderModel keeps `shared` (what get_input_embeddings() returns) and
+    `encoder.embed_tokens` as two modules tying one weight, and only the latter runs."""
+    stack = getattr(enc, "encoder", None)
+    return stack.embed_tokens if isinstance(getattr(stack, "embed_tokens", None), torch.nn.Embedding) else enc.get_input_embeddings()
+
+
 def run_encoders(text, prompt_list, deltas=None, names=ENCODERS, tokens=None):
     """Run the chosen encoders with δ added to their token embeddings at content positions.
 
@@ -229,7 +255,7 @@ def run_encoders(text, prompt_list, deltas=None, names=ENCODERS, tokens=None):
             # inputs_embeds and needs the real input_ids to find EOS for pooling. x + 0 is exact, so
             # δ = 0 gives a bit-identical forward.
             d = deltas[name].to(enc.device) * content.unsqueeze(-1)
-            hook = enc.get_input_embeddings().register_forward_hook(lambda mod, inp, emb, d=d: emb + d.to(emb.dtype))
+            hook = token_embedding(enc).register_forward_hook(lambda mod, inp, emb, d=d: emb + d.to(emb.dtype))
         try:
             if name == "t5":
                 hidden = enc(ids)[0]
@@ -288,7 +314,7 @@ def load_perturbations(path, text, prompt_list, K=None):
     for f in perturbation_files(path):
         h = safe_open(f, framework="pt")
         m = json.loads(h.metadata()["e2po"])
-        common = {k: v for k, v in m.items() if k != "shard"}
+        common = {k: v for k, v in m.items() if k != "summary"}
         if meta is not None and common != meta:
             raise SystemExit(f"perturbation shard {f} was written with other settings than its siblings")
         meta = common
@@ -335,9 +361,9 @@ def gamma(sigma, rho):
     """gamma(sigma) = clip((sigma - (1 - rho)) / rho, 0, 1): 1 at pure noise, 0 once sigma <= 1 - rho."""
     if not 0 < rho <= 1:
         raise ValueError(f"rho must lie in (0, 1], got {rho}")
-    g = (torch.as_tensor(sigma, dtype=torch.float32) - (1 - rho)) / rho
-    g = g.clamp(0, 1)
-    return g if torch.is_tensor(sigma) else float(g)
+    # written (sigma - 1 + rho) / rho in float64 so that sigma = 1 gives exactly 1 (pure C^opt)
+    g = ((torch.as_tensor(sigma, dtype=torch.float64) - 1 + rho) / rho).clamp(0, 1)
+    return g.float() if torch.is_tensor(sigma) else float(g)
 
 
 def mix_condition(c_opt, c_orig, sigma, rho):
@@ -366,7 +392,7 @@ def velocity(transformer, x, sigma, cond):
 
 
 @torch.no_grad()
-def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0, c_neg=None, solver="dpm2",
+def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0, c_neg=None, solver="euler",
            batch_size=None, return_traj=False):
     """Integrate the flow ODE from `noise` (sigma=1) to x0 over `sigmas`.
 
@@ -376,6 +402,8 @@ def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0
     solver: "euler", or "dpm2" = DPM-Solver++(2M) in x0 form on alpha=1-t, sigma=t (2nd order, no extra
     forward passes; its first and last steps are first order). Returns x0 latents [B, C, h, w], and
     with return_traj the list of x at every sigma."""
+    if solver not in ("euler", "dpm2"):
+        raise ValueError(f"unknown solver '{solver}': use 'euler' or 'dpm2'")
     B = noise.shape[0]
     batch_size = batch_size or B
     x, traj, x0_prev = noise, [noise], None
@@ -398,14 +426,12 @@ def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0
         # anyway) and into sigma=0 (lambda = +inf), as DPM-Solver's lower_order_final does.
         if solver == "euler" or x0_prev is None or s_next == 0 or float(sigmas[i - 1]) >= 1:
             x = x + (s_next - s) * v  # = s_next * eps_hat + (1 - s_next) * x0_hat (DDIM = DPM-Solver-1)
-        elif solver == "dpm2":
+        else:  # dpm2
             lam = lambda t: math.log((1 - t) / t)
             h, h_prev = lam(s_next) - lam(s), lam(s) - lam(float(sigmas[i - 1]))
             r = h_prev / h
             D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
             x = (s_next / s) * x - (1 - s_next) * math.expm1(-h) * D
-        else:
-            raise ValueError(f"unknown solver '{solver}': use 'euler' or 'dpm2'")
         x0_prev = x0
         if return_traj:
             traj.append(x)
@@ -457,7 +483,7 @@ def main(argv=None):
     dev, dtype = pick_device(device)
     pipe = load_pipeline(model, dev, dtype, seed=0)
     text = load_text(model, dev, dtype, t5_len, pipe=pipe)
-    pert = load_perturbations(perturbations, text, prompt_list, K) if perturbations else None
+    pert = load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None  # K=1: C^orig only
     shape = latent_shape(pipe, resolution)
     if lora:
         if not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):

@@ -1,0 +1,199 @@
+"""
+Phase I of E²PO: learn K-1 token-embedding perturbations per prompt (METHOD.md §2). The flow model
+is not involved and the text encoders stay frozen; only Δ = {δ_k} is optimised, per encoder.
+
+    # tiny model, CPU, seconds
+    python phase1_perturb.py config/tiny_cpu.py
+    # SD3.5-M on a prompt file, one process per GPU, shards merged on read
+    torchrun --nproc_per_node=8 phase1_perturb.py config/geneval_g4k12.py
+
+Writes the perturbation file (safetensors, `{prompt_index}.{encoder}` -> [K-1, L, d], content tokens
+only, plus metadata) that sample.py and phase2_align.py read back.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sample import ENCODERS, load_text, prompts_hash, read_prompts, run_encoders, setup_distributed, token_embedding, tokenize
+
+# -----------------------------------------------------------------------------
+# config (defaults are ours, not the paper's: METHOD.md §5)
+model = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, or "tiny"
+prompts = "data/tiny_prompts.txt"
+perturbations = "out/perturbations.safetensors"  # the output file
+K = 12  # conditions per prompt, C^orig included: K-1 perturbations are learned
+encoders = ENCODERS  # which encoders get a δ; the others see the plain prompt
+mu = 0.85  # target cosine to the anchor
+eps = 0.05  # dead zone: no anchor penalty while |cos - mu| <= eps
+lambda_div = 1.0
+sigma_init = 0.1  # δ init std, in units of the encoder's token-embedding-table std
+lr = 0.05  # Adam learning rate, same units
+iters = 200
+batch_prompts = 8  # prompts optimised together (their Δ are independent; batching is for speed)
+t5_len = 128
+seed = 0
+device = "auto"
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+
+
+def embedding_loss(e, e_anc, mu, eps, lambda_div):
+    """L_emb = lambda_div * L_div + L_anc for one prompt (e [n, D], e_anc [D]) or a batch of
+    prompts (e [B, n, D], e_anc [B, D]; summed over prompts, so each prompt's gradient is what it
+    would be alone). e are the global embeddings of the n perturbed variants.
+        L_div = mean_{k<l} cos(e_k, e_l)
+        L_anc = sum_k max(|cos(e_k, e_anc) - mu| - eps, 0)"""
+    if e.dim() == 2:
+        e, e_anc = e[None], e_anc[None]
+    e, e_anc = F.normalize(e, dim=-1), F.normalize(e_anc, dim=-1)
+    n = e.shape[1]
+    i, j = torch.triu_indices(n, n, offset=1, device=e.device)
+    cos_pairs = (e[:, i] * e[:, j]).sum(-1)  # [B, n(n-1)/2]
+    L_div = cos_pairs.mean(-1) if n > 1 else e.new_zeros(e.shape[0])
+    cos_anc = (e * e_anc[:, None]).sum(-1)  # [B, n]
+    L_anc = ((cos_anc - mu).abs() - eps).clamp(min=0).sum(-1)
+    return (lambda_div * L_div + L_anc).sum()
+
+
+def cosine_stats(e, e_anc):
+    """Per prompt: cos to the anchor [B, n] and the mean pairwise cosine [B]."""
+    e, e_anc = F.normalize(e.float(), dim=-1), F.normalize(e_anc.float(), dim=-1)
+    n = e.shape[1]
+    i, j = torch.triu_indices(n, n, offset=1, device=e.device)
+    pair = (e[:, i] * e[:, j]).sum(-1).mean(-1) if n > 1 else e.new_zeros(e.shape[0])
+    return (e * e_anc[:, None]).sum(-1), pair
+
+
+def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_div, sigma_init, lr, iters, seed):
+    """Optimise Δ for the prompts `indices` together. Returns ({index: {encoder: [K-1, L, d]}},
+    {encoder: stats}). δ_k ~ N(0, (sigma_init * table_std)^2) from a generator seeded by the prompt
+    index, so a prompt's perturbations do not depend on the batch or rank it landed in."""
+    sub = [prompt_list[i] for i in indices]
+    P, n = len(sub), K - 1
+    tokens = tokenize(text, sub)
+    tokens_rep = {k: tuple(t.repeat_interleave(n, 0) for t in v) for k, v in tokens.items()}
+    rep = [p for p in sub for _ in range(n)]
+    with torch.no_grad():
+        anchor = {k: v[1].float() for k, v in run_encoders(text, sub, names=names, tokens=tokens).items()}  # e_anc = f(E)
+    deltas, groups = {}, []
+    for name in names:
+        enc = text["encoders"][name]
+        table = token_embedding(enc).weight
+        std = table.float().std().item()
+        S, d = tokens[name][0].shape[1], table.shape[1]
+        init = [torch.randn(n, S, d, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices]
+        deltas[name] = (torch.cat(init) * sigma_init * std).to(enc.device).requires_grad_()
+        groups.append({"params": [deltas[name]], "lr": lr * std})  # lr in units of the table's std, per encoder
+    opt = torch.optim.Adam(groups)
+    # cosine decay to 0: with a constant step, Adam keeps circling the ring's edge, where L_div's
+    # push and L_anc's hinge balance; decaying the step lets each variant settle there
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / iters)))
+    stats = {}
+    for it in range(iters + 1):
+        out = run_encoders(text, rep, deltas, names=names, tokens=tokens_rep)
+        e = {name: out[name][1].float().view(P, n, -1) for name in names}
+        if it == 0 or it == iters:  # report where we started and where we ended
+            with torch.no_grad():
+                for name in names:
+                    cos_anc, pair = cosine_stats(e[name], anchor[name])
+                    stats.setdefault(name, {})["init" if it == 0 else "final"] = (cos_anc, pair)
+        if it == iters:
+            break
+        loss = sum(embedding_loss(e[name], anchor[name], mu, eps, lambda_div) for name in names)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    rows = {}
+    for b, i in enumerate(indices):
+        rows[i] = {name: deltas[name].detach()[b * n:(b + 1) * n][:, tokens[name][1][b]].to("cpu", torch.float16) for name in names}
+    return rows, stats
+
+
+def summarize(stats, mu, eps):
+    """Per encoder: mean cos to anchor, fraction of variants inside the ring, mean pairwise cos (init -> final)."""
+    lines = [f"{'encoder':8s} {'cos_anc init':>12s} {'cos_anc final':>13s} {'in ring':>8s} {'pairwise init':>13s} {'pairwise final':>14s}"]
+    summary = {}
+    for name, s in stats.items():
+        (a0, p0), (a1, p1) = s["init"], s["final"]
+        ring = ((a1 - mu).abs() <= eps + 1e-3).float().mean().item()
+        summary[name] = {"cos_anchor_init": a0.mean().item(), "cos_anchor_final": a1.mean().item(), "in_ring": ring,
+                         "pairwise_init": p0.mean().item(), "pairwise_final": p1.mean().item()}
+        m = summary[name]
+        lines.append(f"{name:8s} {m['cos_anchor_init']:12.4f} {m['cos_anchor_final']:13.4f} {ring:8.1%} "
+                     f"{m['pairwise_init']:13.4f} {m['pairwise_final']:14.4f}")
+    return summary, "\n".join(lines)
+
+
+def save_perturbations(path, rows, meta):
+    """Atomic write: a temp file renamed over `path`, so a crash never leaves a half-written file."""
+    from safetensors.torch import save_file
+    tensors = {f"{i}.{name}": t.contiguous() for i, r in rows.items() for name, t in r.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"e2po": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    from configurator import configure
+    from tqdm import tqdm
+    cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    if K < 2:
+        raise SystemExit(f"K={K}: Phase I learns K-1 perturbations, so K must be at least 2 (K=1 is plain DiffusionNFT and needs no Phase I)")
+    bad = [n for n in encoders if n not in ENCODERS]
+    if bad or not encoders:
+        raise SystemExit(f"encoders={encoders!r}: choose a non-empty subset of {ENCODERS}")
+    prompt_list, _ = read_prompts(prompts)
+    rank, world, dev, dtype = setup_distributed(device)
+    if rank == 0:
+        print(json.dumps(cfg, indent=1))
+    torch.manual_seed(seed + rank)
+    text = load_text(model, dev, dtype, t5_len, seed=0)
+    mine = list(range(rank, len(prompt_list), world))  # this rank's shard of the prompts
+    rows, all_stats, t0 = {}, {}, time.time()
+    for s in tqdm(range(0, len(mine), batch_prompts), desc="phase1", disable=rank != 0):
+        idx = mine[s:s + batch_prompts]
+        r, st = learn_perturbations(text, prompt_list, idx, encoders, K, mu, eps, lambda_div, sigma_init, lr, iters, seed)
+        rows.update(r)
+        for name, v in st.items():
+            for when, (a, p) in v.items():
+                prev = all_stats.setdefault(name, {}).get(when)
+                all_stats[name][when] = (a, p) if prev is None else (torch.cat([prev[0], a]), torch.cat([prev[1], p]))
+    if world > 1:  # gather the statistics so rank 0 reports all prompts
+        import torch.distributed as dist
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {n: {w: (a.cpu(), p.cpu()) for w, (a, p) in v.items()} for n, v in all_stats.items()})
+        all_stats = {n: {w: tuple(torch.cat([g[n][w][j] for g in gathered if n in g]) for j in (0, 1)) for w in ("init", "final")}
+                     for n in encoders}
+    summary, table = summarize(all_stats, mu, eps)
+    meta = {"model": model, "encoders": list(encoders), "K": K, "mu": mu, "eps": eps, "lambda_div": lambda_div,
+            "sigma_init": sigma_init, "lr": lr, "iters": iters, "seed": seed, "t5_len": t5_len, "prompts_path": prompts,
+            "prompts_sha256": prompts_hash(prompt_list), "n_prompts": len(prompt_list), "summary": summary}
+    stem = perturbations[: -len(".safetensors")] if perturbations.endswith(".safetensors") else perturbations
+    # one file, or one shard per rank under torchrun (read back as a set by sample.load_perturbations)
+    mine_file = perturbations if world == 1 else f"{stem}-{rank:05d}-of-{world:05d}.safetensors"
+    save_perturbations(mine_file, rows, meta)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        import glob  # remove what an earlier run left in the other form: it would shadow or mix with this one
+        written = {perturbations} if world == 1 else {f"{stem}-{r:05d}-of-{world:05d}.safetensors" for r in range(world)}
+        for f in set(glob.glob(f"{glob.escape(stem)}-*-of-*.safetensors")) | {perturbations}:
+            if f not in written and os.path.isfile(f):
+                os.remove(f)
+        print(f"phase1: {len(prompt_list)} prompts x {K - 1} perturbations x {len(encoders)} encoders in {time.time() - t0:.1f}s "
+              f"-> {perturbations}{'' if world == 1 else f' ({world} shards)'}")
+        print(table)
+        print(f"ring: |cos_anc - {mu}| <= {eps}; pairwise should fall from init")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""
+Tests of the E²PO reference implementation, all on CPU with the tiny random-weight model:
+    python -m pytest -q
+Math units are pinned to values worked by hand from METHOD.md; every script runs end to end.
+"""
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
+
+import pytest
+import torch
+
+import phase1_perturb
+import sample
+from configurator import configure
+
+PROMPTS = ["a photo of a red cat", "two dogs on a green lawn", "Two dogs!", "an astronaut riding a horse"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sample.tiny_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def text(pipe):
+    return sample.load_text("tiny", t5_len=16, pipe=pipe)
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(PROMPTS[:3]) + "\n")
+    return str(p)
+
+
+# ----------------------------------------------------------------------------- gamma and mix_condition (METHOD §3.1)
+def test_gamma_edges():
+    rho = 0.4
+    assert sample.gamma(1.0, rho) == pytest.approx(1.0)
+    assert sample.gamma(1 - rho, rho) == pytest.approx(0.0, abs=1e-7)
+    assert sample.gamma(0.3, rho) == 0.0  # below 1 - rho: clipped to 0
+    assert sample.gamma(0.8, rho) == pytest.approx(0.5)  # (0.8 - 0.6) / 0.4
+    for s in (0.0, 0.25, 0.7, 1.0):  # rho = 1: gamma is sigma itself
+        assert sample.gamma(s, 1.0) == pytest.approx(s)
+    g = sample.gamma(torch.tensor([1.0, 0.8, 0.5]), rho)
+    assert torch.allclose(g, torch.tensor([1.0, 0.5, 0.0]))
+    with pytest.raises(ValueError):
+        sample.gamma(0.5, 0.0)
+
+
+def test_mix_condition_endpoints_and_midpoint():
+    c_opt = (torch.full((2, 3, 4), 2.0), torch.full((2, 5), 2.0))
+    c_orig = (torch.zeros(2, 3, 4), torch.zeros(2, 5))
+    assert all(torch.equal(a, b) for a, b in zip(sample.mix_condition(c_opt, c_orig, 1.0, 0.4), c_opt))
+    assert all(torch.equal(a, b) for a, b in zip(sample.mix_condition(c_opt, c_orig, 0.5, 0.4), c_orig))
+    mid = sample.mix_condition(c_opt, c_orig, 0.8, 0.4)
+    assert torch.allclose(mid[0], torch.ones(2, 3, 4)) and torch.allclose(mid[1], torch.ones(2, 5))
+    per = sample.mix_condition(c_opt, c_orig, torch.tensor([1.0, 0.5]), 0.4)  # per-sample sigma
+    assert torch.equal(per[0][0], c_opt[0][0]) and torch.equal(per[0][1], c_orig[0][1])
+    assert torch.equal(per[1][0], c_opt[1][0]) and torch.equal(per[1][1], c_orig[1][1])
+
+
+# ----------------------------------------------------------------------------- embedding_loss (METHOD §2)
+def test_embedding_loss_by_hand():
+    s = 1 / math.sqrt(2)
+    # two orthogonal variants, anchor halfway: cos_anc = 0.7071 each, pairwise cos = 0
+    e, e_anc = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, 1.0])
+    expected = 2 * (abs(s - 0.85) - 0.05)  # L_div = 0; L_anc = 2 * 0.0929
+    assert phase1_perturb.embedding_loss(e, e_anc, 0.85, 0.05, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    # three variants at 0, 90 and 45 degrees: pairwise cos (0, 0.7071, 0.7071) -> mean 0.4714
+    e3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    anc = torch.tensor([1.0, 0.0])  # cos_anc = 1, 0, 0.7071
+    L_div = (0 + s + s) / 3
+    L_anc = max(abs(1 - 0.85) - 0.05, 0) + max(abs(0 - 0.85) - 0.05, 0) + max(abs(s - 0.85) - 0.05, 0)
+    got = phase1_perturb.embedding_loss(e3, anc, 0.85, 0.05, 2.0).item()
+    assert got == pytest.approx(2.0 * L_div + L_anc, abs=1e-6)
+    # lambda_div = 0 and mu = 1 - cos of the 45 degree variant: pure anchor term on the other two
+    assert phase1_perturb.embedding_loss(e3, anc, s, 0.0, 0.0).item() == pytest.approx((1 - s) + s, abs=1e-6)
+
+
+def test_embedding_loss_dead_zone_and_batch():
+    # a variant with cos_anc = 0.82 sits inside the ring [0.80, 0.90]: no anchor loss, no gradient
+    c = 0.82
+    e = torch.tensor([[c, math.sqrt(1 - c * c)]], requires_grad=True)
+    loss = phase1_perturb.embedding_loss(e, torch.tensor([1.0, 0.0]), 0.85, 0.05, 1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(e.grad == 0)
+    # just outside the ring the hinge is linear: |0.79 - 0.85| - 0.05 = 0.01
+    c = 0.79
+    e = torch.tensor([[c, math.sqrt(1 - c * c)]])
+    assert phase1_perturb.embedding_loss(e, torch.tensor([1.0, 0.0]), 0.85, 0.05, 1.0).item() == pytest.approx(0.01, abs=1e-6)
+    # a batch of prompts is the sum of the prompts alone
+    torch.manual_seed(0)
+    eb, ab = torch.randn(3, 4, 8), torch.randn(3, 8)
+    single = sum(phase1_perturb.embedding_loss(eb[i], ab[i], 0.85, 0.05, 0.7) for i in range(3))
+    assert phase1_perturb.embedding_loss(eb, ab, 0.85, 0.05, 0.7).item() == pytest.approx(single.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- encoding (METHOD §2, §3.1)
+def test_encode_equals_diffusers_encode_prompt(pipe, text):
+    ref = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False, max_sequence_length=16)
+    pe, pooled = sample.encode(text, PROMPTS)
+    assert pe.shape == (4, 77 + 16, 96) and pooled.shape == (4, 80)
+    assert torch.equal(pe, ref[0]) and torch.equal(pooled, ref[2])
+    zero = {n: torch.zeros(4, ids.shape[1], sample.token_embedding(text["encoders"][n]).weight.shape[1])
+            for n, (ids, _) in sample.tokenize(text, PROMPTS).items()}
+    pe0, pooled0 = sample.encode(text, PROMPTS, zero)  # delta = 0 through the hook: bit-identical
+    assert torch.equal(pe0, ref[0]) and torch.equal(pooled0, ref[2])
+
+
+def test_content_positions(text):
+    tok = sample.tokenize(text, ["Two dogs!", "a red cat"])
+    # "Two dogs!" is 8 characters = 8 tokens in the tiny tokenizers; CLIP-G pads with '!' (id 0),
+    # the same id as the '!' inside the prompt, which must stay a content token
+    for name in ("clip_l", "clip_g"):
+        ids, content = tok[name]
+        assert content[0].tolist() == [False] + [True] * 8 + [False] * 68  # BOS, 8 content, EOS + padding
+        assert content[1].sum() == 7  # "a red cat": spaces are not tokens
+    ids, content = tok["clip_g"]
+    assert ids[0, 8] == 0 and ids[0, 20] == 0 and content[0, 8] and not content[0, 20]  # '!' in prompt vs '!' padding
+    ids, content = tok["t5"]  # T5: no BOS; content then </s> then <pad>
+    assert content[0].tolist() == [True] * ids[0].ne(0).sum().sub(1).item() + [False] * (16 - ids[0].ne(0).sum().item() + 1)
+    assert ids[0, content[0].sum()] == 1  # the </s> right after the content
+
+
+def _first_layer(enc):
+    return enc.encoder.block[0] if hasattr(enc, "encoder") and hasattr(enc.encoder, "block") else enc.text_model.encoder.layers[0]
+
+
+def test_delta_touches_only_content_positions(text):
+    tokens = sample.tokenize(text, PROMPTS[:2])
+    torch.manual_seed(0)
+    deltas = {n: torch.randn(2, ids.shape[1], sample.token_embedding(text["encoders"][n]).weight.shape[1])
+              for n, (ids, _) in tokens.items()}  # nonzero everywhere, padding included
+    for name, (ids, content) in tokens.items():
+        enc, seen = text["encoders"][name], []
+        h = _first_layer(enc).register_forward_pre_hook(
+            lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+        try:
+            plain = sample.run_encoders(text, PROMPTS[:2], names=[name])[name]
+            pert = sample.run_encoders(text, PROMPTS[:2], {name: deltas[name]}, names=[name])[name]
+        finally:
+            h.remove()
+        x0, x1 = seen[0], seen[1]  # input embeddings entering the first layer
+        assert torch.equal(x0[~content], x1[~content]), name  # BOS, EOS, padding untouched
+        assert torch.allclose(x1[content] - x0[content], deltas[name][content], atol=1e-5), name
+        assert not torch.allclose(plain[0], pert[0]) and not torch.allclose(plain[1], pert[1]), name
+    assert len(sample.token_embedding(text["encoders"]["t5"])._forward_hooks) == 0  # hooks removed
+
+
+def test_hook_removed_on_error(text):
+    bad = {"clip_l": torch.zeros(1, 5, 32)}  # wrong sequence length: the hook raises inside the forward
+    with pytest.raises(RuntimeError):
+        sample.run_encoders(text, PROMPTS[:1], bad, names=["clip_l"])
+    assert len(sample.token_embedding(text["encoders"]["clip_l"])._forward_hooks) == 0
+
+
+def test_scatter_content():
+    content = torch.tensor([[False, True, True, False], [False, True, False, False]])
+    rows = [torch.tensor([[[1.0], [2.0]], [[3.0], [4.0]]]), torch.tensor([[[5.0]]])]  # prompt 0: 2 variants x 2 tokens
+    dense = sample.scatter_content(rows, content)
+    assert dense.squeeze(-1).tolist() == [[0, 1, 2, 0], [0, 3, 4, 0], [0, 5, 0, 0]]
+
+
+def test_local_folder_loads_like_tiny(pipe, text, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    t2 = sample.load_text(str(tmp_path), t5_len=16)
+    a, b = sample.encode(text, PROMPTS), sample.encode(t2, PROMPTS)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    p2 = sample.load_pipeline(str(tmp_path))
+    assert p2.tokenizer_2.pad_token == "!" and tuple(p2.transformer.config.dual_attention_layers) == (0,)
+
+
+def test_missing_model_is_one_clear_sentence():
+    with pytest.raises(SystemExit, match="does not exist"):
+        sample.load_text("/nonexistent/sd35")
+    with pytest.raises(SystemExit, match="download it first"):
+        sample.load_text("stabilityai/stable-diffusion-3.5-medium")
+
+
+# ----------------------------------------------------------------------------- sampler
+class GaussianFlow(torch.nn.Module):
+    """The exact velocity of x_t = (1-t) x0 + t eps for x0 ~ N(m, s^2): the ODE maps eps to m + s*eps.
+    Records the conditions it is called with."""
+
+    def __init__(self, m=0.5, s=0.3):
+        super().__init__()
+        self.m, self.s, self.calls = m, s, []
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict=False):
+        x, t = hidden_states, timestep[0].item() / 1000
+        self.calls.append((t, encoder_hidden_states.clone(), pooled_projections.clone()))
+        var = (1 - t) ** 2 * self.s ** 2 + t ** 2
+        x0 = self.m + (1 - t) * self.s ** 2 / var * (x - (1 - t) * self.m)
+        return ((x - x0) / t,)
+
+
+def test_solvers_converge_at_their_order(pipe):
+    """Error against the exact ODE solution when steps double: Euler halves (1st order), dpm2 quarters (2nd)."""
+    torch.manual_seed(0)
+    noise, cond = torch.randn(4, 16, 4, 4), (torch.zeros(4, 3, 2), torch.zeros(4, 2))
+    exact = 0.5 + 1.0 * noise
+    err = {(s, n): (sample.sample(GaussianFlow(0.5, 1.0), sample.sigma_grid(pipe.scheduler, n), noise, cond, solver=s) - exact).abs().max().item()
+           for s in ("euler", "dpm2") for n in (80, 160)}
+    assert 1.7 < err["euler", 80] / err["euler", 160] < 2.3
+    assert err["dpm2", 80] / err["dpm2", 160] > 3.5 and err["dpm2", 160] < 0.01
+    with pytest.raises(ValueError, match="unknown solver"):
+        sample.sample(GaussianFlow(), sample.sigma_grid(pipe.scheduler, 3), noise, cond, solver="heun")
+
+
+def test_sampler_mixes_conditions_per_step(pipe):
+    """Rows of c_opt follow the gamma schedule; rows whose c_opt equals c_orig (k = 0) stay C^orig."""
+    flow = GaussianFlow()
+    c_orig = (torch.zeros(2, 3, 2), torch.zeros(2, 2))
+    c_opt = (torch.stack([torch.zeros(3, 2), torch.ones(3, 2)]), torch.stack([torch.zeros(2), torch.ones(2)]))
+    sig = sample.sigma_grid(pipe.scheduler, 10)
+    sample.sample(flow, sig, torch.randn(2, 16, 4, 4), c_orig, c_opt, rho=0.4)
+    assert len(flow.calls) == 10
+    for (t, pe, pooled), s in zip(flow.calls, sig[:-1].tolist()):
+        assert t == pytest.approx(s, abs=1e-5)
+        assert torch.all(pe[0] == 0) and torch.all(pooled[0] == 0)
+        assert torch.allclose(pe[1], torch.full((3, 2), sample.gamma(s, 0.4))) and torch.allclose(pooled[1], torch.full((2,), sample.gamma(s, 0.4)))
+    gammas = [sample.gamma(s, 0.4) for s in sig[:-1].tolist()]
+    assert gammas[0] == 1.0 and gammas[-1] == 0.0 and sum(g > 0 for g in gammas) == sum(s > 0.6 for s in sig[:-1].tolist())
+
+
+def test_sampling_is_deterministic_under_seed(pipe, text):
+    cond = tuple(c.repeat_interleave(2, 0) for c in sample.encode(text, PROMPTS[:1]))
+    shape = sample.latent_shape(pipe, 64)
+    runs = [sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, 3), sample.image_noise([7, 8], shape, "cpu", torch.float32), cond)
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0][0], runs[0][1])
+    img = sample.decode(pipe.vae, runs[0])
+    assert img.shape == (2, 3, 64, 64) and img.min() >= 0 and img.max() <= 1
+
+
+# ----------------------------------------------------------------------------- Phase I and the perturbation file
+@pytest.fixture(scope="module")
+def phase1_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("p1")
+    pf = d / "prompts.txt"
+    pf.write_text("\n".join(PROMPTS[:3]) + "\n")
+    out = str(d / "pert.safetensors")
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--iters=100", "--t5_len=16"])
+    return str(pf), out
+
+
+def test_phase1_reaches_the_ring_and_spreads(phase1_file):
+    pf, out = phase1_file
+    from safetensors import safe_open
+    meta = json.loads(safe_open(out, "pt").metadata()["e2po"])
+    assert meta["K"] == 4 and meta["encoders"] == ["clip_l", "clip_g", "t5"] and meta["n_prompts"] == 3
+    for name, s in meta["summary"].items():
+        assert abs(s["cos_anchor_final"] - meta["mu"]) <= meta["eps"] + 0.01, name  # inside [mu-eps, mu+eps] up to 0.01
+        assert s["cos_anchor_init"] > 0.95  # sigma_init is small: variants start near the anchor
+        assert s["pairwise_final"] < s["pairwise_init"] - 0.2, name  # L_div spread them apart
+
+
+def test_phase1_deterministic_and_batch_independent(text):
+    kw = dict(names=("clip_l",), K=3, mu=0.85, eps=0.05, lambda_div=1.0, sigma_init=0.1, lr=0.05, iters=5, seed=1)
+    a, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [0, 1], **kw)
+    b, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [0, 1], **kw)
+    c, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [1], **kw)  # prompt 1 alone
+    L = sample.tokenize(text, PROMPTS[:1])["clip_l"][1].sum().item()  # 15 characters without spaces
+    assert torch.equal(a[0]["clip_l"], b[0]["clip_l"]) and a[0]["clip_l"].shape == (2, L, 32) and L == 15
+    assert torch.allclose(a[1]["clip_l"].float(), c[1]["clip_l"].float(), atol=2e-3)
+
+
+def test_perturbation_file_round_trip(phase1_file):
+    pf, out = phase1_file
+    prompt_list, _ = sample.read_prompts(pf)
+    text = sample.load_text("tiny", t5_len=16)
+    pert = sample.load_perturbations(out, text, prompt_list, K=4)
+    rows = pert["rows"](1)
+    assert rows["t5"].shape[0] == 3 and rows["t5"].dtype == torch.float16
+    pe, pooled = sample.perturbed_conditions(text, pert, prompt_list, [1, 2])
+    assert pe.shape == (6, 77 + 16, 96) and pooled.shape == (6, 80)
+    tokens = sample.tokenize(text, [prompt_list[1]])
+    dense = {n: sample.scatter_content([rows[n].float()], tokens[n][1]) for n in rows}
+    ref = sample.encode(text, [prompt_list[1]] * 3, dense)
+    assert torch.allclose(pe[:3], ref[0], atol=1e-5) and torch.allclose(pooled[:3], ref[1], atol=1e-5)
+    orig = sample.encode(text, [prompt_list[1]])
+    assert not torch.allclose(pe[0], orig[0][0])
+
+
+def test_mismatched_perturbation_file_is_refused(phase1_file, tmp_path):
+    pf, out = phase1_file
+    prompt_list, _ = sample.read_prompts(pf)
+    text = sample.load_text("tiny", t5_len=16)
+    with pytest.raises(SystemExit, match="other prompts"):
+        sample.load_perturbations(out, text, prompt_list[:2])
+    with pytest.raises(SystemExit, match="K=4 conditions"):
+        sample.load_perturbations(out, text, prompt_list, K=12)
+    with pytest.raises(SystemExit, match="t5_len"):
+        sample.load_perturbations(out, sample.load_text("tiny", t5_len=32), prompt_list)
+    with pytest.raises(SystemExit, match="learned on model 'tiny'"):
+        sample.load_perturbations(out, dict(text, model="stabilityai/stable-diffusion-3.5-medium"), prompt_list)
+    # same prompts, but rows of another token length (another tokenizer)
+    from safetensors import safe_open
+    h = safe_open(out, "pt")
+    meta = json.loads(h.metadata()["e2po"])
+    rows = {i: {n: h.get_tensor(f"{i}.{n}") for n in meta["encoders"]} for i in range(3)}
+    rows[2]["clip_g"] = rows[2]["clip_g"][:, :-1]
+    bad = str(tmp_path / "bad.safetensors")
+    phase1_perturb.save_perturbations(bad, rows, meta)
+    with pytest.raises(SystemExit, match="content tokens"):
+        sample.load_perturbations(bad, text, prompt_list)
+    with pytest.raises(SystemExit, match="not found"):
+        sample.load_perturbations(str(tmp_path / "none.safetensors"), text, prompt_list)
+
+
+# ----------------------------------------------------------------------------- the sample.py CLI
+def test_sample_cli_with_and_without_perturbations(phase1_file, tmp_path):
+    pf, out = phase1_file
+    common = ["config/tiny_cpu.py", f"--prompts={pf}", "--t5_len=16", "--steps=3", "--G=2"]
+    sample.main(common + ["--K=1", f"--out_dir={tmp_path / 'a'}"])
+    sample.main(common + ["--K=4", f"--perturbations={out}", f"--out_dir={tmp_path / 'b'}"])
+    for sub, K in (("a", 1), ("b", 4)):
+        d = tmp_path / sub
+        index = [json.loads(ln) for ln in (d / "index.jsonl").read_text().splitlines()]
+        assert len(index) == 3 * K * 2
+        assert {(r["prompt_index"], r["k"], r["g"]) for r in index} == {(p, k, g) for p in range(3) for k in range(K) for g in range(2)}
+        assert all((d / r["file"]).is_file() for r in index) and len(list(d.glob("*_grid.png"))) == 3
+        assert json.loads((d / "config.json").read_text())["K"] == K
+    from PIL import Image
+    a = Image.open(tmp_path / "a" / "00000_k00_g00.png")
+    b0, b1 = Image.open(tmp_path / "b" / "00000_k00_g00.png"), Image.open(tmp_path / "b" / "00000_k01_g00.png")
+    assert a.size == (64, 64)
+    assert list(a.getdata()) == list(b0.getdata())  # k = 0 is C^orig with the same seed in both runs
+    assert list(b0.getdata()) != list(b1.getdata())
+
+
+def test_sample_cli_refuses_k_without_file(prompt_file, tmp_path):
+    with pytest.raises(SystemExit, match="needs --perturbations"):
+        sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--perturbations=None", f"--out_dir={tmp_path / 'x'}"])
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- prompts and config
+def test_bad_prompt_files(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        sample.read_prompts(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(SystemExit, match="holds no prompts"):
+        sample.read_prompts(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"tag": "x"}\n')
+    with pytest.raises(SystemExit, match="line 2 has no 'prompt'"):
+        sample.read_prompts(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "a cat", "tag": "single_object"}\n')
+    assert sample.read_prompts(str(tmp_path / "ok.jsonl")) == (["a cat"], [{"prompt": "a cat", "tag": "single_object"}])
+
+
+def test_phase1_bad_input_writes_nothing(tmp_path):
+    out = tmp_path / "p.safetensors"
+    with pytest.raises(SystemExit, match="not found"):
+        phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={tmp_path / 'none.txt'}", f"--perturbations={out}"])
+    with pytest.raises(SystemExit, match="at least 2"):
+        phase1_perturb.main(["config/tiny_cpu.py", "--K=1", f"--perturbations={out}"])
+    with pytest.raises(SystemExit, match="non-empty subset"):
+        phase1_perturb.main(["config/tiny_cpu.py", "--encoders=('clip_x',)", f"--perturbations={out}"])
+    assert not out.exists()
+
+
+def test_configurator(tmp_path):
+    g = {"lr": 1e-3, "K": 2, "name": "x", "path": None, "encoders": ("a", "b"), "flag": False}
+    keys = list(g)
+    cfg = configure(g, keys, ["--lr=1", "--path=out/p.safetensors", "--name=123", "--encoders=['a']", "--flag=True"])
+    assert cfg == {"K": 2, "encoders": ("a",), "flag": True, "lr": 1.0, "name": "123", "path": "out/p.safetensors"}
+    assert isinstance(g["lr"], float)
+    with pytest.raises(SystemExit, match="unknown config key 'lrr'"):
+        configure(g, keys, ["--lrr=1"])
+    with pytest.raises(SystemExit, match="'K' expects int"):
+        configure(g, keys, ["--K=0.5"])
+    with pytest.raises(SystemExit, match="--key=value"):
+        configure(g, keys, ["--K"])
+    f = tmp_path / "c.py"
+    f.write_text("K = 4\nbeta = 0.1\nimport math\n")  # beta is phase2's: skipped here
+    f.write_text("K = 4\nmu = 0.9\nimport math\n")  # mu is phase1's: skipped by a script without it
+    assert configure(g, keys, [str(f)])["K"] == 4
+    f.write_text("K = 4\nlearning_rat = 0.1\n")
+    with pytest.raises(SystemExit, match="'learning_rat', which no stage knows"):
+        configure(g, keys, [str(f)])
+    with pytest.raises(SystemExit, match="not found"):
+        configure(g, keys, [str(tmp_path / "none.py")])
