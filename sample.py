@@ -182,7 +182,9 @@ def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
             pipe = StableDiffusion3Pipeline.from_pretrained(model_id, dtype=dtype)
         except (OSError, ValueError) as err:
             raise _offline_error(model_id, err)
-    pipe.to(device, dtype) if model_id == "tiny" else pipe.to(device)
+    pipe.to(device)
+    if pipe.transformer.dtype != dtype:  # the tiny model is built in fp32; bf16 on CUDA
+        pipe.to(dtype=dtype)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer, pipe.vae):
         m.requires_grad_(False).eval()
     return pipe
@@ -386,9 +388,11 @@ def sigma_grid(scheduler, steps):
 
 
 def velocity(transformer, x, sigma, cond):
-    """v(x_t, t) of the SD3 transformer; x_t = (1 - t) x0 + t eps, v = eps - x0, timestep = t * 1000."""
-    t = torch.full((x.shape[0],), float(sigma) * 1000, device=x.device, dtype=x.dtype)
-    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1], return_dict=False)[0]
+    """v(x_t, t) of the SD3 transformer; x_t = (1 - t) x0 + t eps, v = eps - x0, timestep = t * 1000.
+    sigma: a float, or a [B] tensor (training draws a different t per sample)."""
+    t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]) * 1000
+    return transformer(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=cond[0], pooled_projections=cond[1],
+                       return_dict=False)[0]
 
 
 @torch.no_grad()

@@ -385,3 +385,230 @@ def test_configurator(tmp_path):
         configure(g, keys, [str(f)])
     with pytest.raises(SystemExit, match="not found"):
         configure(g, keys, [str(tmp_path / "none.py")])
+
+
+# ----------------------------------------------------------------------------- Phase II formulas (METHOD §3.3)
+import phase2_align  # noqa: E402
+
+
+def test_advantages_by_hand():
+    R = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
+    gid = torch.tensor([0, 0, 0, 1, 1, 1])
+    dev = torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0])  # minus the group means 2 and 11
+    std = math.sqrt(129.5 / 6)  # population std of all six rewards (mean 6.5)
+    assert torch.allclose(phase2_align.advantages(R, gid), dev / (std + 1e-4) / 10 + 0.5, atol=1e-6)
+    per = torch.tensor([math.sqrt(2 / 3)] * 3 + [math.sqrt(2)] * 3)  # ddof 0 within each group
+    assert torch.allclose(phase2_align.advantages(R, gid, global_std=False), dev / (per + 1e-4) / 10 + 0.5, atol=1e-6)
+    # group ids need not be contiguous or sorted
+    assert torch.allclose(phase2_align.advantages(R, torch.tensor([7, 7, 7, 3, 3, 3])), phase2_align.advantages(R, gid))
+
+
+def test_advantages_clip_and_range():
+    R = torch.tensor([0.0] * 29 + [1.0])  # one group: A of the outlier = sqrt(29) = 5.39 > 5
+    r = phase2_align.advantages(R, torch.zeros(30, dtype=torch.long))
+    std = math.sqrt(29) / 30
+    assert r[-1].item() == 1.0  # clipped at A = 5 -> 5/10 + 0.5
+    assert r[0].item() == pytest.approx(-(1 / 30) / (std + 1e-4) / 10 + 0.5, abs=1e-6)
+    # clip = 10 leaves A = 5.38 alone and maps it by A / 20 + 0.5
+    assert phase2_align.advantages(R, torch.zeros(30, dtype=torch.long), clip=10.0)[-1].item() == pytest.approx(
+        (29 / 30) / (std + 1e-4) / 20 + 0.5, abs=1e-6)
+    same = phase2_align.advantages(torch.full((4,), 3.0), torch.tensor([0, 0, 1, 1]))
+    assert torch.all(same == 0.5)  # a collapsed group carries no signal: r = 1/2 for all
+    rnd = phase2_align.advantages(torch.randn(64) * 100, torch.arange(64) // 8)
+    assert rnd.min() >= 0 and rnd.max() <= 1
+
+
+def _scalar(v):
+    return torch.tensor([[[[v]]]], dtype=torch.float64)
+
+
+def test_nft_loss_by_hand():
+    # v_theta = 1, v_old = 0.5, x_t = 2, x0 = 1, t = 0.5, r = 0.75
+    args = lambda: (_scalar(1.0), _scalar(0.5), _scalar(2.0), _scalar(1.0), torch.tensor([0.5], dtype=torch.float64),
+                    torch.tensor([0.75], dtype=torch.float64))
+    # beta = 1: v+ = 1, v- = 0 -> x0+ = 1.5 (L+ = 0.25/0.5), x0- = 2 (L- = 1/1)
+    assert phase2_align.nft_loss(*args(), beta=1.0).item() == pytest.approx(0.75 * 0.5 + 0.25 * 1.0)
+    # beta = 0.5: v+ = 0.75, v- = 0.25 -> errors 0.625 and 0.875, L = |err|
+    assert phase2_align.nft_loss(*args(), beta=0.5).item() == pytest.approx(0.75 * 0.625 + 0.25 * 0.875)
+    # self-normalisation over CHW: errors (1, 3) -> mean(err^2) / mean|err| = 5 / 2
+    x0 = torch.tensor([[[[0.0, 0.0]]]])
+    got = phase2_align.nft_loss(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), torch.tensor([[[[1.0, 3.0]]]]), x0,
+                                torch.tensor([0.5]), torch.tensor([1.0]), 1.0)
+    assert got.item() == pytest.approx(2.5)
+
+
+def test_nft_loss_gradients_only_into_v_theta():
+    v_theta, v_old = _scalar(1.0).requires_grad_(), _scalar(0.5).requires_grad_()
+    x_t = _scalar(2.0).requires_grad_()
+    loss = phase2_align.nft_loss(v_theta, v_old, x_t, _scalar(1.0), torch.tensor([0.5]), torch.tensor([1.0]), 1.0)
+    loss.backward()
+    assert v_old.grad is None and x_t.grad is None
+    # r = 1: L = err^2 / stopgrad|err| with err = x_t - t v - x0 = 0.5 -> dL/dv = -2 t sign(err) = -1
+    # (without the stop-gradient on w it would be -t = -0.5)
+    assert v_theta.grad.item() == pytest.approx(-1.0)
+
+
+def test_nft_loss_beta_one_positive_branch_ignores_v_old():
+    torch.manual_seed(0)
+    v_theta, x_t, x0 = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0.3, 0.6, 0.9])
+    one, zero = torch.ones(3), torch.zeros(3)
+    a = phase2_align.nft_loss(v_theta, torch.randn(3, 4, 2, 2), x_t, x0, t, one, 1.0)
+    b = phase2_align.nft_loss(v_theta, torch.randn(3, 4, 2, 2), x_t, x0, t, one, 1.0)
+    assert torch.allclose(a, b)  # beta = 1: v+ = v_theta, r = 1 uses L+ only
+    v_old = torch.randn(3, 4, 2, 2)
+    neg = phase2_align.nft_loss(v_theta, v_old, x_t, x0, t, zero, 1.0)
+    err = x_t - t.view(-1, 1, 1, 1) * (2 * v_old - v_theta) - x0  # v- = 2 v_old - v_theta
+    assert torch.allclose(neg, (err ** 2).mean((1, 2, 3)) / err.abs().mean((1, 2, 3)))
+
+
+def test_group_stats_and_decays():
+    std, collapsed = phase2_align.group_stats(torch.tensor([1.0, 3.0, 5.0, 5.0]), torch.tensor([0, 0, 1, 1]))
+    assert std == pytest.approx(0.5) and collapsed == 0.5  # group stds 1 and 0
+    assert phase2_align.old_decay(0) == 0.0 and phase2_align.old_decay(100) == pytest.approx(0.1) and phase2_align.old_decay(10 ** 4) == 0.5
+    assert phase2_align.ema_decay(0) == pytest.approx(0.1) and phase2_align.ema_decay(10) == pytest.approx(11 / 20)
+    assert phase2_align.ema_decay(10 ** 4) == 0.9
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+def test_adapters_start_equal_and_save_loads_in_plain_diffusers(tmp_path):
+    pipe = sample.tiny_pipeline(0)
+    tr = pipe.transformer
+    torch.manual_seed(0)
+    x, cond = torch.randn(2, 16, 8, 8), (torch.randn(2, 20, 96), torch.randn(2, 80))
+    base = sample.velocity(tr, x, 0.7, cond)
+    phase2_align.add_adapters(tr, 4, 8)
+    for name in phase2_align.ADAPTERS:  # lora_B = 0: every adapter is the base model at step 0
+        phase2_align.use_adapter(tr, name)
+        assert torch.allclose(sample.velocity(tr, x, 0.7, cond), base, atol=1e-6)
+    trainable = [n for n, p in tr.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n and "lora_" in n for n in trainable)  # theta only, also after set_adapter("ema")
+    with torch.no_grad():
+        for p in phase2_align.adapter_params(tr, "default"):
+            p.add_(torch.randn_like(p) * 0.1)
+    phase2_align.use_adapter(tr, "default")
+    v_theta = sample.velocity(tr, x, 0.7, cond)
+    phase2_align.blend_adapter(tr, "old", "default", 0.25)  # old = 0.25 old + 0.75 theta
+    p_old, p_th = phase2_align.adapter_params(tr, "old"), phase2_align.adapter_params(tr, "default")
+    assert all(torch.allclose(a, b) for a, b in zip(p_old[1::2], [0.75 * q for q in p_th[1::2]]))  # lora_B started at 0
+    phase2_align.save_lora(tr, "default", str(tmp_path / "lora"))
+    fresh = sample.tiny_pipeline(0)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    assert torch.allclose(sample.velocity(fresh.transformer, x, 0.7, cond), v_theta, atol=1e-5)
+    assert not torch.allclose(v_theta, base, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- Phase II end to end on the tiny model
+def _phase2(tmp, pert_file, prompt_file, *extra):
+    return ["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={pert_file}", "--t5_len=16", "--steps=4",
+            f"--out_dir={tmp}", "--eval_prompts=None", *extra]
+
+
+def _log(d):
+    return [json.loads(ln) for ln in (d / "log.jsonl").read_text().splitlines()]
+
+
+def test_phase2_trains_on_c_orig_for_every_sample(phase1_file, tmp_path, monkeypatch):
+    pf, out = phase1_file
+    prompt_list, _ = sample.read_prompts(pf)
+    text = sample.load_text("tiny", t5_len=16)
+    orig = sample.encode(text, prompt_list)[0]
+    calls, real = [], sample.velocity
+
+    def spy(transformer, x, sigma, cond):
+        calls.append((torch.is_grad_enabled(), cond[0].detach().clone()))
+        return real(transformer, x, sigma, cond)
+
+    monkeypatch.setattr(sample, "velocity", spy)
+
+    def is_orig(rows):  # which rows equal one of the prompts' C^orig
+        return [any(torch.allclose(row, o, atol=1e-5) for o in orig) for row in rows]
+
+    for anchor in (True, False):
+        calls.clear()
+        phase2_align.main(_phase2(tmp_path / str(anchor), out, pf, "--epochs=1", f"--use_anchor={anchor}"))
+        sampling = [c for g, c in calls if not g][:1]  # the first sampler call: sigma = 1, pure C^opt for k > 0
+        train = [c for g, c in calls if g]  # the v_theta forwards
+        assert sum(is_orig(sampling[0])) == 2 * 2  # per prompt: G=2 samples of k = 0 out of K*G = 8
+        assert len(train) == 2 * 3  # 2 micro-batches x floor(4 * 0.99) = 3 timesteps
+        flags = [f for c in train for f in is_orig(c)]
+        if anchor:
+            assert all(flags)
+        else:
+            assert not all(flags)
+
+
+def test_phase2_end_to_end_log_and_lora(phase1_file, tmp_path):
+    pf, out = phase1_file
+    d = tmp_path / "run"
+    phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--ckpt_every=1", f"--eval_prompts={pf}", "--eval_every=2"))
+    log = _log(d)
+    assert [r["epoch"] for r in log] == [0, 1] and [r["step"] for r in log] == [1, 2]
+    for key in ("reward_mean", "group_std", "collapsed_groups", "loss", "nft", "kl", "time_sample", "time_train", "img_per_s"):
+        assert all(math.isfinite(r[key]) for r in log), key
+    assert "eval_reward" in log[1] and "eval_reward" not in log[0]
+    assert log[0]["group_std"] > 0
+    ck = d / "checkpoint"
+    assert all((ck / s / "pytorch_lora_weights.safetensors").is_file() for s in ("lora", "lora_old", "lora_ema"))
+    assert json.loads((ck / "config.json").read_text())["K"] == 4
+    fresh = sample.tiny_pipeline(0)
+    x, cond = torch.randn(1, 16, 8, 8), (torch.randn(1, 20, 96), torch.randn(1, 80))
+    base = sample.velocity(fresh.transformer, x, 0.9, cond)
+    fresh.load_lora_weights(str(ck / "lora"))
+    assert not torch.allclose(sample.velocity(fresh.transformer, x, 0.9, cond), base)  # theta moved
+
+
+def test_phase2_resume_reproduces_the_next_step(phase1_file, tmp_path):
+    pf, out = phase1_file
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    phase2_align.main(_phase2(full, out, pf, "--epochs=2", "--ckpt_every=1"))
+    phase2_align.main(_phase2(cut, out, pf, "--epochs=1", "--ckpt_every=1"))
+    phase2_align.main(_phase2(cut, out, pf, "--epochs=2", "--ckpt_every=1", "--resume=True"))
+    a, b = _log(full), _log(cut)
+    assert [r["epoch"] for r in b] == [0, 1]
+    for key in ("reward_mean", "group_std", "loss", "nft", "kl", "grad_norm"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-6, abs=1e-9), key
+
+
+def test_phase2_k1_is_plain_diffusionnft_without_a_file(prompt_file, tmp_path):
+    d = tmp_path / "k1"
+    phase2_align.main(_phase2(d, str(tmp_path / "none.safetensors"), prompt_file, "--epochs=1", "--K=1", "--G=4"))
+    assert _log(d)[0]["step"] == 1
+
+
+def test_phase2_bad_input(phase1_file, tmp_path, monkeypatch):
+    pf, out = phase1_file
+    d = tmp_path / "bad"
+    with pytest.raises(SystemExit, match="unknown reward|not a known reward|Unknown reward"):
+        phase2_align.main(_phase2(d, out, pf, "--reward={'no_such_reward': 1.0}"))
+    with pytest.raises(SystemExit, match="K=4 conditions"):
+        phase2_align.main(_phase2(d, out, pf, "--K=3", "--train_batch=4"))
+    with pytest.raises(SystemExit, match="micro-batches"):
+        phase2_align.main(_phase2(d, out, pf, "--train_batch=5"))
+    assert not d.exists()  # nothing written for bad settings
+    import rewards
+    monkeypatch.setitem(rewards.REWARDS, "nan_reward", lambda device="cpu", dtype=None, **kw: (lambda im, p, m: torch.full((len(im),), float("nan"))))
+    with pytest.raises(SystemExit, match="non-finite reward"):
+        phase2_align.main(_phase2(d, out, pf, "--reward={'nan_reward': 1.0}"))
+
+
+def test_phase2_two_processes_match_one(phase1_file, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo, CPU) on the same global batch: same rewards, loss and
+    (all-reduced) gradient norm on step one as a single process."""
+    import socket
+    import subprocess
+    import sys
+    pf, out = phase1_file
+    one, two = tmp_path / "one", tmp_path / "two"
+    phase2_align.main(_phase2(one, out, pf, "--epochs=1"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+           "phase2_align.py", *_phase2(two, out, pf, "--epochs=1")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _log(one)[0], _log(two)[0]
+    for key in ("reward_mean", "group_std", "loss", "nft", "kl", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-8), key

@@ -9,4 +9,17 @@ G = 2
 t5_len = 32
 resolution = 64
 iters = 100
-out_dir = "out/tiny/samples"
+
+# phase2_align.py: 2 prompts x K=4 conditions x G=2 noises = 16 samples an epoch
+reward = {"jpeg_incompressibility": 1.0}
+eval_prompts = "data/tiny_prompts.txt"
+out_dir = "out/tiny/align"  # sample.py's output goes to out/tiny/samples (its own --out_dir)
+prompts_per_epoch = 2
+epochs = 4
+sample_batch = 16
+train_batch = 8
+opt_steps_per_epoch = 1
+lora_rank = 4
+lora_alpha = 8
+ckpt_every = 2
+eval_every = 2
