@@ -1,0 +1,135 @@
+"""
+GenEval-style prompt metadata for training and testing, generated deterministically from a seed:
+
+    python data/geneval/prepare.py                      # -> data/geneval/{train,test}_metadata.jsonl
+    python data/geneval/prepare.py --n_train=200 --n_test=20 --seed=1
+    python data/geneval/prepare.py --exclude=geneval/prompts/evaluation_metadata.jsonl
+    # the bundled tiny files (tests check they match this command):
+    python data/geneval/prepare.py --n_train=4 --n_test=2 --train_file=tiny_train.jsonl --test_file=tiny_test.jsonl
+
+Six tags, as GenEval's benchmark: single_object, two_object, counting (2-4, with an exclude clause
+for one more), colors, position, color_attr, over GenEval's 80 COCO object names, its 10 colours and
+4 relations. No colour is ever asked of "person" (as GenEval). Each line is one JSON object
+{"tag", "include": [{"class", "count", "color"?, "position"?: [relation, clause_index]}],
+"exclude"?, "prompt"}, the format of GenEval's evaluation_metadata.jsonl and of rewards.geneval_rules.
+
+Per tag, unique prompts are drawn with the seed; the first n_test go to the test set, the next
+n_train to the train set, so the two are disjoint. Only 80 single-object prompts exist, so the test
+set takes at most a quarter of them. This is a GenEval-*style* test set: to report the benchmark
+itself, generate with GenEval's own prompts (its prompts/evaluation_metadata.jsonl) and pass that file
+as --exclude here so none of its prompts leak into training. Our plurals are English ("people",
+"knives", "sheep"); GenEval's own generator appends s/es, which does not change what is scored.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from rewards import GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS  # noqa: E402
+
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+IRREGULAR = {"person": "people", "sheep": "sheep", "skis": "skis", "scissors": "scissors", "knife": "knives",
+             "computer mouse": "computer mice", "broccoli": "broccoli"}
+
+
+def article(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def plural(name):
+    if name in IRREGULAR:
+        return IRREGULAR[name]
+    if name.endswith(("s", "sh", "ch", "x")):
+        return name + "es"
+    return name + "s"
+
+
+COLORABLE = [c for c in GENEVAL_CLASSES if c != "person"]
+
+
+def sample(tag, rng):
+    """One random metadata dict of `tag`."""
+    if tag == "single_object":
+        a = rng.choice(GENEVAL_CLASSES)
+        return dict(tag=tag, include=[{"class": a, "count": 1}], prompt=f"a photo of {article(a)}")
+    if tag == "two_object":
+        a, b = rng.sample(GENEVAL_CLASSES, 2)
+        return dict(tag=tag, include=[{"class": a, "count": 1}, {"class": b, "count": 1}],
+                    prompt=f"a photo of {article(a)} and {article(b)}")
+    if tag == "counting":
+        a, n = rng.choice(GENEVAL_CLASSES), rng.choice(sorted(NUMBERS))
+        return dict(tag=tag, include=[{"class": a, "count": n}], exclude=[{"class": a, "count": n + 1}],
+                    prompt=f"a photo of {NUMBERS[n]} {plural(a)}")
+    if tag == "colors":
+        a, c = rng.choice(COLORABLE), rng.choice(GENEVAL_COLORS)
+        return dict(tag=tag, include=[{"class": a, "count": 1, "color": c}], prompt=f"a photo of {article(c)} {a}")
+    if tag == "position":
+        a, b = rng.sample(GENEVAL_CLASSES, 2)  # "a photo of A <rel> B": clause 0 is B, the target
+        rel = rng.choice(GENEVAL_POSITIONS)
+        return dict(tag=tag, include=[{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+                    prompt=f"a photo of {article(a)} {rel} {article(b)}")
+    if tag == "color_attr":
+        (a, b), (ca, cb) = rng.sample(COLORABLE, 2), rng.sample(GENEVAL_COLORS, 2)
+        return dict(tag=tag, include=[{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+                    prompt=f"a photo of {article(ca)} {a} and {article(cb)} {b}")
+    raise ValueError(f"unknown GenEval tag '{tag}'")
+
+
+def make_splits(seed=0, n_train=1000, n_test=100, exclude=()):
+    """(train, test) lists of metadata dicts; disjoint by prompt; prompts in `exclude` appear in neither."""
+    rng = random.Random(seed)
+    taken = set(exclude)
+    train, test = [], []
+    for tag in GENEVAL_TAGS:
+        n_te = min(n_test, 20) if tag == "single_object" else n_test  # 80 exist: keep most for training
+        drawn, misses = [], 0
+        while len(drawn) < n_te + n_train and misses < 2000:  # stop when the tag's pool runs dry
+            m = sample(tag, rng)
+            if m["prompt"] in taken:
+                misses += 1
+                continue
+            taken.add(m["prompt"])
+            drawn.append(m)
+            misses = 0
+        test += drawn[:n_te]
+        train += drawn[n_te:]
+    return train, test
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)  # never leave a half-written file
+
+
+def main(argv=None):
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_train", type=int, default=1000, help="train prompts per tag (fewer where the tag runs out)")
+    p.add_argument("--n_test", type=int, default=100, help="test prompts per tag (single_object: at most 20)")
+    p.add_argument("--exclude", default=None, help="a metadata .jsonl whose prompts must not be generated")
+    p.add_argument("--out_dir", default=here)
+    p.add_argument("--train_file", default="train_metadata.jsonl")
+    p.add_argument("--test_file", default="test_metadata.jsonl")
+    a = p.parse_args(argv)
+    exclude = []
+    if a.exclude:
+        if not os.path.isfile(a.exclude):
+            raise SystemExit(f"--exclude file '{a.exclude}' not found: pass GenEval's prompts/evaluation_metadata.jsonl")
+        with open(a.exclude, encoding="utf-8") as f:
+            exclude = [json.loads(ln)["prompt"] for ln in f if ln.strip()]
+    train, test = make_splits(a.seed, a.n_train, a.n_test, exclude)
+    os.makedirs(a.out_dir, exist_ok=True)
+    for name, rows in zip((a.train_file, a.test_file), (train, test)):
+        write_jsonl(os.path.join(a.out_dir, name), rows)
+        counts = {t: sum(r["tag"] == t for r in rows) for t in GENEVAL_TAGS}
+        print(f"{os.path.join(a.out_dir, name)}: {len(rows)} prompts {counts}")
+
+
+if __name__ == "__main__":
+    main()
