@@ -42,6 +42,15 @@ device = "auto"
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 
+def cosines(e, e_anc):
+    """e [B, n, D], e_anc [B, D] -> cos(e_k, e_anc) [B, n] and the mean over pairs k<l of cos(e_k, e_l) [B]."""
+    e, e_anc = F.normalize(e, dim=-1), F.normalize(e_anc, dim=-1)
+    n = e.shape[1]
+    i, j = torch.triu_indices(n, n, offset=1, device=e.device)
+    pairs = (e[:, i] * e[:, j]).sum(-1).mean(-1) if n > 1 else e.new_zeros(e.shape[0])
+    return (e * e_anc[:, None]).sum(-1), pairs
+
+
 def embedding_loss(e, e_anc, mu, eps, lambda_div):
     """L_emb = lambda_div * L_div + L_anc for one prompt (e [n, D], e_anc [D]) or a batch of
     prompts (e [B, n, D], e_anc [B, D]; summed over prompts, so each prompt's gradient is what it
@@ -50,23 +59,9 @@ def embedding_loss(e, e_anc, mu, eps, lambda_div):
         L_anc = sum_k max(|cos(e_k, e_anc) - mu| - eps, 0)"""
     if e.dim() == 2:
         e, e_anc = e[None], e_anc[None]
-    e, e_anc = F.normalize(e, dim=-1), F.normalize(e_anc, dim=-1)
-    n = e.shape[1]
-    i, j = torch.triu_indices(n, n, offset=1, device=e.device)
-    cos_pairs = (e[:, i] * e[:, j]).sum(-1)  # [B, n(n-1)/2]
-    L_div = cos_pairs.mean(-1) if n > 1 else e.new_zeros(e.shape[0])
-    cos_anc = (e * e_anc[:, None]).sum(-1)  # [B, n]
+    cos_anc, L_div = cosines(e, e_anc)
     L_anc = ((cos_anc - mu).abs() - eps).clamp(min=0).sum(-1)
     return (lambda_div * L_div + L_anc).sum()
-
-
-def cosine_stats(e, e_anc):
-    """Per prompt: cos to the anchor [B, n] and the mean pairwise cosine [B]."""
-    e, e_anc = F.normalize(e.float(), dim=-1), F.normalize(e_anc.float(), dim=-1)
-    n = e.shape[1]
-    i, j = torch.triu_indices(n, n, offset=1, device=e.device)
-    pair = (e[:, i] * e[:, j]).sum(-1).mean(-1) if n > 1 else e.new_zeros(e.shape[0])
-    return (e * e_anc[:, None]).sum(-1), pair
 
 
 def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_div, sigma_init, lr, iters, seed):
@@ -100,7 +95,7 @@ def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_di
         if it == 0 or it == iters:  # report where we started and where we ended
             with torch.no_grad():
                 for name in names:
-                    cos_anc, pair = cosine_stats(e[name], anchor[name])
+                    cos_anc, pair = cosines(e[name], anchor[name])
                     stats.setdefault(name, {})["init" if it == 0 else "final"] = (cos_anc, pair)
         if it == iters:
             break

@@ -30,7 +30,7 @@ import sample as S
 # -----------------------------------------------------------------------------
 # config (METHOD.md §3.3 numbers are DiffusionNFT's; the E²PO ones of §5 are ours)
 model = "stabilityai/stable-diffusion-3.5-medium"
-prompts = "data/geneval/train.jsonl"
+prompts = "data/geneval/train_metadata.jsonl"
 eval_prompts = None  # held-out prompts sampled with the EMA weights every eval_every epochs
 perturbations = "out/perturbations.safetensors"  # Phase I file (not needed when K = 1)
 out_dir = "out/align"
@@ -275,6 +275,9 @@ def main(argv=None):
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     log(json.dumps(cfg, indent=1))
     reward_fn = RW.build_reward(reward, dev, dtype, tiny=model == "tiny", opts=reward_opts)  # unknown names stop here
+    if "geneval" in reward_fn.weights and not all(m.get("tag") for m in metadata):
+        raise SystemExit(f"the geneval reward needs GenEval metadata (.jsonl with 'tag' and 'include'); {prompts} has none: "
+                         "make it with data/geneval/prepare.py")
 
     # ---- models: frozen SD3, three LoRA adapters on the transformer
     torch.manual_seed(seed + rank)

@@ -4,10 +4,10 @@ encoding with token-embedding perturbations, the noise-aware condition schedule,
 sampler, VAE decoding, and a CLI that writes images.
 
     # the embedded tiny model, CPU, seconds
-    python sample.py config/tiny_cpu.py --prompts=data/tiny_prompts.txt --out_dir=out/samples
+    python sample.py config/tiny_cpu.py --lora=out/tiny/align/checkpoint/lora_ema
     # SD3.5-M with Phase I perturbations and a trained LoRA: K conditions x G noises per prompt
     python sample.py --prompts=prompts.txt --perturbations=out/perturb.safetensors --K=12 --G=4 \
-        --lora=out/align/checkpoint/lora_ema --out_dir=out/samples
+        --lora=out/align/checkpoint/lora_ema --samples=out/samples
 
 Every function above `main()` imports without side effects; phase1_perturb.py, phase2_align.py,
 rewards.py and eval_diversity.py import them from here. Formulas: METHOD.md §2 (where δ goes),
@@ -39,7 +39,7 @@ t5_len = 128  # T5 tokens, as DiffusionNFT
 lora = None  # folder with pytorch_lora_weights.safetensors
 batch_size = 8  # images per transformer forward
 seed = 0
-out_dir = "out/samples"
+samples = "out/samples"  # output folder: PNGs, grids, index.jsonl (eval_diversity.py reads the same key)
 device = "auto"  # "auto" = cuda if available else cpu
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -169,7 +169,7 @@ def _offline_error(model_id, err):
     if model_id.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
         return SystemExit(f"model folder '{model_id}' does not exist: pass a diffusers folder of SD3.5, a hub id, or --model=tiny")
     return SystemExit(f"could not load '{model_id}' ({type(err).__name__}): download it first on a machine with internet "
-                      f"(huggingface-cli download {model_id}) or pass --model=/path/to/local/folder, or --model=tiny")
+                      f"(hf download {model_id}) or pass --model=/path/to/local/folder, or --model=tiny")
 
 
 def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
@@ -494,7 +494,7 @@ def main(argv=None):
             raise SystemExit(f"--lora={lora} holds no pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(lora)
     c_neg = encode(text, [""]) if guidance > 1.0 else None
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(samples, exist_ok=True)
     index = []
     for pi in tqdm(range(len(prompt_list)), desc="prompts"):
         orig = encode(text, [prompt_list[pi]])
@@ -510,13 +510,13 @@ def main(argv=None):
         for j, img in enumerate(images):
             k, g = divmod(j, G)
             fname = f"{pi:05d}_k{k:02d}_g{g:02d}.png"
-            to_pil(img).save(os.path.join(out_dir, fname))
+            to_pil(img).save(os.path.join(samples, fname))
             index.append({"prompt_index": pi, "prompt": prompt_list[pi], "k": k, "g": g, "seed": seeds[j], "file": fname,
                           "metadata": metadata[pi]})
-        to_pil(grid(images, G)).save(os.path.join(out_dir, f"{pi:05d}_grid.png"))
-    write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
-    write_text_atomic(os.path.join(out_dir, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
-    print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {out_dir}/ (index.jsonl)")
+        to_pil(grid(images, G)).save(os.path.join(samples, f"{pi:05d}_grid.png"))
+    write_json_atomic(os.path.join(samples, "config.json"), cfg)
+    write_text_atomic(os.path.join(samples, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
+    print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {samples}/ (index.jsonl)")
 
 
 def write_text_atomic(path, s):

@@ -23,3 +23,8 @@ lora_rank = 4
 lora_alpha = 8
 ckpt_every = 2
 eval_every = 2
+# sample.py writes, eval_diversity.py reads (tiny random backbones: checks the plumbing, not the numbers)
+samples = "out/tiny/samples"
+clip_model = "tiny"
+detector_model = "tiny"
+geneval_opts = {"detector": "tiny", "clip": "tiny"}
