@@ -202,6 +202,19 @@ def load_lora_into(transformer, name, path):
 
 
 # ----------------------------------------------------------------------------- small helpers
+def samples_per_rank(n_prompts, K, G, world, train_batch, opt_steps):
+    """An epoch's n_prompts * K * G samples are one flat list cut into `world` equal slices (a group may
+    span ranks); each slice must cut into micro-batches that share out evenly over the optimizer steps."""
+    N = n_prompts * K * G
+    if N % world:
+        raise SystemExit(f"prompts_per_epoch*K*G = {n_prompts}*{K}*{G} = {N} samples do not split over {world} ranks")
+    n_local = N // world
+    if n_local % train_batch or (n_local // train_batch) % opt_steps:
+        raise SystemExit(f"{n_local} samples per rank must split into train_batch={train_batch} micro-batches "
+                         f"whose count divides by opt_steps_per_epoch={opt_steps}")
+    return n_local
+
+
 def sample_seed(*parts):
     """A 63-bit seed from (seed, epoch, index, ...): each sample's randomness is its own, so it does
     not depend on how samples are split over ranks, and a resumed run replays it exactly."""
@@ -265,12 +278,7 @@ def main(argv=None):
         raise SystemExit(f"steps={steps} x timestep_fraction={timestep_fraction} leaves no training timestep")
     rank, world, dev, dtype = S.setup_distributed(device)
     N = prompts_per_epoch * K * G  # samples per epoch over all ranks
-    if N % world:
-        raise SystemExit(f"prompts_per_epoch*K*G = {prompts_per_epoch}*{K}*{G} = {N} samples do not split over {world} ranks")
-    n_local = N // world
-    if n_local % train_batch or (n_local // train_batch) % opt_steps_per_epoch:
-        raise SystemExit(f"{n_local} samples per rank must split into train_batch={train_batch} micro-batches "
-                         f"whose count divides by opt_steps_per_epoch={opt_steps_per_epoch}")
+    n_local = samples_per_rank(prompts_per_epoch, K, G, world, train_batch, opt_steps_per_epoch)
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     log(json.dumps(cfg, indent=1))
@@ -308,7 +316,7 @@ def main(argv=None):
     if master:
         os.makedirs(out_dir, exist_ok=True)
         S.write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
-    logf = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+    logf = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w") if master else None
 
     def conditions(idx, ks):
         """(C^orig, C^sample) per sample of prompts idx with condition indices ks (k = 0 is C^orig)."""
@@ -384,6 +392,8 @@ def main(argv=None):
                 c = cond_b
                 if not use_anchor and use_schedule:  # ablation: the condition that sampled it, as mixed at this t
                     c = S.mix_condition(tuple(q[b] for q in c_samp), tuple(q[b] for q in c_orig), t, rho)
+                # v_old and v_ref first, v_theta last: with gradient checkpointing the backward below re-runs
+                # v_theta's forward, and it must find the trained adapter still active
                 with autocast():
                     with torch.no_grad():
                         use_adapter(transformer, "old")

@@ -623,3 +623,74 @@ def test_phase2_geneval_reward_needs_geneval_metadata(phase1_file, tmp_path):
     with pytest.raises(SystemExit, match="needs GenEval metadata"):
         phase2_align.main(_phase2(tmp_path / "g", out, pf, "--reward={'geneval': 1.0}"))
     assert not (tmp_path / "g").exists()
+
+
+def test_phase1_two_processes_write_shards_read_as_one_file(phase1_file, tmp_path):
+    """torchrun --nproc_per_node=2: one shard per rank, read back as a set, the same perturbations as
+    the single-process file (each prompt's δ is seeded by its index, not by its rank)."""
+    import socket
+    import subprocess
+    import sys
+    pf, single = phase1_file
+    out = tmp_path / "pert.safetensors"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+           "phase1_perturb.py", "config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--iters=100", "--t5_len=16"]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pert-00000-of-00002.safetensors", "pert-00001-of-00002.safetensors"]
+    prompt_list, _ = sample.read_prompts(pf)
+    text = sample.load_text("tiny", t5_len=16)
+    a, b = sample.load_perturbations(single, text, prompt_list, K=4), sample.load_perturbations(str(out), text, prompt_list, K=4)
+    for i in range(3):
+        for name in ("clip_l", "clip_g", "t5"):
+            assert torch.allclose(a["rows"](i)[name].float(), b["rows"](i)[name].float(), atol=2e-3), (i, name)
+    # a later single-process run replaces the shards instead of leaving them to shadow or mix
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--iters=2", "--t5_len=16"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pert.safetensors"]
+
+
+def test_samples_per_rank():
+    assert phase2_align.samples_per_rank(24, 12, 4, 8, 8, 2) == 144  # config/geneval_g4k12.py on 8 GPUs
+    assert phase2_align.samples_per_rank(2, 4, 2, 2, 8, 1) == 8
+    with pytest.raises(SystemExit, match="do not split over 3 ranks"):
+        phase2_align.samples_per_rank(2, 4, 2, 3, 1, 1)
+    with pytest.raises(SystemExit, match="train_batch=5"):
+        phase2_align.samples_per_rank(2, 4, 2, 1, 5, 1)
+    with pytest.raises(SystemExit, match="opt_steps_per_epoch=3"):
+        phase2_align.samples_per_rank(2, 4, 2, 1, 8, 3)
+
+
+def test_phase2_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phase1_file, tmp_path, monkeypatch):
+    pf, out = phase1_file
+    d = tmp_path / "nan"
+    real, calls = phase2_align.nft_loss, []
+
+    def nan_after_first_epoch(*a, **kw):  # epoch 0 makes 2 micro-batches x 3 timesteps = 6 calls
+        calls.append(1)
+        loss = real(*a, **kw)
+        return loss if len(calls) <= 6 else loss * float("nan")
+
+    monkeypatch.setattr(phase2_align, "nft_loss", nan_after_first_epoch)
+    with pytest.raises(SystemExit, match="non-finite loss at epoch 1; the last good checkpoint is"):
+        phase2_align.main(_phase2(d, out, pf, "--epochs=3", "--ckpt_every=1"))
+    state = torch.load(d / "checkpoint" / "state.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["step"] == 1
+    assert not (d / "checkpoint.tmp").exists()
+
+
+def test_sampler_cfg_and_trajectory():
+    """guidance g: v = v_neg + g (v_cond - v_neg); one Euler step from sigma 1 to 0 is x - v."""
+    class PooledFlow(torch.nn.Module):  # v = the first pooled feature, everywhere
+        def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict=False):
+            return (pooled_projections[:, :1, None, None].expand_as(hidden_states),)
+
+    noise = torch.zeros(2, 4, 2, 2)
+    cond, neg = (torch.zeros(2, 3, 2), torch.ones(2, 2)), (torch.zeros(1, 3, 2), torch.zeros(1, 2))
+    x, traj = sample.sample(PooledFlow(), torch.tensor([1.0, 0.0]), noise, cond, guidance=3.0, c_neg=neg, return_traj=True)
+    assert torch.allclose(x, torch.full_like(x, -3.0)) and len(traj) == 2 and torch.equal(traj[0], noise)
+    x1 = sample.sample(PooledFlow(), torch.tensor([1.0, 0.5, 0.0]), noise, cond)  # no CFG: v = 1
+    assert torch.allclose(x1, torch.full_like(x1, -1.0))

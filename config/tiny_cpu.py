@@ -8,7 +8,7 @@ K = 4
 G = 2
 t5_len = 32
 resolution = 64
-iters = 100
+iters = 200
 
 # phase2_align.py: 2 prompts x K=4 conditions x G=2 noises = 16 samples an epoch
 reward = {"jpeg_incompressibility": 1.0}
