@@ -347,7 +347,7 @@ def main(argv=None):
 
         # ---- sample with the old policy: G noises x K conditions per prompt, deterministic ODE
         use_adapter(transformer, "old")
-        noise = S.image_noise([sample_seed(seed, epoch, j, 0) % (1 << 62) for j in js], shape, dev, dtype)
+        noise = S.image_noise([sample_seed(seed, epoch, j, 0) for j in js], shape, dev)
         x0 = []
         for a in tqdm(range(0, n_local, sample_batch), desc=f"epoch {epoch} sample", disable=not master, leave=False):
             b = slice(a, a + sample_batch)
@@ -397,13 +397,13 @@ def main(argv=None):
                 with autocast():
                     with torch.no_grad():
                         use_adapter(transformer, "old")
-                        v_old = S.velocity(transformer, x_t.to(dtype), t, c).float()
+                        v_old = S.velocity(transformer, x_t, t, c).float()
                         v_ref = None
                         if kl_beta > 0:
                             transformer.disable_adapters()  # the base model
-                            v_ref = S.velocity(transformer, x_t.to(dtype), t, c).float()
+                            v_ref = S.velocity(transformer, x_t, t, c).float()
                         use_adapter(transformer, "default")
-                    v_theta = S.velocity(transformer, x_t.to(dtype), t, c).float()
+                    v_theta = S.velocity(transformer, x_t, t, c).float()
                 nft = nft_loss(v_theta, v_old, x_t, x0_b, t, r_b, beta).mean() * (adv_clip / beta)
                 kl = ((v_theta - v_ref) ** 2).mean() if v_ref is not None else torch.zeros((), device=dev)
                 loss = nft + kl_beta * kl
@@ -462,7 +462,7 @@ def evaluate(transformer, vae, text, sigmas, eval_list, eval_meta, reward_fn, sh
     scores = torch.zeros(len(eval_list) * eval_G, device=dev)
     for i in mine:
         c = tuple(x.repeat_interleave(eval_G, 0) for x in S.encode(text, [eval_list[i]]))
-        noise = S.image_noise([sample_seed(seed, 10 ** 9, i, g) % (1 << 62) for g in range(eval_G)], shape, dev, dtype)
+        noise = S.image_noise([sample_seed(seed, 10 ** 9, i, g) for g in range(eval_G)], shape, dev)
         with autocast():
             x0 = S.sample(transformer, sigmas, noise, c, None, rho, guidance, None, solver)
         scores[i * eval_G:(i + 1) * eval_G] = reward_fn(S.decode(vae, x0), [eval_list[i]] * eval_G, [eval_meta[i]] * eval_G)[0].float()

@@ -389,9 +389,12 @@ def sigma_grid(scheduler, steps):
 
 def velocity(transformer, x, sigma, cond):
     """v(x_t, t) of the SD3 transformer; x_t = (1 - t) x0 + t eps, v = eps - x0, timestep = t * 1000.
-    sigma: a float, or a [B] tensor (training draws a different t per sample)."""
+    sigma: a float, or a [B] tensor (training draws a different t per sample). x goes in at the
+    transformer's dtype; the timestep stays fp32, as diffusers' pipeline passes it (bf16 would round
+    t * 1000 to steps of 4 near 1000)."""
     t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]) * 1000
-    return transformer(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=cond[0], pooled_projections=cond[1],
+    x = x.to(getattr(transformer, "dtype", x.dtype))
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1],
                        return_dict=False)[0]
 
 
@@ -410,7 +413,8 @@ def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0
         raise ValueError(f"unknown solver '{solver}': use 'euler' or 'dpm2'")
     B = noise.shape[0]
     batch_size = batch_size or B
-    x, traj, x0_prev = noise, [noise], None
+    x = noise.float()  # the ODE state stays fp32 between steps, whatever the transformer's dtype
+    traj, x0_prev = [x], None
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         cond = c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho)
@@ -424,7 +428,7 @@ def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0
                 v.append(vu + guidance * (vc - vu))
             else:
                 v.append(velocity(transformer, x[sl], s, cj))
-        v = torch.cat(v).to(x.dtype)
+        v = torch.cat(v).float()
         x0 = x - s * v
         # 1st order on the first step, after sigma=1 (lambda = -inf makes 2M degenerate to 1st order
         # anyway) and into sigma=0 (lambda = +inf), as DPM-Solver's lower_order_final does.
@@ -449,9 +453,9 @@ def decode(vae, latents):
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 
-def image_noise(seeds, shape, device, dtype):
-    """Initial noise, one seeded generator per image, so each image is reproducible from its seed alone."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device, dtype)
+def image_noise(seeds, shape, device):
+    """Initial noise (fp32), one seeded generator per image, so each image is reproducible from its seed alone."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
 def latent_shape(pipe, resolution):
@@ -504,7 +508,7 @@ def main(argv=None):
             opt = perturbed_conditions(text, pert, prompt_list, [pi])  # K-1 rows
             c_opt = tuple(torch.cat([o, p]).repeat_interleave(G, 0) for o, p in zip(orig, opt))  # k=0 is C^orig
         seeds = [seed + (pi * K + k) * G + g for k in range(K) for g in range(G)]
-        x0 = sample(pipe.transformer, sigma_grid(pipe.scheduler, steps), image_noise(seeds, shape, dev, dtype),
+        x0 = sample(pipe.transformer, sigma_grid(pipe.scheduler, steps), image_noise(seeds, shape, dev),
                     c_orig, c_opt, rho, guidance, c_neg, solver, batch_size)
         images = decode(pipe.vae, x0)
         for j, img in enumerate(images):

@@ -230,7 +230,7 @@ def test_sampler_mixes_conditions_per_step(pipe):
 def test_sampling_is_deterministic_under_seed(pipe, text):
     cond = tuple(c.repeat_interleave(2, 0) for c in sample.encode(text, PROMPTS[:1]))
     shape = sample.latent_shape(pipe, 64)
-    runs = [sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, 3), sample.image_noise([7, 8], shape, "cpu", torch.float32), cond)
+    runs = [sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, 3), sample.image_noise([7, 8], shape, "cpu"), cond)
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0][0], runs[0][1])
     img = sample.decode(pipe.vae, runs[0])
