@@ -38,6 +38,7 @@ batch_prompts = 8  # prompts optimised together (their Δ are independent; batch
 t5_len = 128
 seed = 0
 device = "auto"
+dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
@@ -145,11 +146,11 @@ def main(argv=None):
     if bad or not encoders:
         raise SystemExit(f"encoders={encoders!r}: choose a non-empty subset of {ENCODERS}")
     prompt_list, _ = read_prompts(prompts)
-    rank, world, dev, dtype = setup_distributed(device)
+    rank, world, dev, dt = setup_distributed(device, dtype)
     if rank == 0:
         print(json.dumps(cfg, indent=1))
     torch.manual_seed(seed + rank)
-    text = load_text(model, dev, dtype, t5_len, seed=0)
+    text = load_text(model, dev, dt, t5_len, seed=0)
     mine = list(range(rank, len(prompt_list), world))  # this rank's shard of the prompts
     rows, all_stats, t0 = {}, {}, time.time()
     for s in tqdm(range(0, len(mine), batch_prompts), desc="phase1", disable=rank != 0):

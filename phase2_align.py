@@ -71,6 +71,7 @@ eval_G = 1  # noises per eval prompt
 resume = False
 seed = 0
 device = "auto"
+dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, dict, type(None)))]
 
@@ -276,21 +277,21 @@ def main(argv=None):
     n_train_t = math.floor(steps * timestep_fraction)
     if n_train_t < 1:
         raise SystemExit(f"steps={steps} x timestep_fraction={timestep_fraction} leaves no training timestep")
-    rank, world, dev, dtype = S.setup_distributed(device)
+    rank, world, dev, dt = S.setup_distributed(device, dtype)
     N = prompts_per_epoch * K * G  # samples per epoch over all ranks
     n_local = samples_per_rank(prompts_per_epoch, K, G, world, train_batch, opt_steps_per_epoch)
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     log(json.dumps(cfg, indent=1))
-    reward_fn = RW.build_reward(reward, dev, dtype, tiny=model == "tiny", opts=reward_opts)  # unknown names stop here
+    reward_fn = RW.build_reward(reward, dev, dt, tiny=model == "tiny", opts=reward_opts)  # unknown names stop here
     if "geneval" in reward_fn.weights and not all(m.get("tag") for m in metadata):
         raise SystemExit(f"the geneval reward needs GenEval metadata (.jsonl with 'tag' and 'include'); {prompts} has none: "
                          "make it with data/geneval/prepare.py")
 
     # ---- models: frozen SD3, three LoRA adapters on the transformer
     torch.manual_seed(seed + rank)
-    pipe = S.load_pipeline(model, dev, dtype)
-    text = S.load_text(model, dev, dtype, t5_len, pipe=pipe)
+    pipe = S.load_pipeline(model, dev, dt)
+    text = S.load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = S.load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None
     transformer, vae = pipe.transformer, pipe.vae
     add_adapters(transformer, lora_rank, lora_alpha)
@@ -298,7 +299,7 @@ def main(argv=None):
         transformer.enable_gradient_checkpointing()
     params = adapter_params(transformer, "default")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
+    autocast = (lambda: torch.autocast("cuda", dtype=dt)) if dev.type == "cuda" and dt != torch.float32 else contextlib.nullcontext
     shape = S.latent_shape(pipe, resolution)
     sigmas = S.sigma_grid(pipe.scheduler, steps)  # shared by sampling and training
     ckpt_dir = os.path.join(out_dir, "checkpoint")
@@ -434,7 +435,7 @@ def main(argv=None):
                "group_std": grp_std, "collapsed_groups": collapsed, **parts, **sums,
                "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2, "img_per_s": N / (t3 - t0)}
         if eval_list and (epoch + 1) % eval_every == 0:
-            rec["eval_reward"] = evaluate(transformer, vae, text, sigmas, eval_list, eval_meta, reward_fn, shape, dev, dtype,
+            rec["eval_reward"] = evaluate(transformer, vae, text, sigmas, eval_list, eval_meta, reward_fn, shape, dev,
                                           autocast, rank, world)
         log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
             f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} kl {rec['kl']:.2e} | "
@@ -455,7 +456,7 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def evaluate(transformer, vae, text, sigmas, eval_list, eval_meta, reward_fn, shape, dev, dtype, autocast, rank, world):
+def evaluate(transformer, vae, text, sigmas, eval_list, eval_meta, reward_fn, shape, dev, autocast, rank, world):
     """Mean reward of the held-out prompts sampled with the EMA adapter from fixed noises (C^orig only)."""
     use_adapter(transformer, "ema")
     mine = list(range(rank, len(eval_list), world))

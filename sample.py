@@ -41,6 +41,7 @@ batch_size = 8  # images per transformer forward
 seed = 0
 samples = "out/samples"  # output folder: PNGs, grids, index.jsonl (eval_diversity.py reads the same key)
 device = "auto"  # "auto" = cuda if available else cpu
+dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
@@ -143,21 +144,27 @@ def tiny_pipeline(seed=0):
 
 
 # ----------------------------------------------------------------------------- loading
-def pick_device(name="auto"):
+def pick_device(name="auto", dtype_name="auto"):
+    """(device, dtype): CUDA when present, else CPU; "auto" dtype is bf16 on CUDA, fp32 on CPU.
+    dtype_name="bfloat16" on CPU runs the GPU's precision path on a laptop (the tests do)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
-    return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)  # bf16 on CUDA, fp32 on CPU
+    if dtype_name == "auto":
+        return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"dtype '{dtype_name}' is not one of auto, float32, bfloat16, float16")
+    return dev, getattr(torch, dtype_name)
 
 
-def setup_distributed(device_name="auto"):
+def setup_distributed(device_name="auto", dtype_name="auto"):
     """Single process unless launched by torchrun (RANK/WORLD_SIZE set): then one process per GPU with
     nccl, or gloo on CPU. Returns (rank, world_size, device, dtype)."""
     if "RANK" not in os.environ:
-        return (0, 1) + pick_device(device_name)
+        return (0, 1) + pick_device(device_name, dtype_name)
     import torch.distributed as dist
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    dev, dtype = pick_device(device_name)
+    dev, dtype = pick_device(device_name, dtype_name)
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
@@ -488,9 +495,9 @@ def main(argv=None):
     prompt_list, metadata = read_prompts(prompts)
     if K > 1 and not perturbations:
         raise SystemExit(f"K={K} needs --perturbations=FILE from phase1_perturb.py (or K=1)")
-    dev, dtype = pick_device(device)
-    pipe = load_pipeline(model, dev, dtype, seed=0)
-    text = load_text(model, dev, dtype, t5_len, pipe=pipe)
+    dev, dt = pick_device(device, dtype)
+    pipe = load_pipeline(model, dev, dt, seed=0)
+    text = load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None  # K=1: C^orig only
     shape = latent_shape(pipe, resolution)
     if lora:

@@ -694,3 +694,22 @@ def test_sampler_cfg_and_trajectory():
     assert torch.allclose(x, torch.full_like(x, -3.0)) and len(traj) == 2 and torch.equal(traj[0], noise)
     x1 = sample.sample(PooledFlow(), torch.tensor([1.0, 0.5, 0.0]), noise, cond)  # no CFG: v = 1
     assert torch.allclose(x1, torch.full_like(x1, -1.0))
+
+
+def test_bf16_path_runs_on_cpu(phase1_file, tmp_path):
+    """--dtype=bfloat16 runs the precision path of a GPU (bf16 models, fp32 LoRA, fp32 ODE state) on CPU."""
+    pf, out = phase1_file
+    pert = str(tmp_path / "p.safetensors")
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={pert}", "--K=4", "--iters=3",
+                         "--t5_len=16", "--dtype=bfloat16"])
+    from safetensors import safe_open
+    assert safe_open(pert, "pt").get_tensor("0.t5").dtype == torch.float16
+    d = tmp_path / "bf16"
+    phase2_align.main(_phase2(d, out, pf, "--epochs=1", "--dtype=bfloat16"))
+    rec = _log(d)[0]
+    assert all(math.isfinite(rec[k]) for k in ("loss", "reward_mean", "grad_norm")) and rec["grad_norm"] > 0
+    from safetensors.torch import load_file
+    lora = load_file(str(d / "checkpoint" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(v.dtype == torch.float32 for v in lora.values())
+    with pytest.raises(SystemExit, match="not one of auto"):
+        sample.pick_device("cpu", "float8")
