@@ -50,7 +50,7 @@ resolution = 512
 t5_len = 128
 sample_batch = 16  # images per transformer forward while sampling
 train_batch = 8  # samples per training micro-batch
-opt_steps_per_epoch = 2  # optimizer steps per epoch (each accumulates an equal share of the micro-batches)
+opt_steps_per_epoch = 1  # optimizer steps per epoch, each accumulating an equal share of the micro-batches (DiffusionNFT: 1)
 timestep_fraction = 0.99  # train on the first floor(steps * 0.99) entries of a per-sample permutation of the grid
 beta = 1.0  # implicit-policy strength (0.1 for multi-reward)
 adv_clip = 5.0
@@ -61,8 +61,9 @@ weight_decay = 1e-4
 grad_clip = 1.0
 lora_rank = 32
 lora_alpha = 64
-old_decay_rate = 0.001  # old <- d*old + (1-d)*theta, d = min(rate * step, old_decay_max)
-old_decay_max = 0.5
+old_decay_rate = 0.001  # old <- d*old + (1-d)*theta, d = min(rate * (step - flat), max), 0 before `flat` steps
+old_decay_max = 0.5  # DiffusionNFT's type 1 (GenEval, PickScore); its type 2 is flat 75, rate 0.0075, max 0.999
+old_decay_flat = 0
 ema_max = 0.9  # EMA decay min((1+s)/(10+s), ema_max)
 grad_checkpointing = True
 ckpt_every = 10  # epochs
@@ -130,8 +131,8 @@ def group_stats(rewards, group_ids):
     return std.mean().item(), (std < 1e-3).float().mean().item()
 
 
-def old_decay(step, rate=0.001, cap=0.5):
-    return min(rate * step, cap)
+def old_decay(step, rate=0.001, cap=0.5, flat=0):
+    return 0.0 if step < flat else min(rate * (step - flat), cap)
 
 
 def ema_decay(step, cap=0.9):
@@ -373,7 +374,12 @@ def main(argv=None):
         grp_std, collapsed = group_stats(R.cpu(), gid.cpu())
         t2 = time.time()
 
-        # ---- train: every sample on C^orig (use_anchor), at its own permutation of the time grid
+        # ---- train: every sample on C^orig (use_anchor), at its own permutation of the time grid, in a
+        # shuffled order so that each optimizer step sees a mix of groups (randomness keyed by sample j)
+        order = torch.randperm(n_local, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, rank, 3)))
+        js = [js[o] for o in order]
+        x0, r = x0[order.to(dev)], r[order.to(dev)]
+        c_orig, c_samp = (tuple(c[order.to(c.device)] for c in cc) for cc in (c_orig, c_samp))
         c_train = c_orig if use_anchor else c_samp
         n_micro = n_local // train_batch
         accum = n_micro // opt_steps_per_epoch
@@ -419,10 +425,10 @@ def main(argv=None):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
+                blend_adapter(transformer, "ema", "default", ema_decay(step, ema_max))  # EMA of theta, for eval and checkpoints
         transformer.eval()
-        # ---- old <- d*old + (1-d)*theta once per epoch; EMA of theta for evaluation and checkpoints
-        blend_adapter(transformer, "old", "default", old_decay(step, old_decay_rate, old_decay_max))
-        blend_adapter(transformer, "ema", "default", ema_decay(step, ema_max))
+        # ---- the sampling policy follows theta once per epoch: old <- d*old + (1-d)*theta
+        blend_adapter(transformer, "old", "default", old_decay(step, old_decay_rate, old_decay_max, old_decay_flat))
         t3 = time.time()
 
         # ---- log: rank 0 prints one line and appends to log.jsonl

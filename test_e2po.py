@@ -467,6 +467,7 @@ def test_group_stats_and_decays():
     std, collapsed = phase2_align.group_stats(torch.tensor([1.0, 3.0, 5.0, 5.0]), torch.tensor([0, 0, 1, 1]))
     assert std == pytest.approx(0.5) and collapsed == 0.5  # group stds 1 and 0
     assert phase2_align.old_decay(0) == 0.0 and phase2_align.old_decay(100) == pytest.approx(0.1) and phase2_align.old_decay(10 ** 4) == 0.5
+    assert phase2_align.old_decay(74, 0.0075, 0.999, 75) == 0.0 and phase2_align.old_decay(175, 0.0075, 0.999, 75) == pytest.approx(0.75)
     assert phase2_align.ema_decay(0) == pytest.approx(0.1) and phase2_align.ema_decay(10) == pytest.approx(11 / 20)
     assert phase2_align.ema_decay(10 ** 4) == 0.9
 

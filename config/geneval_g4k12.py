@@ -17,4 +17,4 @@ G = 4
 prompts_per_epoch = 24
 sample_batch = 16
 train_batch = 8
-opt_steps_per_epoch = 2
+opt_steps_per_epoch = 1

@@ -16,4 +16,4 @@ G = 8
 prompts_per_epoch = 48
 sample_batch = 16
 train_batch = 8
-opt_steps_per_epoch = 2
+opt_steps_per_epoch = 1
