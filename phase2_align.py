@@ -44,7 +44,7 @@ use_schedule = True  # gamma schedule (False: static C^opt, gamma = 1; ablation)
 prompts_per_epoch = 48  # groups per epoch over all ranks: prompts_per_epoch * K * G samples
 epochs = 1000
 steps = 10  # sampler steps; the training times are this grid
-solver = "euler"
+solver = "dpm2"  # as DiffusionNFT; "euler" also works (the training times are the grid either way)
 guidance = 1.0  # no CFG while sampling, as DiffusionNFT
 resolution = 512
 t5_len = 128
