@@ -4,10 +4,10 @@ encoding with token-embedding perturbations, the noise-aware condition schedule,
 sampler, VAE decoding, and a CLI that writes images.
 
     # the embedded tiny model, CPU, seconds
-    python sample.py config/tiny_cpu.py --lora=out/tiny/align/checkpoint/lora_ema
+    python sample.py config/tiny_cpu.py --lora=out/tiny/align/checkpoint/lora_ema --out_dir=out/tiny/samples
     # SD3.5-M with Phase I perturbations and a trained LoRA: K conditions x G noises per prompt
     python sample.py --prompts=prompts.txt --perturbations=out/perturb.safetensors --K=12 --G=4 \
-        --lora=out/align/checkpoint/lora_ema --samples=out/samples
+        --lora=out/align/checkpoint/lora_ema --out_dir=out/samples
 
 Every function above `main()` imports without side effects; phase1_perturb.py, phase2_align.py,
 rewards.py and eval_diversity.py import them from here. Formulas: METHOD.md §2 (where δ goes),
@@ -38,7 +38,7 @@ t5_len = 128  # T5 tokens, as DiffusionNFT
 lora = None  # folder with pytorch_lora_weights.safetensors
 batch_size = 8  # images per transformer forward
 seed = 0
-samples = "out/samples"  # output folder: PNGs, grids, index.jsonl (eval_diversity.py reads the same key)
+out_dir = "out/samples"  # PNGs, a grid per prompt, index.jsonl (eval_diversity.py --samples=DIR reads it)
 device = "auto"  # "auto" = cuda if available else cpu
 dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
 # -----------------------------------------------------------------------------
@@ -504,7 +504,7 @@ def main(argv=None):
             raise SystemExit(f"--lora={lora} holds no pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(lora)
     c_neg = encode(text, [""]) if guidance > 1.0 else None
-    os.makedirs(samples, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     index = []
     for pi in tqdm(range(len(prompt_list)), desc="prompts"):
         orig = encode(text, [prompt_list[pi]])
@@ -520,13 +520,13 @@ def main(argv=None):
         for j, img in enumerate(images):
             k, g = divmod(j, G)
             fname = f"{pi:05d}_k{k:02d}_g{g:02d}.png"
-            to_pil(img).save(os.path.join(samples, fname))
+            to_pil(img).save(os.path.join(out_dir, fname))
             index.append({"prompt_index": pi, "prompt": prompt_list[pi], "k": k, "g": g, "seed": seeds[j], "file": fname,
                           "metadata": metadata[pi]})
-        to_pil(grid(images, G)).save(os.path.join(samples, f"{pi:05d}_grid.png"))
-    write_json_atomic(os.path.join(samples, "config.json"), cfg)
-    write_text_atomic(os.path.join(samples, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
-    print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {samples}/ (index.jsonl)")
+        to_pil(grid(images, G)).save(os.path.join(out_dir, f"{pi:05d}_grid.png"))
+    write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
+    write_text_atomic(os.path.join(out_dir, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
+    print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {out_dir}/ (index.jsonl)")
 
 
 def write_text_atomic(path, s):

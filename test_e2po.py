@@ -316,8 +316,8 @@ def test_mismatched_perturbation_file_is_refused(phase1_file, tmp_path):
 def test_sample_cli_with_and_without_perturbations(phase1_file, tmp_path):
     pf, out = phase1_file
     common = ["config/tiny_cpu.py", f"--prompts={pf}", "--t5_len=16", "--steps=3", "--G=2"]
-    sample.main(common + ["--K=1", f"--samples={tmp_path / 'a'}"])
-    sample.main(common + ["--K=4", f"--perturbations={out}", f"--samples={tmp_path / 'b'}"])
+    sample.main(common + ["--K=1", f"--out_dir={tmp_path / 'a'}"])
+    sample.main(common + ["--K=4", f"--perturbations={out}", f"--out_dir={tmp_path / 'b'}"])
     for sub, K in (("a", 1), ("b", 4)):
         d = tmp_path / sub
         index = [json.loads(ln) for ln in (d / "index.jsonl").read_text().splitlines()]
@@ -336,7 +336,7 @@ def test_sample_cli_with_and_without_perturbations(phase1_file, tmp_path):
 
 def test_sample_cli_refuses_k_without_file(prompt_file, tmp_path):
     with pytest.raises(SystemExit, match="needs --perturbations"):
-        sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--perturbations=None", f"--samples={tmp_path / 'x'}"])
+        sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--perturbations=None", f"--out_dir={tmp_path / 'x'}"])
     assert not (tmp_path / "x").exists()
 
 

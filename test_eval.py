@@ -433,7 +433,7 @@ def tiny_samples(tmp_path_factory):
         {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "green"}], "prompt": "a photo of a green dog"},
         {"tag": "two_object", "include": [{"class": "bicycle", "count": 1}, {"class": "bench", "count": 1}],
          "prompt": "a photo of a bicycle and a bench"}]))
-    sample.main(["--model=tiny", f"--prompts={prompts}", f"--samples={d / 'samples'}", "--G=2", "--resolution=64", "--steps=2"])
+    sample.main(["--model=tiny", f"--prompts={prompts}", f"--out_dir={d / 'samples'}", "--G=2", "--resolution=64", "--steps=2"])
     return d
 
 

@@ -23,7 +23,7 @@ lora_rank = 4
 lora_alpha = 8
 ckpt_every = 2
 eval_every = 2
-# sample.py writes, eval_diversity.py reads (tiny random backbones: checks the plumbing, not the numbers)
+# eval_diversity.py reads what sample.py wrote with --out_dir=out/tiny/samples (tiny random backbones)
 samples = "out/tiny/samples"
 clip_model = "tiny"
 detector_model = "tiny"
