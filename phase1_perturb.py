@@ -97,7 +97,7 @@ def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_di
             with torch.no_grad():
                 for name in names:
                     cos_anc, pair = cosines(e[name], anchor[name])
-                    stats.setdefault(name, {})["init" if it == 0 else "final"] = (cos_anc, pair)
+                    stats.setdefault(name, {})["init" if it == 0 else "final"] = (cos_anc.cpu(), pair.cpu())
         if it == iters:
             break
         loss = sum(embedding_loss(e[name], anchor[name], mu, eps, lambda_div) for name in names)
@@ -152,25 +152,24 @@ def main(argv=None):
     torch.manual_seed(seed + rank)
     text = load_text(model, dev, dt, t5_len, seed=0)
     mine = list(range(rank, len(prompt_list), world))  # this rank's shard of the prompts
-    rows, all_stats, t0 = {}, {}, time.time()
+    rows, stats, t0 = {}, {}, time.time()  # stats: (encoder, "init"/"final") -> [(cos_anc, pairwise) per batch]
     for s in tqdm(range(0, len(mine), batch_prompts), desc="phase1", disable=rank != 0):
         idx = mine[s:s + batch_prompts]
         r, st = learn_perturbations(text, prompt_list, idx, encoders, K, mu, eps, lambda_div, sigma_init, lr, iters, seed)
         rows.update(r)
         for name, v in st.items():
-            for when, (a, p) in v.items():
-                prev = all_stats.setdefault(name, {}).get(when)
-                all_stats[name][when] = (a, p) if prev is None else (torch.cat([prev[0], a]), torch.cat([prev[1], p]))
+            for when, ap in v.items():
+                stats.setdefault((name, when), []).append(ap)
     if world > 1:  # gather the statistics so rank 0 reports all prompts
         import torch.distributed as dist
         gathered = [None] * world
-        dist.all_gather_object(gathered, {n: {w: (a.cpu(), p.cpu()) for w, (a, p) in v.items()} for n, v in all_stats.items()})
-        all_stats = {n: {w: tuple(torch.cat([g[n][w][j] for g in gathered if n in g]) for j in (0, 1)) for w in ("init", "final")}
-                     for n in encoders}
+        dist.all_gather_object(gathered, stats)
+        stats = {k: [ap for g in gathered for ap in g.get(k, [])] for k in set().union(*gathered)}
+    all_stats = {name: {when: tuple(torch.cat(x) for x in zip(*stats[name, when])) for when in ("init", "final")} for name in encoders}
     summary, table = summarize(all_stats, mu, eps)
     meta = {"model": model, "encoders": list(encoders), "K": K, "mu": mu, "eps": eps, "lambda_div": lambda_div,
             "sigma_init": sigma_init, "lr": lr, "iters": iters, "seed": seed, "t5_len": t5_len, "prompts_path": prompts,
-            "prompts_sha256": prompts_hash(prompt_list), "n_prompts": len(prompt_list), "summary": summary}
+            "prompts_sha256": prompts_hash(prompt_list), "n_prompts": len(prompt_list), "summary": summary, "config": cfg}
     stem = perturbations[: -len(".safetensors")] if perturbations.endswith(".safetensors") else perturbations
     # one file, or one shard per rank under torchrun (read back as a set by sample.load_perturbations)
     mine_file = perturbations if world == 1 else f"{stem}-{rank:05d}-of-{world:05d}.safetensors"
