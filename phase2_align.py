@@ -69,6 +69,7 @@ grad_checkpointing = True
 ckpt_every = 10  # epochs
 eval_every = 10  # epochs
 eval_G = 1  # noises per eval prompt
+eval_steps = 40  # sampler steps of the evaluation (DiffusionNFT evaluates at 40)
 resume = False
 seed = 0
 device = "auto"
@@ -441,8 +442,8 @@ def main(argv=None):
                "group_std": grp_std, "collapsed_groups": collapsed, **parts, **sums,
                "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2, "img_per_s": N / (t3 - t0)}
         if eval_list and (epoch + 1) % eval_every == 0:
-            rec["eval_reward"] = evaluate(transformer, vae, text, sigmas, eval_list, eval_meta, reward_fn, shape, dev,
-                                          autocast, rank, world)
+            rec["eval_reward"] = evaluate(transformer, vae, text, S.sigma_grid(pipe.scheduler, eval_steps), eval_list, eval_meta,
+                                          reward_fn, shape, dev, autocast, rank, world)
         log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
             f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} kl {rec['kl']:.2e} | "
             f"sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s | {rec['img_per_s']:.2f} img/s"

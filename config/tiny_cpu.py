@@ -23,6 +23,7 @@ lora_rank = 4
 lora_alpha = 8
 ckpt_every = 2
 eval_every = 2
+eval_steps = 10
 # eval_diversity.py reads what sample.py wrote with --out_dir=out/tiny/samples (tiny random backbones)
 samples = "out/tiny/samples"
 clip_model = "tiny"
