@@ -714,3 +714,20 @@ def test_bf16_path_runs_on_cpu(phase1_file, tmp_path):
     assert lora and all(v.dtype == torch.float32 for v in lora.values())
     with pytest.raises(SystemExit, match="not one of auto"):
         sample.pick_device("cpu", "float8")
+
+
+def test_perturbing_one_encoder_leaves_the_others_alone(prompt_file, tmp_path):
+    out = str(tmp_path / "clip_l_only.safetensors")
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={out}", "--K=3", "--iters=5",
+                         "--t5_len=16", "--encoders=('clip_l',)"])
+    prompt_list, _ = sample.read_prompts(prompt_file)
+    text = sample.load_text("tiny", t5_len=16)
+    pert = sample.load_perturbations(out, text, prompt_list, K=3)
+    pe, pooled = sample.perturbed_conditions(text, pert, prompt_list, [0])
+    pe0, pooled0 = sample.encode(text, prompt_list[:1])
+    # prompt_embeds = [CLIP-L 32 | CLIP-G 48 | zero pad 16] x 77 tokens, then T5 x 16 tokens; pooled = [L 32 | G 48]
+    assert not torch.allclose(pe[:, :77, :32], pe0[:, :77, :32].expand(2, -1, -1))
+    assert torch.allclose(pe[:, :77, 32:], pe0[:, :77, 32:].expand(2, -1, -1), atol=1e-6)
+    assert torch.allclose(pe[:, 77:], pe0[:, 77:].expand(2, -1, -1), atol=1e-6)
+    assert torch.allclose(pooled[:, 32:], pooled0[:, 32:].expand(2, -1), atol=1e-6)
+    assert torch.all(pe[:, :77, 80:] == 0)  # the zero padding of the CLIP features stays zero
