@@ -311,7 +311,7 @@ def main(argv=None):
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
         for name, sub in zip(ADAPTERS, ("lora", "lora_old", "lora_ema")):
             load_lora_into(transformer, name, os.path.join(ckpt_dir, sub))
-        st = torch.load(os.path.join(ckpt_dir, "state.pt"), weights_only=False)
+        st = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)  # load_state_dict moves it
         opt.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["rng"])
         step, start_epoch = st["step"], st["epoch"] + 1
