@@ -80,23 +80,27 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 ADAPTERS = ("default", "old", "ema")  # theta (trained), the sampling policy, the evaluation copy
+CKPT_DIRS = dict(zip(ADAPTERS, ("lora", "lora_old", "lora_ema")))  # their folders in a checkpoint
 
 
 # ----------------------------------------------------------------------------- the formulas (METHOD §3.3)
+def group_moments(R, group_ids):
+    """Each sample's group index, and per group the mean and the population std (ddof 0) of R."""
+    _, gid, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    mean = torch.zeros(len(counts), dtype=R.dtype, device=R.device).index_add_(0, gid, R) / counts
+    std = (torch.zeros_like(mean).index_add_(0, gid, (R - mean[gid]) ** 2) / counts).sqrt()
+    return gid, mean, std
+
+
 def advantages(rewards, group_ids, global_std=True, clip=5.0):
     """Rewards [N] -> optimality probabilities r in [0, 1].
         A = (R - mean_group(R)) / (std(R) + 1e-4)   std over all N (global_std) or within the group; ddof 0
         A = clip(A, -clip, clip)
         r = clip(A / (2 * clip) + 0.5, 0, 1)         (= A/10 + 0.5 for clip = 5)"""
     R = rewards.float()
-    _, gid, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    mean = torch.zeros(len(counts), device=R.device).index_add_(0, gid, R) / counts
-    dev = R - mean[gid]
-    if global_std:
-        std = R.std(unbiased=False)
-    else:
-        std = (torch.zeros(len(counts), device=R.device).index_add_(0, gid, dev ** 2) / counts).sqrt()[gid]
-    A = (dev / (std + 1e-4)).clamp(-clip, clip)
+    gid, mean, group_std = group_moments(R, group_ids)
+    std = R.std(unbiased=False) if global_std else group_std[gid]
+    A = ((R - mean[gid]) / (std + 1e-4)).clamp(-clip, clip)
     return (A / (2 * clip) + 0.5).clamp(0, 1)
 
 
@@ -125,10 +129,7 @@ def nft_loss(v_theta, v_old, x_t, x0, t, r, beta):
 def group_stats(rewards, group_ids):
     """Mean over groups of the within-group reward std (ddof 0) - the signal whose collapse E²PO fights -
     and the fraction of groups whose std is below 1e-3."""
-    _, gid, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    R = rewards.double()
-    mean = torch.zeros(len(counts), dtype=R.dtype).index_add_(0, gid, R) / counts
-    std = (torch.zeros(len(counts), dtype=R.dtype).index_add_(0, gid, (R - mean[gid]) ** 2) / counts).sqrt()
+    std = group_moments(rewards.double(), group_ids)[2]
     return std.mean().item(), (std < 1e-3).float().mean().item()
 
 
@@ -254,7 +255,7 @@ def save_checkpoint(ckpt_dir, transformer, opt, state, cfg):
     tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, sub in zip(ADAPTERS, ("lora", "lora_old", "lora_ema")):
+    for name, sub in CKPT_DIRS.items():
         save_lora(transformer, name, os.path.join(tmp, sub))
     torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), **state}, os.path.join(tmp, "state.pt"))
     S.write_json_atomic(os.path.join(tmp, "config.json"), cfg)
@@ -309,7 +310,7 @@ def main(argv=None):
     if resume:
         if not os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        for name, sub in zip(ADAPTERS, ("lora", "lora_old", "lora_ema")):
+        for name, sub in CKPT_DIRS.items():
             load_lora_into(transformer, name, os.path.join(ckpt_dir, sub))
         st = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)  # load_state_dict moves it
         opt.load_state_dict(st["optimizer"])

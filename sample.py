@@ -413,8 +413,8 @@ def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0
     on mix_condition(c_opt[i], c_orig[i], sigma) at each step; c_opt=None (or a row equal to c_orig)
     is the plain original condition. c_neg: the negative/empty condition for CFG (guidance > 1).
     solver: "euler", or "dpm2" = DPM-Solver++(2M) in x0 form on alpha=1-t, sigma=t (2nd order, no extra
-    forward passes; first order on the first and the last step, the same scheme as DiffusionNFT's). Returns x0 latents [B, C, h, w], and
-    with return_traj the list of x at every sigma."""
+    forward passes; first order on the first and the last step, the same scheme as DiffusionNFT's).
+    Returns x0 latents [B, C, h, w], and with return_traj the list of x at every sigma."""
     if solver not in ("euler", "dpm2"):
         raise ValueError(f"unknown solver '{solver}': use 'euler' or 'dpm2'")
     B = noise.shape[0]
@@ -504,6 +504,7 @@ def main(argv=None):
             raise SystemExit(f"--lora={lora} holds no pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(lora)
     c_neg = encode(text, [""]) if guidance > 1.0 else None
+    sigmas = sigma_grid(pipe.scheduler, steps)
     os.makedirs(out_dir, exist_ok=True)
     index = []
     for pi in tqdm(range(len(prompt_list)), desc="prompts"):
@@ -514,7 +515,7 @@ def main(argv=None):
             opt = perturbed_conditions(text, pert, prompt_list, [pi])  # K-1 rows
             c_opt = tuple(torch.cat([o, p]).repeat_interleave(G, 0) for o, p in zip(orig, opt))  # k=0 is C^orig
         seeds = [seed + (pi * K + k) * G + g for k in range(K) for g in range(G)]
-        x0 = sample(pipe.transformer, sigma_grid(pipe.scheduler, steps), image_noise(seeds, shape, dev),
+        x0 = sample(pipe.transformer, sigmas, image_noise(seeds, shape, dev),
                     c_orig, c_opt, rho, guidance, c_neg, solver, batch_size)
         images = decode(pipe.vae, x0)
         for j, img in enumerate(images):
