@@ -99,13 +99,7 @@ def main(argv=None):
 
     def micro_step():
         with autocast:
-            with torch.no_grad():
-                P2.use_adapter(tr, "old")
-                v_old = S.velocity(tr, x_t, t, ct).float()
-                tr.disable_adapters()
-                v_ref = S.velocity(tr, x_t, t, ct).float()
-                P2.use_adapter(tr, "default")
-            v_theta = S.velocity(tr, x_t, t, ct).float()
+            v_old, v_ref, v_theta = P2.policy_velocities(tr, x_t, t, ct)
         loss = P2.nft_loss(v_theta, v_old, x_t, x0, t, r, 1.0).mean() * 5 + 1e-4 * ((v_theta - v_ref) ** 2).mean()
         loss.backward()
         for p in params:

@@ -205,6 +205,22 @@ def load_lora_into(transformer, name, path):
         raise SystemExit(f"LoRA in {path} does not match this model (unexpected keys like {res.unexpected_keys[0]})")
 
 
+def policy_velocities(transformer, x_t, t, c, with_ref=True):
+    """The three forwards of one training step on the same (x_t, t, condition): v_old (old adapter) and
+    v_ref (adapters off: the base model, only when with_ref) without grad, then v_theta with grad. v_theta
+    comes last: with gradient checkpointing the backward re-runs its forward, and it must find the
+    trained adapter still active."""
+    with torch.no_grad():
+        use_adapter(transformer, "old")
+        v_old = S.velocity(transformer, x_t, t, c).float()
+        v_ref = None
+        if with_ref:
+            transformer.disable_adapters()
+            v_ref = S.velocity(transformer, x_t, t, c).float()
+        use_adapter(transformer, "default")
+    return v_old, v_ref, S.velocity(transformer, x_t, t, c).float()
+
+
 # ----------------------------------------------------------------------------- small helpers
 def samples_per_rank(n_prompts, K, G, world, train_batch, opt_steps):
     """An epoch's n_prompts * K * G samples are one flat list cut into `world` equal slices (a group may
@@ -401,18 +417,8 @@ def main(argv=None):
                 c = cond_b
                 if not use_anchor and use_schedule:  # ablation: the condition that sampled it, as mixed at this t
                     c = S.mix_condition(tuple(q[b] for q in c_samp), tuple(q[b] for q in c_orig), t, rho)
-                # v_old and v_ref first, v_theta last: with gradient checkpointing the backward below re-runs
-                # v_theta's forward, and it must find the trained adapter still active
                 with autocast():
-                    with torch.no_grad():
-                        use_adapter(transformer, "old")
-                        v_old = S.velocity(transformer, x_t, t, c).float()
-                        v_ref = None
-                        if kl_beta > 0:
-                            transformer.disable_adapters()  # the base model
-                            v_ref = S.velocity(transformer, x_t, t, c).float()
-                        use_adapter(transformer, "default")
-                    v_theta = S.velocity(transformer, x_t, t, c).float()
+                    v_old, v_ref, v_theta = policy_velocities(transformer, x_t, t, c, with_ref=kl_beta > 0)
                 nft = nft_loss(v_theta, v_old, x_t, x0_b, t, r_b, beta).mean() * (adv_clip / beta)
                 kl = ((v_theta - v_ref) ** 2).mean() if v_ref is not None else torch.zeros((), device=dev)
                 loss = nft + kl_beta * kl

@@ -731,3 +731,29 @@ def test_perturbing_one_encoder_leaves_the_others_alone(prompt_file, tmp_path):
     assert torch.allclose(pe[:, 77:], pe0[:, 77:].expand(2, -1, -1), atol=1e-6)
     assert torch.allclose(pooled[:, 32:], pooled0[:, 32:].expand(2, -1), atol=1e-6)
     assert torch.all(pe[:, :77, 80:] == 0)  # the zero padding of the CLIP features stays zero
+
+
+def test_policy_velocities_use_old_base_and_trained_models():
+    tr = sample.tiny_pipeline(0).transformer
+    torch.manual_seed(0)
+    x, t, cond = torch.randn(2, 16, 8, 8), torch.tensor([0.9, 0.4]), (torch.randn(2, 20, 96), torch.randn(2, 80))
+    base = sample.velocity(tr, x, t, cond)
+    phase2_align.add_adapters(tr, 4, 8)
+    with torch.no_grad():  # make theta and old differ from each other and from the base model
+        for name, scale in (("default", 0.1), ("old", 0.2)):
+            for p in phase2_align.adapter_params(tr, name):
+                p.add_(torch.randn_like(p) * scale)
+    expect = {}
+    for name in ("old", "default"):
+        phase2_align.use_adapter(tr, name)
+        with torch.no_grad():
+            expect[name] = sample.velocity(tr, x, t, cond)
+    v_old, v_ref, v_theta = phase2_align.policy_velocities(tr, x, t, cond)
+    assert torch.allclose(v_old, expect["old"], atol=1e-6) and not v_old.requires_grad
+    assert torch.allclose(v_ref, base, atol=1e-6) and not v_ref.requires_grad
+    assert torch.allclose(v_theta, expect["default"], atol=1e-6) and v_theta.requires_grad
+    assert not torch.allclose(v_old, v_theta, atol=1e-3) and not torch.allclose(v_ref, v_theta, atol=1e-3)
+    v_theta.sum().backward()  # gradients reach theta only
+    assert all(p.grad is not None for p in phase2_align.adapter_params(tr, "default"))
+    assert all(p.grad is None for n in ("old", "ema") for p in phase2_align.adapter_params(tr, n))
+    assert phase2_align.policy_velocities(tr, x, t, cond, with_ref=False)[1] is None
