@@ -417,6 +417,21 @@ def geneval_rules(detections, metadata):
     return correct, _partial_credit(objs, metadata), "; ".join(reasons)
 
 
+def geneval_task(metadata):
+    """A hashable key of what a GenEval prompt asks, independent of its wording: (tag, include clauses,
+    exclude clauses). Clauses without a position are compared as a set ("a cat and a dog" is the task
+    of "a dog and a cat"); position clauses keep their order, which their target index refers to.
+    Train and test prompt sets are made disjoint by this key, not by prompt text ("two sheep" is
+    GenEval's "two sheeps")."""
+    def clause(c):
+        return (c["class"], int(c["count"]), c.get("color"), tuple(c["position"]) if "position" in c else None)
+    inc = [clause(c) for c in metadata.get("include", [])]
+    if not any(c[3] for c in inc):
+        inc.sort(key=repr)
+    exc = sorted((clause(c) for c in metadata.get("exclude", [])), key=repr)
+    return metadata.get("tag"), tuple(inc), tuple(exc)
+
+
 # ----------------------------------------------------------------------------- GenEval: models
 def tiny_mask2former(seed=0, num_labels=len(GENEVAL_CLASSES)):
     """A seeded random-weight Mask2FormerForUniversalSegmentation (tiny Swin backbone, 80 COCO labels) and

@@ -225,7 +225,8 @@ def tokenize(text, prompt_list):
     '!' (id 0), a token that can also sit inside a prompt, so token ids cannot tell content apart."""
     out = {}
     for name, tok in text["tokenizers"].items():
-        length = text["t5_len"] if name == "t5" else CLIP_LEN
+        # CLIP: the tokenizer's own length (77 for SD3), as diffusers' encode_prompt pads to it
+        length = text["t5_len"] if name == "t5" else tok.model_max_length
         enc = tok(prompt_list, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         ids, valid = enc.input_ids, enc.attention_mask.bool()
         content = valid.clone()
