@@ -1,12 +1,14 @@
 """
 Diversity metrics and the GenEval benchmark summary over a folder written by sample.py (its PNGs and
-index.jsonl). METHOD.md §4 names the metrics; this file is where they are defined exactly:
+index.jsonl). The metrics, as this file defines them exactly:
 
-    IDS   identity divergence: mean pairwise cosine of face-identity embeddings of a prompt's images,
-          averaged over prompts (lower = more diverse). ArcFace (insightface) when --face_model is
-          given, else CLIP image embeddings; the column says which: IDS[arcface] is not IDS[clip].
-          ArcFace: the largest face of each image; images with no face are counted and listed in the
-          JSON, and a prompt needs two faces to count. CLIP embeds whole images and checks no face.
+    IDS   identity divergence, as published with DivGenBench (D2-Align, arXiv 2512.24146, supp. C.2): mean
+          pairwise cosine of face-identity embeddings over every pair of the whole image set (lower =
+          more diverse). IDS_per_prompt: the same within each prompt's images, averaged over prompts
+          (a prompt needs two faces to count). ArcFace (insightface) when --face_model is given, else
+          CLIP image embeddings; the column says which: IDS[arcface] is not IDS[clip]. ArcFace: the
+          largest face of each image; images with no face are counted and listed in the JSON, and left
+          out. CLIP embeds whole images and checks no face.
     ASC   artistic style coverage: the Image Retrieval Score ratio (Dombrowski et al., CVPR 2025) of all
           the group's samples against a held-out split of a user's reference folder, on style features
           (CSD checkpoint when --style_model is given, else CLIP image embeddings). See
@@ -14,8 +16,9 @@ index.jsonl). METHOD.md §4 names the metrics; this file is where they are defin
     SDI   spatial dispersion: 1 - mean pairwise layout similarity of a prompt's images, averaged over
           prompts; layout similarity = Hungarian matching of detected boxes on IoU, summed IoU over
           max(|A|, |B|); two empty layouts are equal (1), empty vs non-empty share nothing (0).
-    PVS   photographic variance: population std of mean HSV saturation + of mean HSV value + of
-          grayscale contrast over a prompt's images, averaged over prompts (PVS_pooled: over the group).
+    PVS   photographic variance, as published (same source): population std over the whole image set of
+          the images' mean HSV saturation + of their mean HSV value + of their grayscale contrast,
+          channels in [0, 1]. PVS_per_prompt: the same within each prompt's images, averaged over prompts.
     Vendi / cos   Vendi score and mean pairwise cosine of CLIP image embeddings, per prompt, averaged.
     GenEval       per-tag accuracy and the mean of the six tag accuracies (rewards.py's scorer), when the
                   index's metadata carries GenEval tags (tag accuracy = share of correct images, as
@@ -30,7 +33,8 @@ perturbed conditions, for k>0. One table on stdout, one JSON (default DIR/divers
     # SD3.5-M samples with the real backbones (hub ids in the local cache, or local folders)
     python eval_diversity.py --samples=out/samples --face_model=~/.insightface/models/buffalo_l \
         --style_model=checkpoints/csd_vit_l.pth --reference=data/wikiart_subset
-    # GenEval: sample the GenEval prompt file (.jsonl with metadata), then
+    # GenEval: sample the benchmark's own prompts (4 images each, as GenEval), then score the folder
+    python sample.py config/geneval_g4k12.py --prompts=data/geneval/evaluation_metadata.jsonl --K=1 --G=4 --out_dir=out/geneval
     python eval_diversity.py --samples=out/geneval --metrics=geneval,sdi --detector=geneval
 
 The metric functions above "feature extractors" are pure numpy/scipy and import without side effects.
@@ -77,14 +81,16 @@ def _unit(x):
 
 
 def mean_pairwise_cosine(feats):
-    """Mean of cos(f_i, f_j) over the n(n-1)/2 pairs i<j; nan for fewer than two vectors.
-    IDS of one prompt is this on its face embeddings (1 = one identity, 0 = orthogonal identities)."""
+    """Mean of cos(f_i, f_j) over the n(n-1)/2 pairs i<j; nan for fewer than two vectors. IDS is this on
+    face embeddings (1 = one identity, 0 = orthogonal identities). With unit vectors u_i,
+        sum_{i != j} u_i . u_j = |sum_i u_i|^2 - n,   so   mean = (|sum_i u_i|^2 - n) / (n (n - 1)),
+    O(n d) instead of the n x n similarity matrix: the published IDS takes every pair of the whole set."""
     f = _unit(feats)
     n = len(f)
     if n < 2:
         return float("nan")
-    sim = f @ f.T
-    return float((sim.sum() - np.trace(sim)) / (n * (n - 1)))  # off-diagonal mean = mean over pairs
+    total = f.sum(0)
+    return float((total @ total - (f * f).sum()) / (n * (n - 1)))  # (f * f).sum() = n, up to zero-norm rows
 
 
 def vendi_score(feats):
@@ -380,11 +386,10 @@ def grounding_dino_detector(name, device, box_thr, text_thr):
         model, proc = tiny_grounding_dino()
     else:
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
-        try:
-            model, proc = GroundingDinoForObjectDetection.from_pretrained(name), GroundingDinoProcessor.from_pretrained(name)
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"could not load Grounding DINO '{name}' ({type(err).__name__}): download it on a machine with "
-                             f"internet (hf download {name}) or pass a local folder, or --detector_model=tiny")
+        from rewards import _from_pretrained  # local folder / cache first; fails fast when the hub is unreachable
+        hint = " (or --detector=geneval, or --detector_model=tiny to check the plumbing)"
+        model = _from_pretrained(GroundingDinoForObjectDetection, name, "Grounding DINO detector", hint)
+        proc = _from_pretrained(GroundingDinoProcessor, name, "Grounding DINO processor", hint)
     model.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -477,7 +482,9 @@ def parse_metrics(spec):
 
 
 def group_metrics(idx, rows, feats, ref, face_checked, seed):
-    """Every requested metric over the images `idx` (row numbers): per prompt, then averaged over prompts."""
+    """Every requested metric over the images `idx` (row numbers). IDS and PVS over the whole set, as
+    published (and per prompt, averaged over prompts, as ids_per_prompt / pvs_per_prompt); SDI, Vendi
+    and cos per prompt, averaged over prompts; ASC and GenEval over the set."""
     by_prompt = defaultdict(list)
     for i in idx:
         by_prompt[rows[i]["prompt_index"]].append(i)
@@ -486,8 +493,10 @@ def group_metrics(idx, rows, feats, ref, face_checked, seed):
     if "ids" in feats:
         emb = feats["ids"]
         no_face = [rows[i]["file"] for i in idx if emb[i] is None]
-        res["ids"], res["ids_prompts"] = mean_over_prompts([mean_pairwise_cosine([emb[i] for i in ii if emb[i] is not None])
-                                                            for ii in prompts])
+        faces = [emb[i] for i in idx if emb[i] is not None]
+        res["ids"], res["ids_faces"] = mean_pairwise_cosine(faces), len(faces)  # every pair of the set
+        res["ids_per_prompt"], res["ids_prompts"] = mean_over_prompts(
+            [mean_pairwise_cosine([emb[i] for i in ii if emb[i] is not None]) for ii in prompts])
         res["ids_no_face"] = len(no_face) if face_checked else None  # None: CLIP embeds whole images, no face check
         res["ids_no_face_files"] = no_face
     if "vendi" in feats:
@@ -501,9 +510,9 @@ def group_metrics(idx, rows, feats, ref, face_checked, seed):
         res["sdi_mean_boxes"] = float(np.mean([len(boxes[i]) for i in idx]))
     if "pvs" in feats:
         st = feats["pvs"]
-        res["pvs"], res["pvs_prompts"] = mean_over_prompts([photographic_variance(st[ii]) if len(ii) > 1 else float("nan")
-                                                            for ii in prompts])
-        res["pvs_pooled"] = photographic_variance(st[idx])
+        res["pvs"] = photographic_variance(st[idx])  # over the whole set, as published
+        res["pvs_per_prompt"], res["pvs_prompts"] = mean_over_prompts(
+            [photographic_variance(st[ii]) if len(ii) > 1 else float("nan") for ii in prompts])
     if "asc" in feats:
         irs = image_retrieval_score(ref["train"], ref["test"], feats["asc"][idx], seed=seed)
         res["asc"], res["asc_detail"] = irs["asc"], irs
@@ -516,7 +525,8 @@ def group_metrics(idx, rows, feats, ref, face_checked, seed):
 def format_table(groups, labels):
     """Groups as rows, metrics as columns; '-' where a value is undefined."""
     cols = [("images", "images", "{:d}"), ("prompts", "prompts", "{:d}")]
-    cols += [(k, labels[k], "{:.4f}") for k in ("ids", "asc", "sdi", "pvs", "vendi", "cos", "geneval") if k in labels]
+    cols += [(k, labels[k], "{:.4f}") for k in ("ids", "ids_per_prompt", "asc", "sdi", "pvs", "pvs_per_prompt", "vendi",
+                                                "cos", "geneval") if k in labels]
     head = ["group"] + [c[1] for c in cols]
     lines = []
     for name, g in groups.items():
@@ -646,7 +656,8 @@ def main(argv=None):
     tag = {"ids": "arcface" if face_model else "clip", "asc": "csd" if style_model else "clip",
            "sdi": "gdino" if detector == "grounding_dino" else "geneval"}
     labels = {m: f"{m.upper()}[{tag[m]}]" for m in ("ids", "asc", "sdi") if m in run}
-    labels.update({"pvs": "PVS"} if "pvs" in run else {})
+    labels.update({"ids_per_prompt": f"IDS_per_prompt[{tag['ids']}]"} if "ids" in run else {})
+    labels.update({"pvs": "PVS", "pvs_per_prompt": "PVS_per_prompt"} if "pvs" in run else {})
     labels.update({"vendi": "Vendi[clip]", "cos": "cos[clip]"} if "vendi" in run else {})
     labels.update({"geneval": "GenEval"} if "geneval" in run else {})
     print(format_table(results, labels))

@@ -16,7 +16,7 @@ of B dicts (GenEval clauses for GenEval prompts, empty dicts otherwise). Each is
 | aesthetic              | CLIP ViT-L/14 + LAION aesthetic MLP head (a .pth file)      | ~4-7 (of 10)            |
 | hpsv2                  | open_clip ViT-H-14 + HPS v2.1 (pip install open_clip_torch) | cosine, ~0.25-0.35      |
 | imagereward            | ImageReward-v1.0 (pip install image-reward)                 | z-scored, ~-2..2        |
-| geneval                | Mask2Former Swin-S COCO instance + CLIP ViT-L/14 colour     | partial credit, [0, 1]  |
+| geneval                | Mask2Former Swin-S COCO instance + CLIP ViT-L/14 colour     | partial credit, <= 1    |
 
 Scores are reported raw, as the papers' tables do. Training does not need them rescaled: the
 advantage normalises each group by its std, so a constant factor only matters when several rewards
@@ -25,7 +25,9 @@ pickscore(scale=1/26) does the same).
 
 Every model id also accepts "tiny": a seeded random-weight model of the same class, built offline,
 for tests and --model=tiny runs (build_reward(..., tiny=True) does that for every reward). Model
-loading failures stop with one sentence naming what to download or pip install, at build time.
+loading failures stop with one sentence naming what to download or pip install, at build time, and
+at once when a hub id is not cached and the hub cannot be reached (_from_pretrained). GenEval's
+partial credit is the public reward server's (negative with many extra objects) unless credit="fixed".
 The GenEval rule engine (`geneval_rules`) is pure Python, separate from the detector.
 """
 import io
@@ -67,12 +69,75 @@ def _to_pil(images):
     return [Image.fromarray(a) for a in arr]
 
 
-def _from_pretrained(cls, name, what, **kw):
+_HUB_PROBED = {}  # endpoint -> why it cannot be used ("" = it answered); probed once per process
+
+
+def hub_unreachable(timeout=5.0):
+    """Why the Hugging Face hub cannot be used now, or "" when it can: HF_HUB_OFFLINE is set, or its
+    endpoint gives no HTTP answer (any status counts as an answer) to one HEAD request within `timeout`
+    seconds. The request runs in a daemon thread that we wait on for at most timeout + 1 s, so a hanging
+    DNS lookup cannot hold the caller either. It goes through huggingface_hub's own HTTP session, which
+    honours the same proxies and HF_ENDPOINT as a download would. Probed once per process."""
+    import threading
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT
+    if endpoint not in _HUB_PROBED:
+        answer = []
+
+        def probe():
+            try:
+                from huggingface_hub.utils import get_session
+                get_session().head(endpoint, timeout=timeout)
+                answer.append("")
+            except Exception as err:  # DNS failure, refused connection, timeout, proxy error, ...
+                answer.append(f"{endpoint} cannot be reached ({type(err).__name__})")
+        t = threading.Thread(target=probe, daemon=True)
+        t.start()
+        t.join(timeout + 1)
+        _HUB_PROBED[endpoint] = answer[0] if answer else f"{endpoint} did not answer within {timeout:g} s"
+    return _HUB_PROBED[endpoint]
+
+
+def _looks_like_path(name):
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def _from_pretrained(cls, name, what, hint="", **kw):
+    """cls.from_pretrained(name, **kw) that stops with one sentence instead of a traceback, and fails fast
+    offline: a local folder, else the local hub cache (local_files_only, no network), else the hub, but
+    only if hub_unreachable() finds it answering. Without that check an unreachable hub costs ~50 s of
+    huggingface_hub's retries before the error. `hint` is appended to the sentence (another way out)."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path) or _looks_like_path(name):
+        try:
+            return cls.from_pretrained(path, **kw)
+        except (OSError, ValueError) as err:  # no such folder, or files missing in it
+            raise SystemExit(f"could not load the {what} from the local folder '{name}' ({type(err).__name__}: "
+                             f"missing or incomplete): pass a folder saved with save_pretrained, or a hub id that "
+                             f"you download on a machine with internet (hf download ID){hint}")
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kw)  # cached: no network at all
+    except (OSError, ValueError):
+        pass  # not (completely) in the local cache: the hub it is
+    why = hub_unreachable()
+    if why:
+        raise SystemExit(f"could not load the {what} '{name}': it is not in the local Hugging Face cache and {why}; "
+                         f"download it on a machine with internet (hf download {name}) and copy the cache "
+                         f"(~/.cache/huggingface), or pass a local folder{hint}")
     try:
         return cls.from_pretrained(name, **kw)
-    except (OSError, ValueError) as err:  # offline / missing files / bad repo id
-        raise SystemExit(f"could not load the {what} '{name}' ({type(err).__name__}): download it on a machine with "
-                         f"internet (hf download {name}) or pass a local folder")
+    except (OSError, ValueError) as err:  # no such repo, gated, missing files, network error mid-way
+        raise SystemExit(f"could not load the {what} '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+                         f"check the hub id, or download it on a machine with internet (hf download {name}) "
+                         f"or pass a local folder{hint}")
+
+
+def opts_hint(reward, key, value):
+    """A reward option as phase2_align.py's command line takes it: --reward_opts="{'hpsv2': {'checkpoint': 'PATH'}}"
+    (the config key is a dict, so it must be a Python literal; eval_diversity.py takes GenEval's as --geneval_opts)."""
+    return f'--reward_opts="{ {reward: {key: value}}!r}"'
 
 
 def _need(module, pip_name, what):
@@ -205,7 +270,7 @@ def aesthetic(device="cpu", dtype=torch.float32, clip="openai/clip-vit-large-pat
     if head != "tiny":
         if not os.path.isfile(os.path.expanduser(head)):
             raise SystemExit(f"aesthetic head weights '{head}' not found: download sac+logos+ava1-l14-linearMSE.pth "
-                             f"from {AESTHETIC_URL} and pass its path as head=PATH")
+                             f"from {AESTHETIC_URL} and pass its path, e.g. {opts_hint('aesthetic', 'head', 'PATH')}")
         mlp.load_state_dict(torch.load(os.path.expanduser(head), map_location="cpu", weights_only=True))
     mlp = mlp.to(device, torch.float32).requires_grad_(False).eval()  # tiny MLP: keep fp32
 
@@ -254,12 +319,20 @@ def hpsv2(device="cpu", dtype=torch.float32, checkpoint=HPS_REPO):
                                                                      image_resize_mode="longest")
         path = os.path.expanduser(checkpoint)
         if not os.path.isfile(path):
+            from huggingface_hub import hf_hub_download
+            fix = (f"download {HPS_FILE} on a machine with internet (hf download {HPS_REPO} {HPS_FILE}) and pass "
+                   f"its path, e.g. {opts_hint('hpsv2', 'checkpoint', 'PATH')}")
             try:
-                from huggingface_hub import hf_hub_download
-                path = hf_hub_download(checkpoint, HPS_FILE)
-            except Exception as err:
-                raise SystemExit(f"could not get the HPS v2.1 checkpoint ({type(err).__name__}): download {HPS_FILE} "
-                                 f"on a machine with internet (hf download {HPS_REPO} {HPS_FILE}) and pass checkpoint=PATH")
+                path = hf_hub_download(checkpoint, HPS_FILE, local_files_only=True)  # cached: no network
+            except Exception:
+                why = hub_unreachable()  # fail fast offline rather than after the hub client's retries
+                if why:
+                    raise SystemExit(f"could not get the HPS v2.1 checkpoint: it is not in the local Hugging Face "
+                                     f"cache and {why}; {fix}")
+                try:
+                    path = hf_hub_download(checkpoint, HPS_FILE)
+                except Exception as err:
+                    raise SystemExit(f"could not get the HPS v2.1 checkpoint ({type(err).__name__}): {fix}")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # older checkpoints pickle extra training state; this one comes from a known hub repo
@@ -299,7 +372,8 @@ def imagereward(device="cpu", dtype=torch.float32, model="ImageReward-v1.0"):
         net = RM.load(model, device=device)
     except Exception as err:  # its loader downloads the checkpoint, med_config.json and bert-base-uncased
         raise SystemExit(f"could not load ImageReward '{model}' ({type(err).__name__}): run once on a machine with "
-                         f"internet (hf download THUDM/ImageReward) or pass model=/path/to/ImageReward.pt")
+                         f"internet (hf download THUDM/ImageReward) or pass the file, e.g. "
+                         f"{opts_hint('imagereward', 'model', '/path/to/ImageReward.pt')}")
     net = net.to(device, dtype).requires_grad_(False).eval()
     return _imagereward_fn(net, device)
 
@@ -374,34 +448,66 @@ def _benchmark(objs, metadata):
     return correct, reasons
 
 
-def _partial_credit(objs, metadata):
-    """Flow-GRPO's training score: the mean over include clauses of a count term (1 - |n - found| / n,
-    which wants exactly n), a colour term (fraction of those objects with the colour) and a position term
-    (1 if every object is in the relation to every target object); colour and position score 0 when the
-    count is off. Two deliberate fixes to the public reward server: the count term is clipped at 0
-    (it went negative past 2n objects, outweighing the other terms), and a failed position check adds
-    one 0 (the public loop appended a 0 and then an unconditional 1, rewarding the failure with 0.5)."""
+# The training score's two formulas (geneval_rules / the geneval reward: credit=...):
+#   "server": the public GenEval reward server's, term by term (yifan123/reward-server,
+#             reward_server/gen_eval.py, evaluate_reward; the same function is flow_grpo/gen_eval.py in
+#             NVlabs/DiffusionNFT). Flow-GRPO and DiffusionNFT train on it, and so did the paper: the default.
+#   "fixed":  the same with its two quirks repaired (see _partial_credit).
+GENEVAL_CREDITS = ("server", "fixed")
+
+
+def _partial_credit(objs, metadata, credit="server"):
+    """The partial-credit training score: the mean of the terms that the include clauses add (exclude
+    clauses add none). A clause asking n objects of a class, `found` the kept objects of that class:
+
+        count term     1 - |n - found| / n               (wants exactly n; below 0 past 2n objects)
+        if found != n  one 0 when the clause asks a colour or a position (nothing else is checked)
+        if found == n  colour term  k / n, k of the n objects having the colour;
+                       position, only if the colour (when asked) matched: 0 when the target clause did not
+                       match, else 1 when every object stands in the relation to every target object,
+                       and 0 *and* 1 when one does not (the public loop appends 0, breaks, then appends 1)
+
+    That is credit="server", the public reward server's formula, which Flow-GRPO, DiffusionNFT and the
+    paper train with: the default, so that results reproduce. Its two quirks: many extra objects make
+    the score negative ("a dog" with 3 dogs: 1 - 2/1 = -1), and a failed position check still adds a 1
+    ("a dog left of a cat" with the dog on the right: (1 + 1 + 0 + 1) / 4 = 0.75, as much as a missing
+    colour leaves). credit="fixed" clips the count term at 0 and scores a failed position check by a
+    single 0 (those two: 0 and (1 + 1 + 0) / 3 = 2/3); it also gives colour and position a term each
+    whenever a clause asks both (0 each when the count is off, position 0 when the colour is off), which
+    only matters for clauses that ask both: GenEval's own prompts never do."""
+    if credit not in GENEVAL_CREDITS:
+        raise ValueError(f"unknown GenEval credit '{credit}': use one of {', '.join(GENEVAL_CREDITS)}")
+    server = credit == "server"
     terms, groups = [], []
     for req in metadata.get("include", []):
-        cls, n = req["class"], req["count"]
-        found = objs.get(cls, [])
-        terms.append(max(0.0, 1.0 - abs(n - len(found)) / n))
+        n, found = req["count"], objs.get(req["class"], [])
+        count = 1.0 - abs(n - len(found)) / n
+        terms.append(count if server else max(0.0, count))
         matched = len(found) == n
-        if "color" in req:
-            k = sum(d[2] == req["color"] for d in found) if matched else 0
-            terms.append(k / n)
-            matched = matched and k == n
-        if "position" in req:
-            rel, target = req["position"]
-            ok = matched and groups[target] is not None and all(
-                rel in relative_position(a[0], b[0]) for a in found for b in groups[target])
-            terms.append(1.0 if ok else 0.0)
-            matched = ok
+        asks = ("color" in req) + ("position" in req)
+        if not matched:
+            terms += [0.0] * (min(asks, 1) if server else asks)
+        else:
+            if "color" in req:
+                k = sum(d[2] == req["color"] for d in found)
+                terms.append(k / n)
+                matched = k == n
+            if "position" in req and (matched or not server):  # the server skips it after a colour miss
+                rel, target = req["position"]
+                ok = matched and groups[target] is not None and all(
+                    rel in relative_position(a[0], b[0]) for a in found for b in groups[target])
+                if ok:
+                    terms.append(1.0)
+                elif server and groups[target] is not None:
+                    terms += [0.0, 1.0]  # the public quirk, kept so the default reproduces the paper's reward
+                else:
+                    terms.append(0.0)
+                matched = ok
         groups.append(found if matched else None)
     return sum(terms) / len(terms) if terms else 0.0
 
 
-def geneval_rules(detections, metadata):
+def geneval_rules(detections, metadata, credit="server"):
     """GenEval's rules on one image, separate from any model.
 
     detections: {class_name: [(box, score, colour), ...]}, box = (x0, y0, x1, y1) in pixels, score the
@@ -410,11 +516,14 @@ def geneval_rules(detections, metadata):
         cap are applied here.
     metadata: {"tag", "include": [{"class", "count", "color"?, "position"?: [relation, clause_index]}],
         "exclude"?: [{"class", "count"}], "prompt"?}, as GenEval's evaluation_metadata.jsonl.
-    Returns (correct, score, reason): the benchmark's strict verdict, the partial-credit training score
-    in [0, 1] (see _partial_credit), and the benchmark's failure reasons ("" when correct)."""
+    credit: the training score's formula, "server" (default: the public reward server's, which the
+        paper trained with; at most 1, negative with many extra objects) or "fixed" (in [0, 1]); see
+        _partial_credit.
+    Returns (correct, score, reason): the benchmark's strict verdict, the partial-credit training score,
+    and the benchmark's failure reasons ("" when correct)."""
     objs = _kept_objects(detections, metadata.get("tag"))
     correct, reasons = _benchmark(objs, metadata)
-    return correct, _partial_credit(objs, metadata), "; ".join(reasons)
+    return correct, _partial_credit(objs, metadata, credit), "; ".join(reasons)
 
 
 def geneval_task(metadata):
@@ -430,6 +539,33 @@ def geneval_task(metadata):
         inc.sort(key=repr)
     exc = sorted((clause(c) for c in metadata.get("exclude", [])), key=repr)
     return metadata.get("tag"), tuple(inc), tuple(exc)
+
+
+# GenEval's 553 official prompts (djghosh13/geneval, prompts/evaluation_metadata.jsonl, MIT licence),
+# shipped byte for byte: source, commit and licence in data/geneval/README.md. Evaluation samples them;
+# data/geneval/prepare.py keeps their tasks out of the training prompts.
+GENEVAL_BENCHMARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "geneval", "evaluation_metadata.jsonl")
+GENEVAL_BENCHMARK_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"
+
+
+def geneval_benchmark(path=GENEVAL_BENCHMARK):
+    """GenEval's official prompt metadata (553 dicts, in the file's order), once the file's sha256 is
+    checked against the pinned one: an edited copy would make "GenEval" numbers incomparable to the
+    published ones and could let benchmark tasks into training."""
+    import hashlib
+    import json
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        raise SystemExit(f"GenEval's official prompt file {path} is missing: restore it with "
+                         f"git checkout -- data/geneval/evaluation_metadata.jsonl")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GENEVAL_BENCHMARK_SHA256:
+        raise SystemExit(f"{path} is not GenEval's official prompt file (sha256 {digest[:16]}..., expected "
+                         f"{GENEVAL_BENCHMARK_SHA256[:16]}...): restore it with git checkout -- "
+                         f"data/geneval/evaluation_metadata.jsonl")
+    return [json.loads(ln) for ln in data.decode("utf-8").splitlines() if ln.strip()]
 
 
 # ----------------------------------------------------------------------------- GenEval: models
@@ -489,15 +625,20 @@ def masked_crop(pil, box, mask):
 
 
 def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-swin-small-coco-instance",
-            clip="openai/clip-vit-large-patch14", detector_size=800, batch_size=16, strict=False):
+            clip="openai/clip-vit-large-patch14", detector_size=800, batch_size=16, strict=False, credit="server"):
     """GenEval on transformers, without mmdetection: Mask2Former (Swin-S, COCO instance: the architecture
     GenEval's mmdet checkpoint uses; pass facebook/mask2former-swin-large-coco-instance for a stronger one)
     finds the objects, CLIP ViT-L/14 names the colour of each masked crop over grey (#999999) zero-shot,
     and `geneval_rules` judges. Images go to the detector at shorter side `detector_size` (mmdet's test
-    scale 800, longer side <= 1333). The reward is the partial-credit score, or 0/1 correctness if `strict`.
-    Extra attributes: .evaluate(images, metadata) -> [{"tag", "correct", "score", "reason"}] and
+    scale 800, longer side <= 1333). The reward is the partial-credit score, or 0/1 correctness if `strict`;
+    `credit` picks its formula: "server" (default, the public reward server's, which DiffusionNFT and the
+    paper train with) or "fixed" (its two quirks repaired; see _partial_credit), e.g.
+    --reward_opts="{'geneval': {'credit': 'fixed'}}". Extra attributes: .evaluate(images, metadata) -> [{"tag", "correct", "score", "reason"}] and
     .detect(images, class_names=None) -> per image [{"class", "box" (xyxy pixels), "score"}].
     The detector's labels are read in COCO order as GENEVAL_CLASSES (80 labels required)."""
+    if credit not in GENEVAL_CREDITS:  # checked before any model loads
+        raise SystemExit(f"unknown geneval credit '{credit}': use 'server' (the public reward server's formula, the "
+                         f"default) or 'fixed', e.g. {opts_hint('geneval', 'credit', 'fixed')}")
     if detector == "tiny":
         det_model, det_proc = tiny_mask2former()
     else:
@@ -507,7 +648,8 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
                                     size={"shortest_edge": detector_size, "longest_edge": 1333})
     if det_model.config.num_labels != len(GENEVAL_CLASSES):
         raise SystemExit(f"detector '{detector}' has {det_model.config.num_labels} labels, GenEval needs a COCO instance "
-                         f"model with 80: pass e.g. detector=facebook/mask2former-swin-small-coco-instance")
+                         f"model with 80: pass one, e.g. "
+                         f"{opts_hint('geneval', 'detector', 'facebook/mask2former-swin-small-coco-instance')}")
     det_model = det_model.to(device, dtype).requires_grad_(False).eval()
     clip_model, clip_proc = load_clip(clip, device, dtype)
     color_text = {}  # class -> [10, D] zero-shot colour classifier, built on first use
@@ -563,7 +705,7 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
             entry[2] = color
         results = []
         for objs, meta in zip(per_image, metadata):
-            correct, score, reason = geneval_rules({c: [tuple(e) for e in v] for c, v in objs.items()}, meta)
+            correct, score, reason = geneval_rules({c: [tuple(e) for e in v] for c, v in objs.items()}, meta, credit)
             results.append({"tag": meta.get("tag"), "correct": correct, "score": score, "reason": reason})
         return results
 
@@ -606,7 +748,10 @@ TINY_OPTS = {
 
 
 def parse_spec(spec):
-    """{name: weight}, a single name, or "name:weight,name:weight" (what a command line can carry)."""
+    """{name: weight}, a single name, or "name:weight,name:weight" (for Python callers; phase2_align.py's
+    command line takes the dict, as a Python literal: --reward="{'pickscore': 1.0, 'clipscore': 0.5}").
+    Every error names that command-line form, the one the configurator accepts for a dict key."""
+    example = "--reward=\"{'pickscore': 1.0, 'clipscore': 0.5}\""
     if isinstance(spec, str):
         out = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -614,16 +759,15 @@ def parse_spec(spec):
             try:
                 out[name.strip()] = float(w) if w else 1.0
             except ValueError:
-                raise SystemExit(f"reward weight '{w}' of '{name}' is not a number: "
-                                 f"write e.g. --reward=pickscore:1.0,clipscore:0.5")
+                raise SystemExit(f"reward weight '{w}' of '{name}' is not a number: write e.g. {example}")
         spec = out
     if not spec:
-        raise SystemExit(f"no reward given: pass one or more of {', '.join(REWARDS)}, e.g. --reward=pickscore")
+        raise SystemExit(f"no reward given: pass one or more of {', '.join(REWARDS)} with a weight, e.g. {example}")
     for name, w in spec.items():
         if name not in REWARDS:
             raise SystemExit(f"unknown reward '{name}': the known rewards are {', '.join(REWARDS)}")
         if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise SystemExit(f"the weight of reward '{name}' must be a number, got {w!r}")
+            raise SystemExit(f"the weight of reward '{name}' must be a number, got {w!r}: write e.g. {example}")
     return {name: float(w) for name, w in spec.items()}
 
 

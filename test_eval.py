@@ -58,6 +58,16 @@ def test_cosine_and_vendi_hand_cases():
     assert ed.mean_over_prompts([0.2, float("nan"), 0.4, None]) == (pytest.approx(0.3), 2)
 
 
+def test_mean_pairwise_cosine_sum_formula_is_the_pair_loop():
+    """The O(n d) form (|sum u|^2 - sum |u|^2) / (n (n - 1)) against the plain loop over i < j, with a
+    zero vector among them (its cosines are 0 and its pairs still count)."""
+    f = np.random.default_rng(0).normal(size=(7, 5))
+    f[3] = 0.0
+    u = [x / n if (n := np.linalg.norm(x)) > 0 else x for x in f]
+    pairs = [float(u[i] @ u[j]) for i in range(7) for j in range(i + 1, 7)]
+    assert ed.mean_pairwise_cosine(f) == pytest.approx(np.mean(pairs), abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- SDI
 def test_layout_similarity_hand_cases():
     A = [[0, 0, 10, 10]]
@@ -225,7 +235,7 @@ def test_missing_face_and_style_backbones_stop_with_one_sentence(tmp_path):
     torch.save({"model_state_dict": {"w": torch.zeros(2)}}, tmp_path / "notcsd.pth")
     with pytest.raises(SystemExit, match="no CSD weights"):
         ed.csd_embedder(str(tmp_path / "notcsd.pth"), "cpu")
-    with pytest.raises(SystemExit, match="could not load Grounding DINO"):
+    with pytest.raises(SystemExit, match="could not load the Grounding DINO detector from the local folder"):
         ed.grounding_dino_detector(str(tmp_path / "no_such_gdino"), "cpu", 0.35, 0.25)
 
 
@@ -379,15 +389,28 @@ def test_cli_on_synthetic_folder_matches_hand_values(synthetic_folder, monkeypat
     assert g["k>0"]["sdi"] == pytest.approx(((1 - 1 / 3) + (1 - 1 / 6)) / 2)  # p0 D,R; p1 D,W
     assert g["all"]["sdi"] == pytest.approx(((1 - 5 / 18) + (1 - 2 / 9)) / 2)  # p0 R,K,D,R; p1 W,K,D,W
     assert g["all"]["sdi_no_boxes"] == 2
-    # PVS of constant images: S and V only; D has V = 128/255
+    # PVS of constant images: contrast 0, so std(S) + std(V); (S, V) of R (1, 1), K (0, 0), W (0, 1), D (1, 128/255)
     vd = 128 / 255
-    assert g["k=0"]["pvs"] == pytest.approx((1.0 + 0.5) / 2)  # p0 {R,K}: 0.5 + 0.5; p1 {W,K}: 0 + 0.5
-    assert g["k>0"]["pvs"] == pytest.approx(((1 - vd) / 2 + (0.5 + (1 - vd) / 2)) / 2)
+    # the published PVS, over the whole set: k=0 is R, K, W, K: S [1, 0, 0, 0] -> sqrt(3)/4; V [1, 0, 1, 0] -> 1/2
+    assert g["k=0"]["pvs"] == pytest.approx(math.sqrt(3) / 4 + 0.5)
+    # k>0 is D, R, D, W: S [1, 1, 1, 0] -> sqrt(3)/4; V [vd, 1, vd, 1] -> (1 - vd)/2
+    assert g["k>0"]["pvs"] == pytest.approx(math.sqrt(3) / 4 + (1 - vd) / 2)
+    # all eight: S [1, 0, 1, 1, 0, 0, 1, 0] -> 1/2; V four 1, two 0, two vd: mean (4 + 2 vd)/8
+    m = (4 + 2 * vd) / 8
+    assert g["all"]["pvs"] == pytest.approx(0.5 + math.sqrt((4 * (1 - m) ** 2 + 2 * m ** 2 + 2 * (vd - m) ** 2) / 8))
+    # per prompt, averaged: k=0 p0 {R, K}: 1/2 + 1/2, p1 {W, K}: 0 + 1/2; k>0 p0 {D, R}: 0 + (1 - vd)/2, p1 {D, W}
+    assert g["k=0"]["pvs_per_prompt"] == pytest.approx((1.0 + 0.5) / 2)
+    assert g["k>0"]["pvs_per_prompt"] == pytest.approx(((1 - vd) / 2 + (0.5 + (1 - vd) / 2)) / 2)
     # IDS[arcface]: R and D are faces (identities e0, e1), K and W have none and are counted
-    assert g["all"]["ids"] == pytest.approx(1 / 3) and g["all"]["ids_prompts"] == 1  # p0 faces R,D,R; p1 one face only
+    # over the set: all = R, D, R (p0) and D (p1): of 6 pairs, R-R and D-D are the same identity -> 2/6
+    assert g["all"]["ids"] == pytest.approx(1 / 3) and g["all"]["ids_faces"] == 4
+    assert g["all"]["ids_per_prompt"] == pytest.approx(1 / 3) and g["all"]["ids_prompts"] == 1  # p1 has one face
     assert g["all"]["ids_no_face"] == 4 and len(g["all"]["ids_no_face_files"]) == 4
-    assert g["k=0"]["ids"] is None and g["k=0"]["ids_prompts"] == 0  # no prompt has two faces at k=0: undefined, null
-    assert g["k>0"]["ids"] == pytest.approx(0.0) and g["k>0"]["ids_no_face"] == 1
+    assert g["k=0"]["ids"] is None and g["k=0"]["ids_per_prompt"] is None  # one face at k=0: undefined, null
+    # k>0 = D, R (p0) and D (p1): over the set 1/3 (the two Ds of different prompts); per prompt 0 (p0's D-R)
+    assert g["k>0"]["ids"] == pytest.approx(1 / 3) and g["k>0"]["ids_faces"] == 3
+    assert g["k>0"]["ids_per_prompt"] == pytest.approx(0.0) and g["k>0"]["ids_prompts"] == 1
+    assert g["k>0"]["ids_no_face"] == 1
     # GenEval: correct = R or D
     assert g["all"]["geneval"]["tags"]["single_object"]["accuracy"] == pytest.approx(0.75)
     assert g["all"]["geneval"]["tags"]["counting"]["accuracy"] == pytest.approx(0.25)
@@ -402,7 +425,8 @@ def test_cli_skips_what_the_inputs_cannot_support(synthetic_folder):
     rep = ed.main([f"--samples={synthetic_folder}", "--metrics=pvs,geneval,asc"])
     assert rep["metrics"] == ["pvs"] and set(rep["skipped"]) == {"geneval", "asc"}
     assert "GenEval tags" in rep["skipped"]["geneval"] and "--reference" in rep["skipped"]["asc"]
-    assert rep["groups"]["k=0"]["pvs"] == pytest.approx(0.75) and "geneval" not in rep["groups"]["all"]
+    assert rep["groups"]["k=0"]["pvs"] == pytest.approx(math.sqrt(3) / 4 + 0.5)  # over the set (hand case above)
+    assert rep["groups"]["k=0"]["pvs_per_prompt"] == pytest.approx(0.75) and "geneval" not in rep["groups"]["all"]
 
 
 def test_cli_errors_are_one_clear_sentence(synthetic_folder, tmp_path, monkeypatch):
@@ -454,12 +478,13 @@ def test_cli_end_to_end_on_tiny_samples(tiny_samples, capsys):
     assert on_disk["metrics"] == ["ids", "asc", "sdi", "pvs", "vendi", "geneval"] and on_disk["skipped"] == {}
     assert on_disk["backbones"]["ids"] == "clip:tiny" and on_disk["backbones"]["asc"] == f"csd:{d / 'csd.pth'}"
     assert on_disk["backbones"]["sdi"] == "grounding_dino:tiny"
-    assert on_disk["labels"] == {"ids": "IDS[clip]", "asc": "ASC[csd]", "sdi": "SDI[gdino]", "pvs": "PVS",
+    assert on_disk["labels"] == {"ids": "IDS[clip]", "ids_per_prompt": "IDS_per_prompt[clip]", "asc": "ASC[csd]",
+                                 "sdi": "SDI[gdino]", "pvs": "PVS", "pvs_per_prompt": "PVS_per_prompt",
                                  "vendi": "Vendi[clip]", "cos": "cos[clip]", "geneval": "GenEval"}
     assert (on_disk["images"], on_disk["prompts"]) == (6, 3) and list(on_disk["groups"]) == ["all"]  # K=1: no k>0 group
     g = on_disk["groups"]["all"]
     assert g["ids_no_face"] is None  # CLIP embeds whole images: faces are not checked, and the JSON says so
-    assert g["ids"] == pytest.approx(g["cos"])  # IDS[clip] is the CLIP mean pairwise cosine
+    assert g["ids_per_prompt"] == pytest.approx(g["cos"])  # IDS[clip] per prompt is the CLIP mean pairwise cosine
     assert -1 <= g["ids"] <= 1 and 1 <= g["vendi"] <= 2 and 0 <= g["sdi"] <= 1 and g["pvs"] >= 0
     assert g["sdi_mean_boxes"] == 10  # threshold 0: every query of the tiny detector is kept
     a = g["asc_detail"]
@@ -470,7 +495,10 @@ def test_cli_end_to_end_on_tiny_samples(tiny_samples, capsys):
     rows = ed.read_index(str(d / "samples"))
     f = clip([ed.load_rgb(os.path.join(d / "samples", r["file"])) for r in rows])
     per_prompt = [ed.mean_pairwise_cosine(f[[i for i, r in enumerate(rows) if r["prompt_index"] == p]]) for p in range(3)]
-    assert g["ids"] == pytest.approx(np.mean(per_prompt), rel=1e-6)
+    assert g["ids_per_prompt"] == pytest.approx(np.mean(per_prompt), rel=1e-6)
+    assert g["ids"] == pytest.approx(ed.mean_pairwise_cosine(f), rel=1e-6) and g["ids_faces"] == 6  # all 15 pairs
+    assert g["pvs"] == pytest.approx(ed.photographic_variance(
+        [ed.photo_stats(np.asarray(ed.load_rgb(os.path.join(d / "samples", r["file"])), np.float64) / 255) for r in rows]))
     # GenEval from rewards.py's scorer (tiny Mask2Former + tiny CLIP): every image judged, per tag
     ge = g["geneval"]
     assert {t: v["images"] for t, v in ge["tags"].items()} == {"single_object": 2, "colors": 2, "two_object": 2}

@@ -2,10 +2,15 @@
 # Tests of rewards.py and the prompt generators under data/. Self-contained (own imports and
 # fixtures) so this section can be pasted into test_e2po.py. Every model is a tiny random one of the
 # real class, built offline; nothing is downloaded.
+import hashlib
 import importlib.util
 import json
 import os
+import re
+import subprocess
+import sys
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import rewards
-from rewards import GENEVAL_COLORS, geneval_rules, relative_position
+from rewards import GENEVAL_COLORS, geneval_rules, geneval_task, relative_position
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,7 +101,7 @@ def test_aesthetic_loads_the_head_file_and_scores_normalised_embeddings(images, 
         ref = head.eval().layers(F.normalize(emb, dim=-1)).squeeze(-1)
     assert s.shape == (3,) and torch.isfinite(s).all()
     torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-5)
-    with pytest.raises(SystemExit, match=r"improved-aesthetic-predictor.*head=PATH"):
+    with pytest.raises(SystemExit, match=r"improved-aesthetic-predictor.*--reward_opts=\"\{'aesthetic': \{'head': 'PATH'\}\}\""):
         rewards.REWARDS["aesthetic"](clip="tiny", head=str(tmp_path / "missing.pth"))
 
 
@@ -193,34 +198,40 @@ def dogs(n, score=0.95):
     return [(box(20 * i, 0, 20 * i + 10, 10), score, None) for i in range(n)]
 
 
-@pytest.mark.parametrize("dets,meta,correct,score", [
-    ({"dog": [(B0, 0.8, None)]}, single(), True, 1.0),
-    ({"dog": [(B0, 0.3, None)]}, single(), False, 0.0),  # GenEval counts score > 0.3 only
-    ({"cat": [(B0, 0.9, None)]}, single(), False, 0.0),
-    ({"dog": dogs(2, 0.8)}, single(), True, 0.0),  # benchmark: >= 1; training score wants exactly 1
+# scores: (credit="server", the default: the public reward server's formula; credit="fixed")
+@pytest.mark.parametrize("dets,meta,correct,server,fixed", [
+    ({"dog": [(B0, 0.8, None)]}, single(), True, 1.0, 1.0),
+    ({"dog": [(B0, 0.3, None)]}, single(), False, 0.0, 0.0),  # GenEval counts score > 0.3 only
+    ({"cat": [(B0, 0.9, None)]}, single(), False, 0.0, 0.0),
+    ({"dog": dogs(2, 0.8)}, single(), True, 0.0, 0.0),  # benchmark: >= 1; training score wants exactly 1: 1 - 1/1
+    ({"dog": dogs(3, 0.8)}, single(), True, -1.0, 0.0),  # 1 - |1 - 3| / 1 = -1; fixed: clipped at 0
+    ({"dog": dogs(20, 0.8)}, single(), True, -14.0, 0.0),  # 16 kept: 1 - 15 / 1
     ({"dog": [(B0, 0.8, None)], "cat": [(B0, 0.5, None)]},
-     {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]}, True, 1.0),
+     {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]}, True, 1.0, 1.0),
     ({"dog": [(B0, 0.8, None)]},
-     {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]}, False, 0.5),
+     {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]}, False, 0.5, 0.5),
 ])
-def test_geneval_rules_objects(dets, meta, correct, score):
+def test_geneval_rules_objects(dets, meta, correct, server, fixed):
     c, s, reason = geneval_rules(dets, meta)
-    assert (c, s) == (correct, pytest.approx(score))
+    assert (c, s) == (correct, pytest.approx(server))
     assert (reason == "") == correct
+    assert geneval_rules(dets, meta, credit="server") == (c, s, reason)
+    assert geneval_rules(dets, meta, credit="fixed") == (c, pytest.approx(fixed), reason)  # the verdict never changes
 
 
-@pytest.mark.parametrize("dets,n,correct,score", [
-    (dogs(2), 2, True, 1.0),
-    (dogs(2) + [(box(90, 0, 99, 9), 0.85, None)], 2, True, 1.0),  # below the 0.9 counting threshold
-    (dogs(3), 2, False, 0.5),  # the exclude clause (3 or more) fails; count term 1 - 1/2
-    (dogs(1), 2, False, 0.5),
-    (dogs(5), 2, False, 0.0),  # 1 - 3/2 < 0: clipped at 0 (the public server gave -0.5)
-    (dogs(20), 4, False, 0.0),  # at most 16 objects a class are kept: 1 - 12/4 -> 0
-    (dogs(4), 4, True, 1.0),
+@pytest.mark.parametrize("dets,n,correct,server,fixed", [
+    (dogs(2), 2, True, 1.0, 1.0),
+    (dogs(2) + [(box(90, 0, 99, 9), 0.85, None)], 2, True, 1.0, 1.0),  # below the 0.9 counting threshold
+    (dogs(3), 2, False, 0.5, 0.5),  # the exclude clause (3 or more) fails; count term 1 - 1/2
+    (dogs(1), 2, False, 0.5, 0.5),
+    (dogs(5), 2, False, -0.5, 0.0),  # 1 - 3/2 = -0.5; fixed: clipped at 0
+    (dogs(20), 4, False, -2.0, 0.0),  # at most 16 objects a class are kept: 1 - 12/4 = -2
+    (dogs(4), 4, True, 1.0, 1.0),
 ])
-def test_geneval_rules_counting_with_exclude(dets, n, correct, score):
+def test_geneval_rules_counting_with_exclude(dets, n, correct, server, fixed):
     c, s, reason = geneval_rules({"dog": dets}, counting(n))
-    assert (c, s) == (correct, pytest.approx(score))
+    assert (c, s) == (correct, pytest.approx(server))
+    assert geneval_rules({"dog": dets}, counting(n), credit="fixed")[:2] == (correct, pytest.approx(fixed))
     if dets == dogs(3):
         assert "fewer than 3" in reason
 
@@ -250,6 +261,7 @@ def test_geneval_rules_caps_objects_per_class():
 def test_geneval_rules_colors(dets, meta, correct, score):
     c, s, reason = geneval_rules(dets, meta)
     assert (c, s) == (correct, pytest.approx(score))
+    assert geneval_rules(dets, meta, credit="fixed")[1] == pytest.approx(score)  # one colour clause: no quirk
     if not correct and meta["tag"] == "colors":
         assert "red dog" in reason
 
@@ -265,10 +277,12 @@ def test_geneval_rules_position(dog, rel):
     dets = {"cat": [(CAT, 0.9, None)], "dog": [(dog, 0.9, None)]}
     for other in rewards.GENEVAL_POSITIONS:
         c, s, reason = geneval_rules(dets, position(other))
+        fixed = geneval_rules(dets, position(other), credit="fixed")[1]
         if other == rel:
-            assert (c, s, reason) == (True, pytest.approx(1.0), "")
-        else:  # one position term of 0: (1 + 1 + 0) / 3 (the public server appended 0 then 1: 0.75)
-            assert (c, s) == (False, pytest.approx(2 / 3)) and f"dog {other}" in reason
+            assert (c, s, reason) == (True, pytest.approx(1.0), "") and fixed == pytest.approx(1.0)
+        else:  # the server's loop appends 0, breaks, then appends 1: (1 + 1 + 0 + 1) / 4; fixed: (1 + 1 + 0) / 3
+            assert (c, s) == (False, pytest.approx(0.75)) and f"dog {other}" in reason
+            assert fixed == pytest.approx(2 / 3)
 
 
 def test_geneval_position_margins_and_diagonals():
@@ -282,6 +296,7 @@ def test_geneval_position_margins_and_diagonals():
     # the relation to the target clause needs the target found
     c, s, reason = geneval_rules({"dog": [(B0, 0.9, None)]}, position("left of"))
     assert (c, s) == (False, pytest.approx(1 / 3)) and "no target" in reason  # terms: cat 0, dog 1, position 0
+    assert geneval_rules({"dog": [(B0, 0.9, None)]}, position("left of"), credit="fixed")[1] == pytest.approx(1 / 3)
 
 
 def test_geneval_rules_exclude_without_include_clause_of_that_class():
@@ -289,6 +304,46 @@ def test_geneval_rules_exclude_without_include_clause_of_that_class():
     assert geneval_rules({"dog": [(B0, 0.9, None)]}, meta)[0] is True
     c, s, reason = geneval_rules({"dog": [(B0, 0.9, None)], "cat": [(B0, 0.4, None)]}, meta)
     assert c is False and s == pytest.approx(1.0) and "cat" in reason  # partial credit ignores exclude
+
+
+CAT_DOG = {"cat": [(CAT, 0.9, None)]}
+LEFT, RIGHT = box(0, 40, 20, 60), box(80, 40, 100, 60)  # of CAT
+
+
+def dog_red_left():  # a clause asking a colour and a position (GenEval's prompts never do; a shapes world may)
+    return {"tag": "position", "include": [{"class": "cat", "count": 1},
+                                           {"class": "dog", "count": 1, "color": "red", "position": ["left of", 0]}]}
+
+
+@pytest.mark.parametrize("dets,meta,server,fixed", [
+    # count off with a position clause: one 0 in both; 2 dogs: terms cat 1, dog 1 - 1/1 = 0, then 0
+    ({**CAT_DOG, "dog": [(LEFT, 0.9, None), (RIGHT, 0.9, None)]}, position("left of"), 1 / 3, 1 / 3),
+    # 3 dogs: the count term is 1 - 2 = -1 on the server: (1 - 1 + 0) / 3 = 0; fixed (1 + 0 + 0) / 3
+    ({**CAT_DOG, "dog": [(LEFT, 0.9, None)] * 3}, position("left of"), 0.0, 1 / 3),
+    # colour and position asked, count off: the server adds one 0 for both (1 + 0 + 0) / 3; fixed a 0 each
+    ({**CAT_DOG, "dog": [(LEFT, 0.9, "red")] * 2}, dog_red_left(), 1 / 3, 1 / 4),
+    # colour wrong: the server skips the position check (1 + 1 + 0) / 3; fixed scores it 0: (1 + 1 + 0 + 0) / 4
+    ({**CAT_DOG, "dog": [(LEFT, 0.9, "blue")]}, dog_red_left(), 2 / 3, 1 / 2),
+    # colour right, position wrong: server (1 + 1 + 1 + 0 + 1) / 5; fixed (1 + 1 + 1 + 0) / 4
+    ({**CAT_DOG, "dog": [(RIGHT, 0.9, "red")]}, dog_red_left(), 4 / 5, 3 / 4),
+    ({**CAT_DOG, "dog": [(LEFT, 0.9, "red")]}, dog_red_left(), 1.0, 1.0),
+    # no cat: its count term 0; the dog's count 1, colour 1, position 0 (no target): 2/4 in both
+    ({"dog": [(LEFT, 0.9, "red")]}, dog_red_left(), 1 / 2, 1 / 2),
+    ({"dog": [(LEFT, 0.9, None)]}, {"tag": "single_object", "include": []}, 0.0, 0.0),  # no clause: 0
+])
+def test_geneval_credit_server_formula_and_fixed_hand_cases(dets, meta, server, fixed):
+    """The public reward server's partial credit (yifan123/reward-server, reward_server/gen_eval.py,
+    evaluate_reward), worked by hand from its code, against the fixed variant."""
+    assert geneval_rules(dets, meta)[1] == pytest.approx(server)
+    assert geneval_rules(dets, meta, credit="fixed")[1] == pytest.approx(fixed)
+
+
+def test_geneval_credit_is_checked():
+    with pytest.raises(ValueError, match="unknown GenEval credit 'clipped'"):
+        geneval_rules({}, single(), credit="clipped")
+    with pytest.raises(SystemExit, match=r"unknown geneval credit 'clipped'.*--reward_opts=") as e:
+        rewards.REWARDS["geneval"](detector="/never/loaded", clip="/never/loaded", credit="clipped")  # before loading
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- GenEval models
@@ -387,12 +442,28 @@ def test_geneval_reward_values_and_strict_mode(geneval_dogs):
     s = geneval_dogs(imgs, ["a", "b", "c"], metas)
     res = geneval_dogs.evaluate(imgs, metas)
     assert s.shape == (3,) and s.dtype == torch.float32 and torch.isfinite(s).all()
-    assert s.tolist() == pytest.approx([r["score"] for r in res]) and ((s >= 0) & (s <= 1)).all()
+    assert s.tolist() == pytest.approx([r["score"] for r in res]) and (s <= 1).all()  # server credit: may be < 0
     strict = rewards.geneval(detector="tiny", clip="tiny", strict=True)
     strict.detector[0].load_state_dict(geneval_dogs.detector[0].state_dict())
     assert strict(imgs, ["a", "b", "c"], metas).tolist() == [float(r["correct"]) for r in res]
     with pytest.raises(SystemExit, match="GenEval metadata"):
         geneval_dogs(imgs, ["a", "b", "c"], [{}, {}, {}])
+
+
+def test_geneval_reward_credit_option_reaches_the_rules(geneval_dogs):
+    """credit= through build_reward's opts (what --reward_opts carries) changes the reward, as the rules say."""
+    fixed = rewards.build_reward({"geneval": 1.0}, tiny=True, opts={"geneval": {"credit": "fixed"}})
+    fixed.fns["geneval"].detector[0].load_state_dict(geneval_dogs.detector[0].state_dict())
+    torch.manual_seed(0)
+    imgs = torch.rand(2, 3, 48, 40)
+    dets = [{"dog": [(x["box"], x["score"], None) for x in d]} for d in geneval_dogs.detect(imgs)]
+    assert all(len(d["dog"]) >= 3 for d in dets)  # the forced head finds many dogs: the server goes below 0
+    meta = [single("dog")] * 2
+    server = geneval_dogs(imgs, ["a photo of a dog"] * 2, meta)
+    assert server.tolist() == pytest.approx([geneval_rules(d, m)[1] for d, m in zip(dets, meta)])
+    assert server.tolist() == pytest.approx([2.0 - len(d["dog"]) for d in dets])  # 1 - |1 - k| / 1
+    total, per = fixed(imgs, ["a photo of a dog"] * 2, meta)
+    assert per["geneval"].tolist() == [0.0, 0.0] and total.tolist() == [0.0, 0.0]  # clipped at 0
 
 
 # ----------------------------------------------------------------------------- registry and errors
@@ -460,9 +531,110 @@ def test_rewards_load_from_local_folders(images, tmp_path):
     ("geneval", dict(detector="/nonexistent/mask2former", clip="tiny")),
 ])
 def test_missing_weights_say_what_to_download(name, opts):
-    with pytest.raises(SystemExit, match=r"could not load the .*hf download .* or pass a local folder") as e:
+    with pytest.raises(SystemExit, match=r"could not load the .* from the local folder '/nonexistent/.*save_pretrained"
+                                         r".*hf download") as e:
         rewards.REWARDS[name](**opts)
     assert "\n" not in str(e.value)
+
+
+def _cli_arg(msg, key):
+    """The --key=... example in an error message, as a shell hands it to the script (quotes removed)."""
+    m = re.search(rf'--{key}=("[^"]*"|\S+)', msg)
+    assert m, f"no --{key}= example in: {msg}"
+    return f"--{key}={m.group(1).strip(chr(34))}"
+
+
+def test_error_hints_are_what_the_command_line_accepts(tmp_path):
+    """Every --reward / --reward_opts example in an error passes phase2_align.py's configurator (a dict
+    key takes a Python literal, not "name:weight") and then does what the message says."""
+    from configurator import configure
+
+    def parse(arg):  # phase2_align.py's two keys, with its defaults
+        return configure({"reward": {"geneval": 1.0}, "reward_opts": {}}, ["reward", "reward_opts"], [arg])
+    for spec in ("clipscore:x", {}, {"clipscore": "high"}):
+        with pytest.raises(SystemExit) as e:
+            rewards.parse_spec(spec)
+        assert rewards.parse_spec(parse(_cli_arg(str(e.value), "reward"))["reward"]) == {"pickscore": 1.0,
+                                                                                        "clipscore": 0.5}
+    with pytest.raises(SystemExit) as e:
+        rewards.REWARDS["geneval"](credit="clipped")
+    opts = parse(_cli_arg(str(e.value), "reward_opts"))["reward_opts"]
+    assert opts == {"geneval": {"credit": "fixed"}}
+    assert rewards.build_reward({"geneval": 1.0}, tiny=True, opts=opts).fns["geneval"] is not None
+    with pytest.raises(SystemExit) as e:
+        rewards.REWARDS["aesthetic"](clip="tiny", head=str(tmp_path / "missing.pth"))
+    assert parse(_cli_arg(str(e.value), "reward_opts"))["reward_opts"] == {"aesthetic": {"head": "PATH"}}
+    for reward, key in (("hpsv2", "checkpoint"), ("imagereward", "model"), ("geneval", "detector")):
+        assert parse(rewards.opts_hint(reward, key, "x/y").replace('"', ""))["reward_opts"] == {reward: {key: "x/y"}}
+
+
+class _NotCached:
+    """A from_pretrained that records its keyword arguments and finds nothing."""
+    calls = []
+
+    @classmethod
+    def from_pretrained(cls, name, **kw):
+        cls.calls.append(kw)
+        raise OSError(f"{name} not found")
+
+
+def test_hub_ids_load_from_the_cache_first_and_fail_fast_when_the_hub_is_unreachable(monkeypatch):
+    """_from_pretrained: the local cache first (no network); when that misses, the hub only if it answers
+    one short probe; else one sentence at once, never the hub client's ~50 s of retries."""
+    calls = _NotCached.calls
+    calls.clear()
+    monkeypatch.setattr(rewards, "hub_unreachable", lambda timeout=5.0: "https://hub cannot be reached (ConnectError)")
+    with pytest.raises(SystemExit, match=r"could not load the CLIP model 'org/clip': it is not in the local Hugging "
+                                         r"Face cache and https://hub cannot be reached .*hf download org/clip") as e:
+        rewards._from_pretrained(_NotCached, "org/clip", "CLIP model", dtype=torch.float32)
+    assert "\n" not in str(e.value)
+    assert calls == [{"local_files_only": True, "dtype": torch.float32}]  # the cache only: no download attempted
+    calls.clear()
+    monkeypatch.setattr(rewards, "hub_unreachable", lambda timeout=5.0: "")  # the hub answers: download
+    with pytest.raises(SystemExit, match=r"could not load the CLIP model 'org/clip' \(OSError: org/clip not found\)"):
+        rewards._from_pretrained(_NotCached, "org/clip", "CLIP model")
+    assert calls == [{"local_files_only": True}, {}]
+
+    class Cached:
+        @classmethod
+        def from_pretrained(cls, name, **kw):
+            assert kw == {"local_files_only": True}
+            return "loaded"
+
+    def no_probe(timeout=5.0):
+        raise AssertionError("a cached model must not touch the network")
+    monkeypatch.setattr(rewards, "hub_unreachable", no_probe)
+    assert rewards._from_pretrained(Cached, "org/clip", "CLIP model") == "loaded"
+
+
+def test_hub_probe_reports_an_unreachable_endpoint_and_offline_mode(monkeypatch):
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(rewards, "_HUB_PROBED", {})
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    assert rewards.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hc, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing answers HTTP there
+    why = rewards.hub_unreachable(timeout=2.0)
+    assert why.startswith("http://127.0.0.1:9 ")  # refused at once, or no answer within the timeout
+    assert rewards._HUB_PROBED == {"http://127.0.0.1:9": why}  # probed once per process
+
+
+def test_offline_model_id_fails_within_seconds_end_to_end(tmp_path):
+    """The real path in a fresh process: HF_HUB_OFFLINE unset, an empty cache, a hub endpoint nobody
+    answers. Before the probe this took ~50 s of retries; the 40 s limit only guards CI from hanging."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE" and "proxy" not in k.lower()}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    code = "import rewards; rewards.REWARDS['clipscore'](model='e2po-test/not-a-cached-model')"
+    try:
+        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=40)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading an uncached model with no reachable hub did not stop within 40 s")
+    assert res.returncode == 1, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]  # SystemExit's message, one line
+    assert re.fullmatch(r"could not load the CLIP model 'e2po-test/not-a-cached-model': it is not in the local Hugging "
+                        r"Face cache and http://127\.0\.0\.1:9 (cannot be reached \(\w+\)|did not answer within 5 s); "
+                        r"download it on a machine with internet \(hf download e2po-test/not-a-cached-model\) and copy "
+                        r"the cache \(~/\.cache/huggingface\), or pass a local folder", last), last
 
 
 # ----------------------------------------------------------------------------- prompt sets
@@ -471,14 +643,105 @@ def geneval_prepare():
     return _load_script("data/geneval/prepare.py")
 
 
+BENCHMARK_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"  # djghosh13/geneval's file
+
+
+def test_geneval_benchmark_file_is_the_official_one():
+    """data/geneval/evaluation_metadata.jsonl: GenEval's 553 prompts, byte for byte (sha256 pinned twice:
+    here and in rewards.py), one JSON object a line, every clause in GenEval's vocabulary."""
+    path = os.path.join(REPO, "data", "geneval", "evaluation_metadata.jsonl")
+    assert rewards.GENEVAL_BENCHMARK == path and rewards.GENEVAL_BENCHMARK_SHA256 == BENCHMARK_SHA256
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert hashlib.sha256(raw).hexdigest() == BENCHMARK_SHA256 and len(raw) == 85209
+    lines = raw.decode("utf-8").split("\n")
+    assert len(lines) == 554 and lines[-1] == ""  # 553 lines, each ending in a newline
+    rows = [json.loads(ln) for ln in lines[:-1]]
+    assert rows == rewards.geneval_benchmark()
+    assert Counter(m["tag"] for m in rows) == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94,
+                                               "position": 100, "color_attr": 100}
+    assert len({geneval_task(m) for m in rows}) == 553  # no task twice
+    for m in rows:
+        for req in m["include"] + m.get("exclude", []):
+            assert req["class"] in rewards.GENEVAL_CLASSES and req.get("color", "red") in GENEVAL_COLORS
+            assert req.get("position", ["above"])[0] in rewards.GENEVAL_POSITIONS
+    assert [m["prompt"] for m in rows if m["tag"] == "counting" and m["include"][0]["class"] == "sheep"] == [
+        "a photo of two sheeps"]  # GenEval's generator appends s: why tasks, not texts, are compared
+
+
+def test_geneval_benchmark_sha256_is_checked(tmp_path, geneval_prepare):
+    with open(rewards.GENEVAL_BENCHMARK, "rb") as f:
+        raw = f.read()
+    edited = tmp_path / "evaluation_metadata.jsonl"
+    edited.write_bytes(raw.replace(b"two sheeps", b"two sheep"))  # one letter less
+    with pytest.raises(SystemExit, match=r"is not GenEval's official prompt file \(sha256 [0-9a-f]{16}\.\.\., expected "
+                                         r"5c48e0813e812e3c.*git checkout") as e:
+        rewards.geneval_benchmark(str(edited))
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="is missing: restore it"):
+        rewards.geneval_benchmark(str(tmp_path / "gone.jsonl"))
+    # prepare.py reads it through the check: an edited benchmark file stops it before anything is written
+    prep = _load_script("data/geneval/prepare.py")
+    prep.geneval_benchmark = lambda: rewards.geneval_benchmark(str(edited))
+    with pytest.raises(SystemExit, match="not GenEval's official prompt file"):
+        prep.main([f"--out_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def default_geneval_splits(geneval_prepare, tmp_path_factory):
+    """What the README's `python data/geneval/prepare.py` writes (no flag), into a temporary folder."""
+    out = tmp_path_factory.mktemp("geneval")
+    geneval_prepare.main([f"--out_dir={out}"])
+    read = lambda name: [json.loads(ln) for ln in (out / name).read_text().splitlines()]  # noqa: E731
+    return read("train_metadata.jsonl"), read("test_metadata.jsonl")
+
+
+def test_default_prepare_shares_no_task_with_the_benchmark(default_geneval_splits):
+    train, test = default_geneval_splits
+    bench = {geneval_task(m) for m in rewards.geneval_benchmark()}
+    assert [m["prompt"] for m in train + test if geneval_task(m) in bench] == []
+    tr, te = [geneval_task(m) for m in train], [geneval_task(m) for m in test]
+    assert len(set(tr)) == len(tr) and len(set(te)) == len(te) and not set(tr) & set(te)
+    # GenEval's "two sheeps" is our "two sheep": that task is kept out, sheep's other counts are not
+    sheep = {m["prompt"] for m in train + test if m["tag"] == "counting" and m["include"][0]["class"] == "sheep"}
+    assert sheep == {"a photo of three sheep", "a photo of four sheep"}
+    # all 80 single-object tasks are benchmark prompts; counting keeps the 160 of 240 outside it
+    assert Counter(m["tag"] for m in train) == {"two_object": 1000, "counting": 140, "colors": 596, "position": 1000,
+                                                "color_attr": 1000}
+    assert Counter(m["tag"] for m in test) == {"two_object": 100, "counting": 20, "colors": 100, "position": 100,
+                                               "color_attr": 100}
+
+
+def test_a_benchmark_leak_is_caught_by_task_not_text(geneval_prepare, tmp_path, monkeypatch):
+    bench = rewards.geneval_benchmark()
+    two_sheep = {"tag": "counting", "include": [{"class": "sheep", "count": 2}],
+                 "exclude": [{"class": "sheep", "count": 3}], "prompt": "a photo of two sheep"}  # our plural
+    pair = next(m for m in bench if m["tag"] == "two_object")
+    (a, b) = (c["class"] for c in pair["include"])
+    swapped = {"tag": "two_object", "include": pair["include"][::-1],  # the same two objects, named the other way
+               "prompt": f"a photo of {geneval_prepare.article(b)} and {geneval_prepare.article(a)}"}
+    three_sheep = dict(two_sheep, include=[{"class": "sheep", "count": 3}], exclude=[{"class": "sheep", "count": 4}],
+                       prompt="a photo of three sheep")
+    assert not {two_sheep["prompt"], swapped["prompt"]} & {m["prompt"] for m in bench}  # texts differ...
+    assert geneval_prepare.shared_tasks([two_sheep, three_sheep, swapped], bench) == [two_sheep, swapped]  # tasks not
+    # main() checks what it is about to write: a generator that leaks is stopped, and nothing is written
+    monkeypatch.setattr(geneval_prepare, "make_splits", lambda *args, **kw: ([three_sheep, two_sheep], []))
+    with pytest.raises(SystemExit, match=r"refusing to write: 1 generated prompts share a task .*'a photo of two sheep'"):
+        geneval_prepare.main([f"--out_dir={tmp_path}"])
+    assert os.listdir(tmp_path) == []
+
+
 def test_geneval_prompts_deterministic_disjoint_and_valid(geneval_prepare):
     train, test = geneval_prepare.make_splits(seed=3, n_train=30, n_test=10)
     assert (train, test) == geneval_prepare.make_splits(seed=3, n_train=30, n_test=10)
     assert test != geneval_prepare.make_splits(seed=4, n_train=30, n_test=10)[1]
-    tr, te = {m["prompt"] for m in train}, {m["prompt"] for m in test}
-    assert len(tr) == len(train) and len(te) == len(test) and not tr & te
+    tr, te = [geneval_task(m) for m in train], [geneval_task(m) for m in test]
+    assert len(set(tr)) == len(train) and len(set(te)) == len(test) and not set(tr) & set(te)  # disjoint by task
+    assert not geneval_prepare.shared_tasks(train + test, rewards.geneval_benchmark())  # the default keeps it out
     for tag in rewards.GENEVAL_TAGS:
-        assert sum(m["tag"] == tag for m in test) == 10 and sum(m["tag"] == tag for m in train) == 30
+        want = (0, 0) if tag == "single_object" else (10, 30)  # every single-object task is a benchmark prompt
+        assert (sum(m["tag"] == tag for m in test), sum(m["tag"] == tag for m in train)) == want
     for m in train + test:
         json.dumps(m)
         for req in m["include"]:
@@ -502,13 +765,16 @@ def test_geneval_prompts_deterministic_disjoint_and_valid(geneval_prepare):
 
 
 def test_geneval_prompt_pools_and_exclude(geneval_prepare):
-    train, test = geneval_prepare.make_splits(seed=0, n_train=10_000, n_test=5)
+    train, test = geneval_prepare.make_splits(seed=0, n_train=10_000, n_test=5, exclude=())  # nothing kept out
     singles = [m for m in train + test if m["tag"] == "single_object"]
     assert len(singles) == 80  # every object once, across the two splits
     assert sum(m["tag"] == "counting" for m in train + test) == 80 * 3  # the whole pool: 80 objects x (2, 3, 4)
-    excluded = [m["prompt"] for m in test[:7]]
-    train2, test2 = geneval_prepare.make_splits(seed=0, n_train=50, n_test=5, exclude=excluded)
-    assert not set(excluded) & {m["prompt"] for m in train2 + test2}
+    # excluded by task: neither the excluded tasks nor their reorderings are drawn; strings by text
+    excluded = [m for m in test if m["tag"] in ("two_object", "color_attr", "counting")]
+    reordered = [dict(m, include=m["include"][::-1]) for m in excluded if m["tag"] != "counting"]
+    train2, test2 = geneval_prepare.make_splits(seed=0, n_train=50, n_test=5, exclude=excluded + ["a photo of a bus"])
+    assert not geneval_prepare.shared_tasks(train2 + test2, excluded + reordered)
+    assert "a photo of a bus" not in {m["prompt"] for m in train2 + test2}
 
 
 def test_bundled_tiny_prompt_files_match_their_generator(geneval_prepare, tmp_path):
@@ -519,7 +785,8 @@ def test_bundled_tiny_prompt_files_match_their_generator(geneval_prepare, tmp_pa
             assert f.read() == g.read()
     from sample import read_prompts
     prompts, meta = read_prompts(os.path.join(REPO, "data/geneval/tiny_test.jsonl"))
-    assert len(prompts) == 12 and {m["tag"] for m in meta} == set(rewards.GENEVAL_TAGS)
+    # five tags: every single-object task is a benchmark prompt, so none is generated
+    assert len(prompts) == 10 and {m["tag"] for m in meta} == set(rewards.GENEVAL_TAGS) - {"single_object"}
     for name in ("tiny_train.txt", "tiny_test.txt"):
         prompts, meta = read_prompts(os.path.join(REPO, "data/pickscore", name))
         assert len(prompts) >= 4 and meta == [{}] * len(prompts)

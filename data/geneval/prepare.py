@@ -1,11 +1,21 @@
 """
-GenEval-style prompt metadata for training and testing, generated deterministically from a seed:
+GenEval prompt metadata for training, and a GenEval-style held-out split, generated deterministically
+from a seed:
 
     python data/geneval/prepare.py                      # -> data/geneval/{train,test}_metadata.jsonl
     python data/geneval/prepare.py --n_train=200 --n_test=20 --seed=1
-    python data/geneval/prepare.py --exclude=geneval/prompts/evaluation_metadata.jsonl
+    python data/geneval/prepare.py --exclude=more_metadata.jsonl     # keep these tasks out as well
     # the bundled tiny files (tests check they match this command):
     python data/geneval/prepare.py --n_train=4 --n_test=2 --train_file=tiny_train.jsonl --test_file=tiny_test.jsonl
+
+The benchmark itself is GenEval's own 553 prompts, data/geneval/evaluation_metadata.jsonl (shipped
+byte for byte and read here through its sha256 check; source and licence in data/geneval/README.md):
+evaluation samples that file. Nothing generated here shares a *task* with it, always (no flag):
+tasks are compared by rewards.geneval_task (tag, include and exclude clauses; the two objects of "a
+cat and a dog" in either order), not by prompt text, since our English plurals ("two sheep") are not
+GenEval's ("two sheeps"). Every one of the 80 single-object tasks is a benchmark prompt, so the splits
+hold no single_object prompts; the other tags lose only the benchmark's few (counting keeps 160 of
+240, colors 696 of 790). main() checks the result again before writing.
 
 Six tags, as GenEval's benchmark: single_object, two_object, counting (2-4, with an exclude clause
 for one more), colors, position, color_attr, over GenEval's 80 COCO object names, its 10 colours and
@@ -13,12 +23,9 @@ for one more), colors, position, color_attr, over GenEval's 80 COCO object names
 {"tag", "include": [{"class", "count", "color"?, "position"?: [relation, clause_index]}],
 "exclude"?, "prompt"}, the format of GenEval's evaluation_metadata.jsonl and of rewards.geneval_rules.
 
-Per tag, unique prompts are drawn with the seed; the first n_test go to the test set, the next
-n_train to the train set, so the two are disjoint. Only 80 single-object prompts exist, so the test
-set takes at most a quarter of them. This is a GenEval-*style* test set: to report the benchmark
-itself, generate with GenEval's own prompts (its prompts/evaluation_metadata.jsonl) and pass that file
-as --exclude here so none of its prompts leak into training. Our plurals are English ("people",
-"knives", "sheep"); GenEval's own generator appends s/es, which does not change what is scored.
+Per tag, tasks not yet taken are drawn with the seed; the first n_test go to the test set, the next
+n_train to the train set, so the two are disjoint by task as well. The test split is a quick
+GenEval-style held-out set for monitoring; report GenEval numbers on the official file.
 """
 import argparse
 import json
@@ -27,7 +34,8 @@ import random
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from rewards import GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS  # noqa: E402
+from rewards import (GENEVAL_BENCHMARK, GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS,  # noqa: E402
+                     geneval_benchmark, geneval_task)
 
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 IRREGULAR = {"person": "people", "sheep": "sheep", "skis": "skis", "scissors": "scissors", "knife": "knives",
@@ -77,20 +85,34 @@ def sample(tag, rng):
     raise ValueError(f"unknown GenEval tag '{tag}'")
 
 
-def make_splits(seed=0, n_train=1000, n_test=100, exclude=()):
-    """(train, test) lists of metadata dicts; disjoint by prompt; prompts in `exclude` appear in neither."""
+def shared_tasks(rows, others):
+    """The rows (metadata dicts) whose task (rewards.geneval_task) is also one of `others`' tasks."""
+    tasks = {geneval_task(m) for m in others}
+    return [m for m in rows if geneval_task(m) in tasks]
+
+
+def make_splits(seed=0, n_train=1000, n_test=100, exclude=None):
+    """(train, test) lists of metadata dicts, disjoint by task; no task of `exclude` appears in either.
+    `exclude` holds metadata dicts (compared by task; a plain string is a prompt text, kept out by text);
+    None, the default, is GenEval's benchmark prompts, so that no caller leaks them by forgetting; ()
+    keeps nothing out. A tag stops when 2000 draws in a row hit taken tasks (its pool has run dry)."""
+    exclude = geneval_benchmark() if exclude is None else exclude
     rng = random.Random(seed)
-    taken = set(exclude)
+    taken = {geneval_task(m) for m in exclude if not isinstance(m, str)}
+    taken_text = {m for m in exclude if isinstance(m, str)}
     train, test = [], []
     for tag in GENEVAL_TAGS:
-        n_te = min(n_test, 20) if tag == "single_object" else n_test  # 80 exist: keep most for training
+        # small pools (80 single-object tasks, all in the benchmark; 240 counting tasks, 160 outside it):
+        # the test split takes at most 20, so that most of the pool stays for training
+        n_te = min(n_test, 20) if tag in ("single_object", "counting") else n_test
         drawn, misses = [], 0
         while len(drawn) < n_te + n_train and misses < 2000:  # stop when the tag's pool runs dry
             m = sample(tag, rng)
-            if m["prompt"] in taken:
+            task = geneval_task(m)
+            if task in taken or m["prompt"] in taken_text:
                 misses += 1
                 continue
-            taken.add(m["prompt"])
+            taken.add(task)
             drawn.append(m)
             misses = 0
         test += drawn[:n_te]
@@ -111,19 +133,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n_train", type=int, default=1000, help="train prompts per tag (fewer where the tag runs out)")
-    p.add_argument("--n_test", type=int, default=100, help="test prompts per tag (single_object: at most 20)")
-    p.add_argument("--exclude", default=None, help="a metadata .jsonl whose prompts must not be generated")
+    p.add_argument("--n_test", type=int, default=100, help="test prompts per tag (single_object, counting: at most 20)")
+    p.add_argument("--exclude", default=None, help="a metadata .jsonl whose tasks must not be generated, on top of "
+                   "GenEval's benchmark prompts (always kept out)")
     p.add_argument("--out_dir", default=here)
     p.add_argument("--train_file", default="train_metadata.jsonl")
     p.add_argument("--test_file", default="test_metadata.jsonl")
     a = p.parse_args(argv)
-    exclude = []
+    benchmark = geneval_benchmark()  # sha256-checked
+    exclude = list(benchmark)
     if a.exclude:
         if not os.path.isfile(a.exclude):
-            raise SystemExit(f"--exclude file '{a.exclude}' not found: pass GenEval's prompts/evaluation_metadata.jsonl")
+            raise SystemExit(f"--exclude file '{a.exclude}' not found: pass a GenEval-style metadata .jsonl")
         with open(a.exclude, encoding="utf-8") as f:
-            exclude = [json.loads(ln)["prompt"] for ln in f if ln.strip()]
+            exclude += [json.loads(ln) for ln in f if ln.strip()]
     train, test = make_splits(a.seed, a.n_train, a.n_test, exclude)
+    # checked again on the result, so no change to the generator can leak the benchmark into training
+    leaks = shared_tasks(train + test, exclude) + shared_tasks(train, test)
+    if leaks:
+        raise SystemExit(f"refusing to write: {len(leaks)} generated prompts share a task with the benchmark, the "
+                         f"--exclude file or the other split (e.g. '{leaks[0]['prompt']}'); nothing was written")
+    print(f"kept out: every task of the {len(benchmark)} GenEval benchmark prompts ({GENEVAL_BENCHMARK})"
+          + (f" and of {a.exclude}" if a.exclude else ""))
     os.makedirs(a.out_dir, exist_ok=True)
     for name, rows in zip((a.train_file, a.test_file), (train, test)):
         write_jsonl(os.path.join(a.out_dir, name), rows)
