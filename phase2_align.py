@@ -1,5 +1,5 @@
 """
-Phase II of E²PO: DiffusionNFT on SD3.5 with the two E²PO changes (METHOD.md §3): each prompt's group
+Phase II of E²PO: DiffusionNFT on SD3.5 with the two E²PO changes (arXiv 2605.15803): each prompt's group
 is G noises x K conditions (C^orig plus K-1 Phase I perturbations, faded out by the gamma schedule),
 and every sample is trained with C^orig as its condition (reference-anchored batching).
 
@@ -8,8 +8,8 @@ and every sample is trained with C^orig as its condition (reference-anchored bat
     # SD3.5-M, 8 GPUs
     torchrun --nproc_per_node=8 phase1_perturb.py config/geneval_g4k12.py
     torchrun --nproc_per_node=8 phase2_align.py config/geneval_g4k12.py
-    # the DiffusionNFT baseline: K=1, same code path, no perturbation file
-    torchrun --nproc_per_node=8 phase2_align.py config/geneval_g4k12.py --K=1 --G=24
+    # the DiffusionNFT baseline (48 prompts x G=24 = the same 1152 samples an epoch; K=1, no Phase I)
+    torchrun --nproc_per_node=8 phase2_align.py config/geneval_nft_g24.py
 
 The file reads top to bottom: config, the two formulas (`advantages`, `nft_loss`), LoRA helpers,
 then `main()`: distributed init -> models -> per epoch {sample with the old policy, score, normalise
@@ -24,11 +24,14 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
+import rewards as RW
 import sample as S
+from configurator import configure
 
 # -----------------------------------------------------------------------------
-# config (METHOD.md §3.3 numbers are DiffusionNFT's; the E²PO ones of §5 are ours)
+# config (the DiffusionNFT numbers are its public code's; the E²PO ones are ours: README "Choices where the paper is silent")
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/geneval/train_metadata.jsonl"
 eval_prompts = None  # held-out prompts sampled with the EMA weights every eval_every epochs
@@ -69,11 +72,15 @@ grad_checkpointing = True
 ckpt_every = 10  # epochs
 eval_every = 10  # epochs
 eval_G = 1  # noises per eval prompt
-eval_steps = 40  # sampler steps of the evaluation (DiffusionNFT evaluates at 40)
-resume = False
+eval_steps = 40  # sampler steps of the evaluation (DiffusionNFT evaluates at 40 ...
+eval_solver = "euler"  # ... with its deterministic first-order "flow" step, i.e. Euler)
+shared_noise = False  # True: the K conditions of a group's noise g start from one x_1 (a paired design)
+resume = False  # continue the run in out_dir from its checkpoint
+overwrite = False  # replace a run that out_dir already holds (without resume or overwrite, the run refuses)
 seed = 0
 device = "auto"
-dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
+dtype = "auto"  # frozen transformer and text encoders: "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
+amp = True  # on CUDA, run the transformer under bf16 autocast (LoRA weights and the VAE stay fp32 regardless)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, dict, type(None)))]
 
@@ -83,7 +90,7 @@ ADAPTERS = ("default", "old", "ema")  # theta (trained), the sampling policy, th
 CKPT_DIRS = dict(zip(ADAPTERS, ("lora", "lora_old", "lora_ema")))  # their folders in a checkpoint
 
 
-# ----------------------------------------------------------------------------- the formulas (METHOD §3.3)
+# ----------------------------------------------------------------------------- the formulas (DiffusionNFT's objective, as its public code)
 def group_moments(R, group_ids):
     """Each sample's group index, and per group the mean and the population std (ddof 0) of R."""
     _, gid, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
@@ -134,16 +141,19 @@ def group_stats(rewards, group_ids):
 
 
 def old_decay(step, rate=0.001, cap=0.5, flat=0):
+    """d of the old-policy update old <- d * old + (1 - d) * theta after `step` optimizer steps:
+        d = 0 while step < flat, else min(rate * (step - flat), cap)   (DiffusionNFT's decay types 1 and 2)"""
     return 0.0 if step < flat else min(rate * (step - flat), cap)
 
 
 def ema_decay(step, cap=0.9):
+    """e of the evaluation EMA, EMA <- e * EMA + (1 - e) * theta:  e = min((1 + step) / (10 + step), cap)"""
     return min((1 + step) / (10 + step), cap)
 
 
 # ----------------------------------------------------------------------------- LoRA adapters on the SD3 transformer
 def add_adapters(transformer, rank, alpha):
-    """Three LoRA adapters with one config (METHOD §3.3): "default" (theta) is trained, "old" samples,
+    """Three LoRA adapters with one config (DiffusionNFT's: r 32, alpha 64, gaussian init): "default" (theta) is trained, "old" samples,
     "ema" evaluates. All start as copies of theta; lora_B = 0 at init, so all equal the base model."""
     from peft import LoraConfig
     import warnings
@@ -222,26 +232,61 @@ def policy_velocities(transformer, x_t, t, c, with_ref=True):
 
 
 # ----------------------------------------------------------------------------- small helpers
+# sample_seed(seed, epoch, j, STREAM) keys every random draw of sample j; the streams keep them apart
+STREAM_NOISE, STREAM_TIMES, STREAM_EPS, STREAM_STEPS = 0, 1, 2, 3
+EVAL_EPOCH = 10 ** 9  # the "epoch" of the fixed evaluation noises: no training epoch reaches it
+
+
 def samples_per_rank(n_prompts, K, G, world, train_batch, opt_steps):
     """An epoch's n_prompts * K * G samples are one flat list cut into `world` equal slices (a group may
-    span ranks); each slice must cut into micro-batches that share out evenly over the optimizer steps."""
+    span ranks); each slice holds the same number of samples for every optimizer step (see
+    `step_assignment`), and that number must cut into whole micro-batches. On failure, the message
+    names values that work."""
     N = n_prompts * K * G
-    if N % world:
-        raise SystemExit(f"prompts_per_epoch*K*G = {n_prompts}*{K}*{G} = {N} samples do not split over {world} ranks")
-    n_local = N // world
-    if n_local % train_batch or (n_local // train_batch) % opt_steps:
-        raise SystemExit(f"{n_local} samples per rank must split into train_batch={train_batch} micro-batches "
-                         f"whose count divides by opt_steps_per_epoch={opt_steps}")
-    return n_local
+    unit = world * train_batch * opt_steps  # N must be a multiple of this
+    if N % unit == 0:
+        return N // world
+    per_prompt = unit // math.gcd(K * G, unit)  # prompts_per_epoch must be a multiple of this
+    per_step = N // world // opt_steps if N % (world * opt_steps) == 0 else 0
+    fits = [b for b in range(train_batch, 0, -1) if per_step and per_step % b == 0]
+    hint = f"prompts_per_epoch={per_prompt * max(1, round(n_prompts / per_prompt))} (any multiple of {per_prompt})"
+    if fits:
+        hint += f" or train_batch={fits[0]}"
+    raise SystemExit(f"prompts_per_epoch*K*G = {n_prompts}*{K}*{G} = {N} samples do not split over {world} ranks x "
+                     f"opt_steps_per_epoch={opt_steps} optimizer steps into train_batch={train_batch} micro-batches: "
+                     f"use {hint}")
 
 
 def sample_seed(*parts):
-    """A 63-bit seed from (seed, epoch, index, ...): each sample's randomness is its own, so it does
-    not depend on how samples are split over ranks, and a resumed run replays it exactly."""
-    h = 1469598103934665603
+    """A 63-bit seed from (seed, epoch, index, stream, ...) by FNV-1a-style mixing: each sample's
+    randomness is its own, so it does not depend on how samples are split over ranks, and a resumed run
+    replays it exactly."""
+    FNV_OFFSET, FNV_PRIME = 1469598103934665603, 1099511628211
+    h = FNV_OFFSET
     for p in parts:
-        h = ((h ^ int(p)) * 1099511628211) % (1 << 63)
+        h = ((h ^ int(p)) * FNV_PRIME) % (1 << 63)
     return h
+
+
+def step_assignment(N, opt_steps, seed, epoch):
+    """Which optimizer step trains each of the epoch's N samples, and in what order: a function of the
+    global sample list alone, so the same samples share a step on 1 or 8 GPUs. Every block of
+    `opt_steps` consecutive samples sends one member to each step (a random one, keyed by seed and
+    epoch), so every rank's contiguous slice holds the same number of samples per step; within a step
+    samples are visited in a random order. Returns (step [N], rank_key [N]): sort by rank_key."""
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, STREAM_STEPS))
+    step = torch.argsort(torch.rand(N // opt_steps, opt_steps, generator=g), dim=1).reshape(-1)
+    return step, torch.rand(N, generator=g)
+
+
+def any_rank(flag, world, device):
+    """True on every rank if `flag` is True on any rank (one tiny all-reduce): ranks decide to stop together."""
+    if world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_gather_cat(x, world):
@@ -253,62 +298,209 @@ def all_gather_cat(x, world):
     return torch.cat(out)
 
 
-def all_reduce_mean_(tensors, world):
-    """Average gradients over ranks in one flat bucket: the whole of what DDP would do for us here, done
-    once per optimizer step (peft toggles requires_grad between adapters, which DDP's reducer dislikes)."""
+def all_reduce_sum_(tensors, world):
+    """Sum gradients over ranks in one flat bucket (each rank's gradient already carries the 1/n of the
+    whole optimizer step): what DDP would do here, once per optimizer step. We do not wrap the model
+    in DDP because peft's set_adapter toggles requires_grad between adapters, which DDP's reducer
+    does not expect."""
     if world == 1 or not tensors:
         return
     import torch.distributed as dist
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
-    flat /= world
     for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(f.view_as(t))
 
 
-def save_checkpoint(ckpt_dir, transformer, opt, state, cfg):
-    """Written to a temp folder, then swapped in: a crash leaves the last good checkpoint whole."""
-    tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
+def broadcast_(tensors, world):
+    """Copy rank 0's tensors to every rank (DDP's initial broadcast): all ranks start from, and keep,
+    one set of adapters, whatever each process drew at init."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
+def same_on_all_ranks(tensors, world):
+    """Whether every rank holds bit-identical tensors (a float64 fingerprint per rank, all-gathered).
+    Ranks that start from one set of adapters and apply the same all-reduced gradients stay identical;
+    checked before every checkpoint, as a guard against ranks silently training different models."""
+    if world == 1:
+        return True
+    w = torch.arange(1, sum(t.numel() for t in tensors) + 1, dtype=torch.float64, device=tensors[0].device)
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    fp = torch.stack([flat.sum(), (flat * w.sin()).sum()]).reshape(1, 2)
+    every = all_gather_cat(fp, world)
+    return bool((every == every[0]).all())
+
+
+# ----------------------------------------------------------------------------- checkpoints and the run folder
+# save_checkpoint writes `checkpoint.tmp`, moves `checkpoint` to `checkpoint.old`, moves the temp folder
+# into place and removes `.old`; state.pt is written last, so a folder that holds it is complete.
+def checkpoint_dirs(out):
+    ck = os.path.join(out, "checkpoint")
+    return ck, ck + ".tmp", ck + ".old"
+
+
+def complete_checkpoint(out):
+    """The folder of the last complete checkpoint in run folder `out`, wherever a kill inside
+    save_checkpoint left it: the checkpoint, else a finished temp folder (killed before its rename),
+    else `.old` (killed between the two renames). None if there is none."""
+    for d in checkpoint_dirs(out):
+        if os.path.isfile(os.path.join(d, "state.pt")):
+            return d
+    return None
+
+
+def save_checkpoint(out, transformer, opt, state, cfg):
+    """Written to a temp folder, then swapped in: a kill at any point leaves a complete checkpoint that
+    `complete_checkpoint` finds."""
+    ck, tmp, old = checkpoint_dirs(out)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for name, sub in CKPT_DIRS.items():
         save_lora(transformer, name, os.path.join(tmp, sub))
-    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), **state}, os.path.join(tmp, "state.pt"))
     S.write_json_atomic(os.path.join(tmp, "config.json"), cfg)
+    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), **state}, os.path.join(tmp, "state.pt"))
     shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(ckpt_dir):
-        os.replace(ckpt_dir, old)
-    os.replace(tmp, ckpt_dir)
+    if os.path.isdir(ck):
+        os.replace(ck, old)
+    os.replace(tmp, ck)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_run_folder(out, resume, overwrite):
+    """Refuse, before anything is loaded or written, to start over a run without --resume or
+    --overwrite, to resume without a checkpoint, or to write where we cannot."""
+    found = complete_checkpoint(out)
+    holds_run = found is not None or os.path.isfile(os.path.join(out, "log.jsonl"))
+    if resume and found is None:
+        raise SystemExit(f"--resume=True: no checkpoint in {out} (a run saves one every ckpt_every epochs)")
+    if holds_run and not resume and not overwrite:
+        raise SystemExit(f"{out} holds a run (log.jsonl or a checkpoint): pass --resume=True to continue it, "
+                         "--overwrite=True to replace it, or another --out_dir")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"cannot write to out_dir {out}: {parent} is not a writable folder")
+
+
+def restore_checkpoint(out):
+    """Put the last complete checkpoint back in place if a kill left it as `.tmp` or `.old`, load its
+    three adapters and the optimizer state; returns its folder."""
+    ck = checkpoint_dirs(out)[0]
+    found = complete_checkpoint(out)
+    if found != ck:  # a kill inside save_checkpoint: move the complete copy into place (rank 0 only)
+        shutil.rmtree(ck, ignore_errors=True)
+        os.replace(found, ck)
+    return ck
+
+
+def load_checkpoint(ck, transformer, opt):
+    try:
+        for name, sub in CKPT_DIRS.items():
+            load_lora_into(transformer, name, os.path.join(ck, sub))
+        st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=False)  # load_state_dict moves it
+        opt.load_state_dict(st["optimizer"])
+    except SystemExit:
+        raise
+    except Exception as err:
+        raise SystemExit(f"checkpoint {ck} cannot be read ({type(err).__name__}: {str(err)[:200]}): it is damaged; "
+                         "restore it or start a new run with --overwrite=True")
+    return st
+
+
+def trim_log(path, last_epoch):
+    """On resume, drop the log lines of epochs after the checkpoint (they are replayed), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
+    S.write_text_atomic(path, "".join(keep))
+
+
+def adapters_finite(transformer, x_t, t, c):
+    """Whether every adapter's weights are finite and give a finite velocity on one training input: a
+    step that diverged (e.g. a huge lr) can leave finite but enormous weights, which only a forward
+    reveals. Checked before each checkpoint, so that a saved checkpoint is one that can resume."""
+    ok = True
+    with torch.no_grad():
+        for name in ADAPTERS:
+            ok &= all(bool(torch.isfinite(p).all()) for p in adapter_params(transformer, name))
+            use_adapter(transformer, name)
+            ok &= bool(torch.isfinite(S.velocity(transformer, x_t, t, c)).all())
+    use_adapter(transformer, "default")
+    return ok
+
+
+def last_good(out):
+    found = complete_checkpoint(out)
+    return f"the last good checkpoint is {found}" if found else "no checkpoint was written"
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(transformer, vae, text, sigmas, prompt_list, metadata, reward_fn, shape, dev, autocast, rank, world,
+             seed, G=1, batch=16, solver="euler", guidance=1.0):
+    """Mean reward of held-out prompts sampled with the EMA adapter from fixed noises (C^orig only),
+    G noises per prompt, `batch` images per forward; the prompts are spread over ranks."""
+    use_adapter(transformer, "ema")
+    todo = [(i, g) for i in range(rank, len(prompt_list), world) for g in range(G)]
+    scores = torch.zeros(len(prompt_list) * G, device=dev)
+    for a in range(0, len(todo), batch):
+        chunk = todo[a:a + batch]
+        idx = [i for i, _ in chunk]
+        c = S.encode(text, [prompt_list[i] for i in idx])
+        noise = S.image_noise([sample_seed(seed, EVAL_EPOCH, i, g) for i, g in chunk], shape, dev)
+        with autocast():
+            x0 = S.sample(transformer, sigmas, noise, c, None, guidance=guidance, solver=solver)
+        R = reward_fn(S.decode(vae, x0), [prompt_list[i] for i in idx], [metadata[i] for i in idx])[0].float()
+        scores[torch.tensor([i * G + g for i, g in chunk], device=dev)] = R.to(dev)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(scores)
+    use_adapter(transformer, "default")
+    return scores.mean().item()
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    from configurator import configure
-    from tqdm import tqdm
-    import rewards as RW
     cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
-    # ---- check the settings before anything is loaded or written
+    # ---- check every setting before anything is loaded or written
     prompt_list, metadata = S.read_prompts(prompts)
     eval_list, eval_meta = S.read_prompts(eval_prompts) if eval_prompts else ([], [])
     if K < 1 or G < 1:
         raise SystemExit(f"K={K}, G={G}: both must be at least 1")
+    S.check_rho(rho)
+    if not beta > 0 or solver not in ("euler", "dpm2") or eval_solver not in ("euler", "dpm2"):
+        raise SystemExit(f"beta={beta} must be > 0 and solver={solver!r}, eval_solver={eval_solver!r} one of 'euler', 'dpm2'")
     n_train_t = math.floor(steps * timestep_fraction)
     if n_train_t < 1:
         raise SystemExit(f"steps={steps} x timestep_fraction={timestep_fraction} leaves no training timestep")
-    rank, world, dev, dt = S.setup_distributed(device, dtype)
+    world_env = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group starts
     N = prompts_per_epoch * K * G  # samples per epoch over all ranks
-    n_local = samples_per_rank(prompts_per_epoch, K, G, world, train_batch, opt_steps_per_epoch)
+    n_local = samples_per_rank(prompts_per_epoch, K, G, world_env, train_batch, opt_steps_per_epoch)
+    needs_meta = [n for n in RW.parse_spec(reward) if n in ("geneval", "shapes")]  # unknown reward names stop here
+    if needs_meta and not all(m.get("tag") for m in metadata):
+        raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata (.jsonl with 'tag' and 'include'); {prompts} "
+                         "has none: make it with data/geneval/prepare.py (or data/shapes/prepare.py)")
+    check_run_folder(out_dir, resume, overwrite)
+    rank, world, dev, dt = S.setup_distributed(device, dtype)
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     log(json.dumps(cfg, indent=1))
-    reward_fn = RW.build_reward(reward, dev, dt, tiny=model == "tiny", opts=reward_opts)  # unknown names stop here
-    if "geneval" in reward_fn.weights and not all(m.get("tag") for m in metadata):
-        raise SystemExit(f"the geneval reward needs GenEval metadata (.jsonl with 'tag' and 'include'); {prompts} has none: "
-                         "make it with data/geneval/prepare.py")
+    n_step = N // opt_steps_per_epoch  # samples per optimizer step, over all ranks
+    log(f"epoch = {prompts_per_epoch} prompts x K={K} x G={G} = {N} samples ({n_local} per rank x {world}); "
+        f"{opt_steps_per_epoch} optimizer step(s) of {n_step} samples, micro-batches of {train_batch}, "
+        f"{n_train_t} training timesteps each")
+    if prompts_per_epoch > len(prompt_list):
+        log(f"note: prompts_per_epoch={prompts_per_epoch} > {len(prompt_list)} prompts: each epoch draws prompts with replacement")
+    reward_fn = RW.build_reward(reward, dev, dt, tiny=model == "tiny", opts=reward_opts)
 
     # ---- models: frozen SD3, three LoRA adapters on the transformer
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(seed)  # the same adapter init on every rank (and rank 0's is broadcast below)
     pipe = S.load_pipeline(model, dev, dt)
     text = S.load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = S.load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None
@@ -318,35 +510,50 @@ def main(argv=None):
         transformer.enable_gradient_checkpointing()
     params = adapter_params(transformer, "default")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    autocast = (lambda: torch.autocast("cuda", dtype=dt)) if dev.type == "cuda" and dt != torch.float32 else contextlib.nullcontext
+    use_amp = amp and dev.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     shape = S.latent_shape(pipe, resolution)
     sigmas = S.sigma_grid(pipe.scheduler, steps)  # shared by sampling and training
-    ckpt_dir = os.path.join(out_dir, "checkpoint")
+    eval_sigmas = S.sigma_grid(pipe.scheduler, eval_steps)
+    log_path = os.path.join(out_dir, "log.jsonl")
     step, start_epoch = 0, 0
     if resume:
-        if not os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        for name, sub in CKPT_DIRS.items():
-            load_lora_into(transformer, name, os.path.join(ckpt_dir, sub))
-        st = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=False)  # load_state_dict moves it
-        opt.load_state_dict(st["optimizer"])
+        ck = checkpoint_dirs(out_dir)[0]
+        if master:
+            restore_checkpoint(out_dir)
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+        st = load_checkpoint(ck, transformer, opt)
+        for group in opt.param_groups:  # the resumed run uses the settings it was given, not the saved ones
+            group.update(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
         torch.set_rng_state(st["rng"])
         step, start_epoch = st["step"], st["epoch"] + 1
-        log(f"resumed from {ckpt_dir}: epoch {start_epoch}, step {step}")
+        if master:
+            trim_log(log_path, st["epoch"])
+        log(f"resumed from {ck}: epoch {start_epoch}, step {step}")
+    for name in ADAPTERS:
+        broadcast_(adapter_params(transformer, name), world)
+    torch.manual_seed(seed + rank)
     if master:
         os.makedirs(out_dir, exist_ok=True)
+        if not resume:  # --overwrite=True: the earlier run's checkpoint goes now that the new one is ready to start
+            for d in checkpoint_dirs(out_dir):
+                shutil.rmtree(d, ignore_errors=True)
         S.write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
-    logf = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w") if master else None
+    logf = open(log_path, "a" if resume else "w") if master else None
 
     def conditions(idx, ks):
         """(C^orig, C^sample) per sample of prompts idx with condition indices ks (k = 0 is C^orig)."""
+        # one prompt per encoder call: a prompt's condition is then bit for bit the same whichever prompts
+        # share its rank, so that 1 and 8 GPUs sample the same images
         uniq = sorted(set(idx))
-        orig = S.encode(text, [prompt_list[i] for i in uniq])
+        orig = [torch.cat(c) for c in zip(*(S.encode(text, [prompt_list[i]]) for i in uniq))]
         row = {i: j for j, i in enumerate(uniq)}
         c_orig = tuple(c[[row[i] for i in idx]] for c in orig)
         if pert is None or all(k == 0 for k in ks):
             return c_orig, c_orig
-        opt_c = S.perturbed_conditions(text, pert, prompt_list, uniq)  # K-1 rows per prompt, prompt-major
+        opt_c = [torch.cat(c) for c in zip(*(S.perturbed_conditions(text, pert, prompt_list, [i]) for i in uniq))]  # K-1 rows per prompt
         c_opt = tuple(torch.stack([o[n] if k == 0 else p[row[i] * (K - 1) + k - 1] for n, (i, k) in enumerate(zip(idx, ks))])
                       for o, p in zip(c_orig, opt_c))
         return c_orig, c_opt
@@ -365,92 +572,105 @@ def main(argv=None):
         # what the sampler mixes: C^orig -> C^opt_k by gamma; static C^opt_k without the schedule (ablation)
         c_base, c_mix = (c_orig, c_samp) if use_schedule else (c_samp, None)
 
-        # ---- sample with the old policy: G noises x K conditions per prompt, deterministic ODE
+        # ---- sample with the old policy: G noises x K conditions per prompt, deterministic ODE.
+        # shared_noise: the K conditions of noise g start from one x_1 (a paired design)
         use_adapter(transformer, "old")
-        noise = S.image_noise([sample_seed(seed, epoch, j, 0) for j in js], shape, dev)
+        noise_ids = [(j // (K * G)) * K * G + j % G if shared_noise else j for j in js]
+        noise = S.image_noise([sample_seed(seed, epoch, j, STREAM_NOISE) for j in noise_ids], shape, dev)
         x0 = []
         for a in tqdm(range(0, n_local, sample_batch), desc=f"epoch {epoch} sample", disable=not master, leave=False):
             b = slice(a, a + sample_batch)
             with autocast():
                 x0.append(S.sample(transformer, sigmas, noise[b], tuple(c[b] for c in c_base),
-                                   tuple(c[b] for c in c_mix) if c_mix is not None else None, rho, guidance, None, solver))
+                                   tuple(c[b] for c in c_mix) if c_mix is not None else None, rho=rho, guidance=guidance,
+                                   solver=solver))
         x0 = torch.cat(x0).float()
         use_adapter(transformer, "default")
         t1 = time.time()
 
-        # ---- rewards, gathered with group ids over ranks, normalised within groups
-        images = torch.cat([S.decode(vae, x0[a:a + sample_batch]) for a in range(0, n_local, sample_batch)])
-        R_local, parts = reward_fn(images, [prompt_list[i] for i in idx], [metadata[i] for i in idx])
-        R_local = R_local.float().to(dev)
-        parts = {f"reward_{n}": all_gather_cat(v.float().to(dev), world).mean().item() for n, v in parts.items()} if len(parts) > 1 else {}
-        R = all_gather_cat(R_local, world)
+        # ---- rewards, gathered with group ids over ranks, normalised within groups. Scored in chunks of
+        # sample_batch, so that a sample's reward does not depend on how many samples a rank holds
+        R_local, parts = [], {}
+        for a in range(0, n_local, sample_batch):
+            sel = idx[a:a + sample_batch]
+            total, per = reward_fn(S.decode(vae, x0[a:a + sample_batch]), [prompt_list[i] for i in sel], [metadata[i] for i in sel])
+            R_local.append(total.float().to(dev))
+            for n_, v_ in per.items():
+                parts.setdefault(n_, []).append(v_.float().to(dev))
+        R = all_gather_cat(torch.cat(R_local), world)
+        parts = {f"reward_{n}": all_gather_cat(torch.cat(v), world).mean().item() for n, v in parts.items()} if len(parts) > 1 else {}
         gid = torch.arange(N, device=dev) // (K * G)
-        if not torch.isfinite(R).all():
-            raise SystemExit(f"non-finite reward at epoch {epoch}; the last good checkpoint is {ckpt_dir}")
+        if not torch.isfinite(R).all():  # R is the same on every rank: all stop here
+            raise SystemExit(f"non-finite reward at epoch {epoch}; {last_good(out_dir)}" if master else 1)
         r_all = advantages(R, gid, global_std, adv_clip)
         r = r_all[rank * n_local:(rank + 1) * n_local]
         grp_std, collapsed = group_stats(R.cpu(), gid.cpu())
         t2 = time.time()
 
-        # ---- train: every sample on C^orig (use_anchor), at its own permutation of the time grid, in a
-        # shuffled order so that each optimizer step sees a mix of groups (randomness keyed by sample j)
-        order = torch.randperm(n_local, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, rank, 3)))
-        js = [js[o] for o in order]
-        x0, r = x0[order.to(dev)], r[order.to(dev)]
-        c_orig, c_samp = (tuple(c[order.to(c.device)] for c in cc) for cc in (c_orig, c_samp))
+        # ---- train: every sample on C^orig (use_anchor), at its own permutation of the time grid. Which
+        # samples share an optimizer step is keyed by the global sample list (step_assignment)
         c_train = c_orig if use_anchor else c_samp
-        n_micro = n_local // train_batch
-        accum = n_micro // opt_steps_per_epoch
-        perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, 1)))
-                             for j in js])[:, :n_train_t]
-        sums = {"loss": 0.0, "nft": 0.0, "kl": 0.0, "grad_norm": 0.0}
+        step_of, key = step_assignment(N, opt_steps_per_epoch, seed, epoch)
+        step_of, key = step_of[js.start:js.stop], key[js.start:js.stop]
+        sums = {k_: torch.zeros((), device=dev) for k_ in ("loss", "nft", "kl")}
+        grad_norms = []
         transformer.train()
-        for m in tqdm(range(n_micro), desc=f"epoch {epoch} train", disable=not master, leave=False):
-            b = slice(m * train_batch, (m + 1) * train_batch)
-            x0_b, r_b = x0[b], r[b]
-            cond_b = tuple(c[b] for c in c_train)
-            for ti in range(n_train_t):
-                t = sigmas[perms[b, ti]].to(dev)
-                eps = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, 2, ti)))
-                                   for j in js[b]]).to(dev)
-                x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * eps
-                c = cond_b
-                if not use_anchor and use_schedule:  # ablation: the condition that sampled it, as mixed at this t
-                    c = S.mix_condition(tuple(q[b] for q in c_samp), tuple(q[b] for q in c_orig), t, rho)
-                with autocast():
-                    v_old, v_ref, v_theta = policy_velocities(transformer, x_t, t, c, with_ref=kl_beta > 0)
-                nft = nft_loss(v_theta, v_old, x_t, x0_b, t, r_b, beta).mean() * (adv_clip / beta)
-                kl = ((v_theta - v_ref) ** 2).mean() if v_ref is not None else torch.zeros((), device=dev)
-                loss = nft + kl_beta * kl
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"non-finite loss at epoch {epoch}; the last good checkpoint is {ckpt_dir}")
-                (loss / (accum * n_train_t)).backward()
-                for k_, v_ in (("loss", loss), ("nft", nft), ("kl", kl)):
-                    sums[k_] += v_.item() / (n_micro * n_train_t)
-            if (m + 1) % accum == 0:  # one optimizer step per `accum` micro-batches
-                all_reduce_mean_([p.grad for p in params if p.grad is not None], world)
-                sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, grad_clip).item() / opt_steps_per_epoch
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                blend_adapter(transformer, "ema", "default", ema_decay(step, ema_max))  # EMA of theta, for eval and checkpoints
+        for s in range(opt_steps_per_epoch):
+            mine = [i for i in torch.argsort(key).tolist() if step_of[i] == s]  # local indices, in the step's order
+            for a in tqdm(range(0, len(mine), train_batch), desc=f"epoch {epoch} train {s}", disable=not master, leave=False):
+                b = torch.tensor(mine[a:a + train_batch])
+                jb = [js[i] for i in b.tolist()]
+                bd = b.to(dev)
+                x0_b, r_b = x0[bd], r[bd]
+                cond_b = tuple(c[b.to(c.device)] for c in c_train)
+                perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, STREAM_TIMES)))
+                                     for j in jb])[:, :n_train_t]
+                for ti in range(n_train_t):
+                    t = sigmas[perms[:, ti]].to(dev)
+                    eps = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, STREAM_EPS, ti)))
+                                       for j in jb]).to(dev)
+                    x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * eps
+                    c = cond_b
+                    if not use_anchor and use_schedule:  # ablation: the condition that sampled it, as mixed at this t
+                        c = S.mix_condition(tuple(q[b.to(q.device)] for q in c_samp), tuple(q[b.to(q.device)] for q in c_orig), t, rho)
+                    with autocast():
+                        v_old, v_ref, v_theta = policy_velocities(transformer, x_t, t, c, with_ref=kl_beta > 0)
+                    nft = nft_loss(v_theta, v_old, x_t, x0_b, t, r_b, beta) * (adv_clip / beta)  # per sample
+                    kl = ((v_theta - v_ref) ** 2).mean(dim=(1, 2, 3)) if v_ref is not None else torch.zeros_like(nft)
+                    loss = nft + kl_beta * kl
+                    # each sample weighs 1/n_step in its optimizer step, whatever rank or micro-batch it is in;
+                    # summed over ranks below, this is DiffusionNFT's mean over the step's samples
+                    (loss.sum() / (n_step * n_train_t)).backward()
+                    for k_, v_ in (("loss", loss), ("nft", nft), ("kl", kl)):
+                        sums[k_] += v_.detach().sum() / (n_local * n_train_t)
+            all_reduce_sum_([p.grad for p in params if p.grad is not None], world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            if not torch.isfinite(grad_norm):  # the gradients are summed over ranks: every rank sees it
+                raise SystemExit(f"non-finite loss or gradient at epoch {epoch}, step {step + 1}; {last_good(out_dir)}" if master else 1)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            grad_norms.append(grad_norm.item())
+            blend_adapter(transformer, "ema", "default", ema_decay(step, ema_max))  # EMA of theta, for eval and checkpoints
         transformer.eval()
         # ---- the sampling policy follows theta once per epoch: old <- d*old + (1-d)*theta
         blend_adapter(transformer, "old", "default", old_decay(step, old_decay_rate, old_decay_max, old_decay_flat))
         t3 = time.time()
 
         # ---- log: rank 0 prints one line and appends to log.jsonl
+        tot = torch.stack([sums[k_] for k_ in ("loss", "nft", "kl")])
         if world > 1:
             import torch.distributed as dist
-            tot = torch.tensor([sums[k] for k in ("loss", "nft", "kl")], device=dev)
             dist.all_reduce(tot)
-            sums.update(zip(("loss", "nft", "kl"), (tot / world).tolist()))
+            tot /= world
         rec = {"epoch": epoch, "step": step, "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
-               "group_std": grp_std, "collapsed_groups": collapsed, **parts, **sums,
+               "group_std": grp_std, "collapsed_groups": collapsed, **parts,
+               **dict(zip(("loss", "nft", "kl"), tot.tolist())), "grad_norm": sum(grad_norms) / len(grad_norms),
                "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2, "img_per_s": N / (t3 - t0)}
         if eval_list and (epoch + 1) % eval_every == 0:
-            rec["eval_reward"] = evaluate(transformer, vae, text, S.sigma_grid(pipe.scheduler, eval_steps), eval_list, eval_meta,
-                                          reward_fn, shape, dev, autocast, rank, world)
+            rec["eval_reward"] = evaluate(transformer, vae, text, eval_sigmas, eval_list, eval_meta, reward_fn, shape, dev,
+                                          autocast, rank, world, seed, G=eval_G, batch=sample_batch, solver=eval_solver,
+                                          guidance=guidance)
         log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
             f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} kl {rec['kl']:.2e} | "
             f"sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s | {rec['img_per_s']:.2f} img/s"
@@ -458,34 +678,20 @@ def main(argv=None):
         if master:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
-            if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
-                save_checkpoint(ckpt_dir, transformer, opt, {"step": step, "epoch": epoch}, cfg)
+        if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
+            # a checkpoint must be one that can resume: every adapter finite and giving finite outputs
+            if any_rank(not adapters_finite(transformer, x_t[:1], t[:1], tuple(q[:1] for q in c)), world, dev):
+                raise SystemExit(f"the weights after epoch {epoch} (step {step}) give non-finite outputs: training diverged "
+                                 f"(try a lower --lr); not saved, {last_good(out_dir)}" if master else 1)
+            if not same_on_all_ranks([p for a in ADAPTERS for p in adapter_params(transformer, a)], world):
+                raise SystemExit(f"the LoRA adapters differ between ranks at epoch {epoch}: a bug; not saved" if master else 1)
+            if master:
+                save_checkpoint(out_dir, transformer, opt, {"step": step, "epoch": epoch}, cfg)
         if world > 1:
             dist.barrier()
     if master:
         logf.close()
-        log(f"done: LoRA (theta, old, EMA) in {ckpt_dir}/lora, lora_old, lora_ema; log in {out_dir}/log.jsonl")
-    if world > 1:
-        dist.destroy_process_group()
-
-
-@torch.no_grad()
-def evaluate(transformer, vae, text, sigmas, eval_list, eval_meta, reward_fn, shape, dev, autocast, rank, world):
-    """Mean reward of the held-out prompts sampled with the EMA adapter from fixed noises (C^orig only)."""
-    use_adapter(transformer, "ema")
-    mine = list(range(rank, len(eval_list), world))
-    scores = torch.zeros(len(eval_list) * eval_G, device=dev)
-    for i in mine:
-        c = tuple(x.repeat_interleave(eval_G, 0) for x in S.encode(text, [eval_list[i]]))
-        noise = S.image_noise([sample_seed(seed, 10 ** 9, i, g) for g in range(eval_G)], shape, dev)
-        with autocast():
-            x0 = S.sample(transformer, sigmas, noise, c, None, rho, guidance, None, solver)
-        scores[i * eval_G:(i + 1) * eval_G] = reward_fn(S.decode(vae, x0), [eval_list[i]] * eval_G, [eval_meta[i]] * eval_G)[0].float()
-    if world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(scores)
-    use_adapter(transformer, "default")
-    return scores.mean().item()
+        log(f"done: LoRA (theta, old, EMA) in {out_dir}/checkpoint/lora, lora_old, lora_ema; log in {log_path}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ sampler, VAE decoding, and a CLI that writes images.
         --lora=out/align/checkpoint/lora_ema --out_dir=out/samples
 
 Every function above `main()` imports without side effects; phase1_perturb.py, phase2_align.py,
-rewards.py and eval_diversity.py import them from here. Formulas: METHOD.md §2 (where δ goes),
-§3.1 (gamma, mix_condition).
+rewards.py and eval_diversity.py import them from here. Formulas: the paper (arXiv 2605.15803)
+and the README's table of formulas.
 """
+import atexit
 import hashlib
 import json
 import math
@@ -168,6 +169,8 @@ def setup_distributed(device_name="auto", dtype_name="auto"):
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    # leave the process group cleanly however the script ends (a finished run or a SystemExit)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return rank, world, dev, dtype
 
 
@@ -184,13 +187,14 @@ def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
         pipe = tiny_pipeline(seed)
     else:
         from diffusers import StableDiffusion3Pipeline
-        try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(model_id, dtype=dtype)
+        try:  # the VAE in fp32: decoding costs little next to the transformer (DiffusionNFT does the same)
+            pipe = StableDiffusion3Pipeline.from_pretrained(model_id, dtype={"default": dtype, "vae": torch.float32})
         except (OSError, ValueError) as err:
             raise _offline_error(model_id, err)
     pipe.to(device)
-    if pipe.transformer.dtype != dtype:  # the tiny model is built in fp32; bf16 on CUDA
-        pipe.to(dtype=dtype)
+    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
+        if m.dtype != dtype:  # the tiny model is built in fp32; bf16 on CUDA
+            m.to(dtype=dtype)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer, pipe.vae):
         m.requires_grad_(False).eval()
     return pipe
@@ -321,15 +325,19 @@ def load_perturbations(path, text, prompt_list, K=None):
     from safetensors import safe_open
     handles, where, meta = [], {}, None
     for f in perturbation_files(path):
-        h = safe_open(f, framework="pt")
-        m = json.loads(h.metadata()["e2po"])
+        try:
+            h = safe_open(f, framework="pt")
+            m = json.loads(h.metadata()["e2po"])
+        except Exception as err:  # truncated by a crash, or not a Phase I file
+            raise SystemExit(f"perturbation file {f} cannot be read ({type(err).__name__}): it is truncated or was not "
+                             "written by phase1_perturb.py; rerun phase1_perturb.py")
         common = {k: v for k, v in m.items() if k != "summary"}
         if meta is not None and common != meta:
             raise SystemExit(f"perturbation shard {f} was written with other settings than its siblings")
         meta = common
         handles.append(h)
         where.update({key: h for key in h.keys()})
-    if meta["model"] != text["model"]:
+    if not same_model(meta["model"], text["model"]):
         raise SystemExit(f"perturbation file {path} was learned on model '{meta['model']}', not '{text['model']}': rerun phase1_perturb.py")
     if meta["prompts_sha256"] != prompts_hash(prompt_list):
         raise SystemExit(f"perturbation file {path} was learned on other prompts ({meta['n_prompts']} from {meta['prompts_path']}): "
@@ -353,6 +361,16 @@ def load_perturbations(path, text, prompt_list, K=None):
             "rows": lambda i: {n: where[f"{i}.{n}"].get_tensor(f"{i}.{n}") for n in meta["encoders"]}}
 
 
+def same_model(a, b):
+    """Whether two model ids name the same model: equal strings, or folders that resolve to the same
+    place (`/path/model/` and `/path/model`)."""
+    if a == b:
+        return True
+    if os.path.isdir(os.path.expanduser(a)) and os.path.isdir(os.path.expanduser(b)):
+        return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
+    return False
+
+
 def perturbed_conditions(text, pert, prompt_list, indices):
     """C^opt_k for the prompts `indices` of `prompt_list`: (prompt_embeds, pooled), K-1 rows per
     prompt, prompt-major."""
@@ -365,7 +383,7 @@ def perturbed_conditions(text, pert, prompt_list, indices):
     return encode(text, rep, deltas)
 
 
-# ----------------------------------------------------------------------------- the noise-aware schedule (METHOD §3.1)
+# ----------------------------------------------------------------------------- the noise-aware schedule (the paper's gamma)
 def gamma(sigma, rho):
     """gamma(sigma) = clip((sigma - (1 - rho)) / rho, 0, 1): 1 at pure noise, 0 once sigma <= 1 - rho."""
     if not 0 < rho <= 1:
@@ -375,14 +393,23 @@ def gamma(sigma, rho):
     return g.float() if torch.is_tensor(sigma) else float(g)
 
 
+def check_rho(rho):
+    """The config check of rho: one sentence before anything is loaded."""
+    if not 0 < rho <= 1:
+        raise SystemExit(f"rho={rho} must lie in (0, 1]: the perturbations act while sigma > 1 - rho")
+
+
 def mix_condition(c_opt, c_orig, sigma, rho):
-    """C_k(t) = gamma(sigma_t) * C^opt_k + (1 - gamma(sigma_t)) * C^orig, on prompt_embeds and pooled."""
+    """C_k(t) = gamma(sigma_t) * C^opt_k + (1 - gamma(sigma_t)) * C^orig, on prompt_embeds and pooled.
+    Computed as torch.lerp(C^orig, C^opt_k, gamma), which returns C^orig bit for bit when C^opt_k = C^orig
+    (g*C + (1-g)*C is not C in floating point) and the exact endpoints at gamma = 0 and 1: the k = 0
+    samples of a group are sampled exactly as plain sampling would."""
     g = gamma(sigma, rho)
     out = []
     for opt, orig in zip(c_opt, c_orig):
         gg = torch.as_tensor(g, dtype=orig.dtype, device=orig.device)
         gg = gg.reshape(-1, *([1] * (orig.dim() - 1))) if gg.dim() else gg  # per-sample sigma broadcasts over features
-        out.append(gg * opt + (1 - gg) * orig)
+        out.append(torch.lerp(orig, opt.to(orig.dtype), gg.expand_as(orig) if gg.dim() else gg))
     return tuple(out)
 
 
@@ -495,6 +522,7 @@ def main(argv=None):
     prompt_list, metadata = read_prompts(prompts)
     if K > 1 and not perturbations:
         raise SystemExit(f"K={K} needs --perturbations=FILE from phase1_perturb.py (or K=1)")
+    check_rho(rho)
     dev, dt = pick_device(device, dtype)
     pipe = load_pipeline(model, dev, dt, seed=0)
     text = load_text(model, dev, dt, t5_len, pipe=pipe)

@@ -1,7 +1,7 @@
 """
 Tests of the E²PO reference implementation, all on CPU with the tiny random-weight model:
     python -m pytest -q
-Math units are pinned to values worked by hand from METHOD.md; every script runs end to end.
+Math units are pinned to values worked by hand from the paper's formulas; every script runs end to end.
 """
 import json
 import math
@@ -36,7 +36,7 @@ def prompt_file(tmp_path):
     return str(p)
 
 
-# ----------------------------------------------------------------------------- gamma and mix_condition (METHOD §3.1)
+# ----------------------------------------------------------------------------- gamma and mix_condition (the paper's noise-aware schedule)
 def test_gamma_edges():
     rho = 0.4
     assert sample.gamma(1.0, rho) == pytest.approx(1.0)
@@ -63,7 +63,7 @@ def test_mix_condition_endpoints_and_midpoint():
     assert torch.equal(per[1][0], c_opt[1][0]) and torch.equal(per[1][1], c_orig[1][1])
 
 
-# ----------------------------------------------------------------------------- embedding_loss (METHOD §2)
+# ----------------------------------------------------------------------------- embedding_loss (Phase I)
 def test_embedding_loss_by_hand():
     s = 1 / math.sqrt(2)
     # two orthogonal variants, anchor halfway: cos_anc = 0.7071 each, pairwise cos = 0
@@ -99,7 +99,7 @@ def test_embedding_loss_dead_zone_and_batch():
     assert phase1_perturb.embedding_loss(eb, ab, 0.85, 0.05, 0.7).item() == pytest.approx(single.item(), rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- encoding (METHOD §2, §3.1)
+# ----------------------------------------------------------------------------- encoding (Phase I, the schedule)
 def test_encode_equals_diffusers_encode_prompt(pipe, text):
     ref = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False, max_sequence_length=16)
     pe, pooled = sample.encode(text, PROMPTS)
@@ -259,6 +259,35 @@ def test_phase1_reaches_the_ring_and_spreads(phase1_file):
         assert s["pairwise_final"] < s["pairwise_init"] - 0.2, name  # L_div spread them apart
 
 
+@pytest.mark.parametrize("K", [3, 4, 12])
+def test_phase1_every_variant_ends_strictly_inside_the_ring(K, tmp_path, capsys):
+    """K = 3 is the paper's PickScore budget: with two variants and lambda_div = 1 the spreading term
+    beats the hinge and both end at cos 0.5. The default balance lands every K inside [0.80, 0.90]."""
+    pf = tmp_path / "p.txt"
+    pf.write_text(PROMPTS[3] + "\n")
+    out = tmp_path / "p.safetensors"
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", f"--K={K}", "--t5_len=16"])
+    from safetensors import safe_open
+    meta = json.loads(safe_open(str(out), "pt").metadata()["e2po"])
+    assert meta["lambda_div"] == (K - 2) / 2
+    for name, s in meta["summary"].items():
+        assert s["in_ring"] == 1.0, (K, name, s)  # strictly: |cos - mu| <= eps for every variant
+        assert s["pairwise_final"] < s["pairwise_init"] - 0.2, name
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_phase1_ring_report_is_strict_and_warns(tmp_path, capsys):
+    """A variant at 0.7995 is outside [0.80, 0.90] (no hidden slack); a run that ends outside says so."""
+    cos = torch.tensor([[0.7995, 0.801, 0.899, 0.9005]])
+    summary, _ = phase1_perturb.summarize({"t5": {"init": (cos, torch.zeros(1)), "final": (cos, torch.zeros(1))}}, 0.85, 0.05)
+    assert summary["t5"]["in_ring"] == 0.5
+    pf = tmp_path / "p.txt"
+    pf.write_text(PROMPTS[3] + "\n")
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={tmp_path / 'p.safetensors'}", "--K=3",
+                         "--t5_len=16", "--iters=2"])
+    assert "WARNING" in capsys.readouterr().out
+
+
 def test_phase1_deterministic_and_batch_independent(text):
     kw = dict(names=("clip_l",), K=3, mu=0.85, eps=0.05, lambda_div=1.0, sigma_init=0.1, lr=0.05, iters=5, seed=1)
     a, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [0, 1], **kw)
@@ -388,7 +417,7 @@ def test_configurator(tmp_path):
         configure(g, keys, [str(tmp_path / "none.py")])
 
 
-# ----------------------------------------------------------------------------- Phase II formulas (METHOD §3.3)
+# ----------------------------------------------------------------------------- Phase II formulas (DiffusionNFT's objective)
 import phase2_align  # noqa: E402
 
 
@@ -572,6 +601,113 @@ def test_phase2_resume_reproduces_the_next_step(phase1_file, tmp_path):
         assert b[1][key] == pytest.approx(a[1][key], rel=1e-6, abs=1e-9), key
 
 
+class Killed(BaseException):
+    """A simulated kill: not an Exception, so nothing in the code under test catches it."""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_phase2_resume_after_a_kill_inside_save_checkpoint(phase1_file, tmp_path, monkeypatch, kill_at):
+    """A kill at the first rename of epoch 1's save (checkpoint -> .old) leaves the epoch-0 checkpoint in
+    place and a finished .tmp; a kill at the second (.tmp -> checkpoint) leaves only .old (epoch 0) and the
+    finished .tmp (epoch 1). Either way the log already holds epoch 1. A fresh run refuses to touch the
+    folder; --resume=True finds the complete checkpoint, drops the log lines it replays, and goes on
+    exactly as an uninterrupted run."""
+    pf, out = phase1_file
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    phase2_align.main(_phase2(full, out, pf, "--epochs=3", "--ckpt_every=1"))
+    real_replace, calls = os.replace, []
+
+    def dying_replace(src, dst):
+        if os.path.dirname(str(src)) == str(cut) and os.path.basename(str(src)) in ("checkpoint", "checkpoint.tmp"):
+            calls.append(src)
+            if len(calls) == 1 + kill_at:  # epoch 0's save renames once (no checkpoint to move yet), epoch 1's twice
+                raise Killed()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(Killed):
+        phase2_align.main(_phase2(cut, out, pf, "--epochs=3", "--ckpt_every=1"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [r["epoch"] for r in _log(cut)] == [0, 1]
+    assert (cut / "checkpoint.tmp" / "state.pt").is_file() and (kill_at == 1) == (cut / "checkpoint").exists()
+    with pytest.raises(SystemExit, match="holds a run"):
+        phase2_align.main(_phase2(cut, out, pf, "--epochs=3"))
+    assert (cut / "checkpoint.tmp" / "state.pt").is_file()  # untouched
+    phase2_align.main(_phase2(cut, out, pf, "--epochs=3", "--ckpt_every=1", "--resume=True"))
+    a, b = _log(full), _log(cut)
+    assert [r["epoch"] for r in b] == [0, 1, 2]  # no duplicates of replayed epochs
+    for key in ("reward_mean", "group_std", "loss", "grad_norm"):
+        assert b[2][key] == pytest.approx(a[2][key], rel=1e-6, abs=1e-9), key
+    assert sorted(p.name for p in cut.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+def test_phase2_resume_uses_the_settings_it_is_given(phase1_file, tmp_path):
+    """--resume=True --lr=0.0: the optimizer state comes back, but with the new lr (theta stays put)."""
+    pf, out = phase1_file
+    d = tmp_path / "run"
+    phase2_align.main(_phase2(d, out, pf, "--epochs=1", "--ckpt_every=1"))
+    from safetensors.torch import load_file
+    lora = str(d / "checkpoint" / "lora" / "pytorch_lora_weights.safetensors")
+    before = load_file(lora)
+    phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--ckpt_every=1", "--resume=True", "--lr=0.0"))
+    after = load_file(lora)
+    assert _log(d)[1]["grad_norm"] > 0 and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # AdamW with lr 0 moves nothing, bit for bit
+    assert json.loads((d / "config.json").read_text())["lr"] == 0.0
+
+
+def test_phase2_refuses_to_overwrite_a_run(phase1_file, tmp_path):
+    pf, out = phase1_file
+    d = tmp_path / "run"
+    phase2_align.main(_phase2(d, out, pf, "--epochs=1"))
+    files = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    for extra in ((), ("--rho=1.5",), ("--lr=1e-3",)):
+        with pytest.raises(SystemExit, match="rho=1.5 must lie in|holds a run"):
+            phase2_align.main(_phase2(d, out, pf, "--epochs=1", *extra))
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == files  # nothing touched
+    phase2_align.main(_phase2(d, out, pf, "--epochs=1", "--overwrite=True", "--seed=1"))
+    assert json.loads((d / "config.json").read_text())["seed"] == 1 and len(_log(d)) == 1
+
+
+def test_phase2_checks_settings_before_loading(phase1_file, tmp_path, monkeypatch):
+    """Bad settings stop with one sentence before any model is loaded or anything written."""
+    pf, out = phase1_file
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model for bad settings"))
+    (tmp_path / "file").write_text("x")
+    for extra, msg in ((("--rho=0.0",), "rho=0.0 must lie in"), (("--rho=1.5",), "rho=1.5 must lie in"),
+                       ((f"--out_dir={tmp_path / 'file' / 'run'}",), "not a writable folder"),
+                       (("--resume=True",), "no checkpoint in"), (("--beta=0.0",), "beta=0.0 must be > 0"),
+                       (("--solver='rk4'",), "one of 'euler', 'dpm2'")):
+        with pytest.raises(SystemExit, match=msg):
+            phase2_align.main(_phase2(tmp_path / "d", out, pf, *extra))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    with pytest.raises(SystemExit, match="rho=2.0 must lie in"):
+        sample.main([f"--prompts={pf}", "--model=tiny", "--rho=2.0", f"--out_dir={tmp_path / 's'}"])
+
+
+def test_damaged_files_are_named_in_one_sentence(phase1_file, tmp_path):
+    pf, out = phase1_file
+    prompt_list, _ = sample.read_prompts(pf)
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(open(out, "rb").read()[:1000])  # a file truncated by a crash
+    with pytest.raises(SystemExit, match=f"perturbation file {bad} cannot be read"):
+        sample.load_perturbations(str(bad), sample.load_text("tiny", t5_len=16), prompt_list)
+    d = tmp_path / "run"
+    phase2_align.main(_phase2(d, out, pf, "--epochs=1"))
+    (d / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="checkpoint .* cannot be read"):
+        phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--resume=True"))
+
+
+def test_phase2_divergence_saves_no_poisoned_checkpoint(phase1_file, tmp_path):
+    """lr = 1e30: the first step's loss is finite but its weights are not usable; no checkpoint keeps them."""
+    pf, out = phase1_file
+    d = tmp_path / "run"
+    with pytest.raises(SystemExit, match="non-finite .*no checkpoint was written"):
+        phase2_align.main(_phase2(d, out, pf, "--epochs=3", "--ckpt_every=1", "--lr=1e30"))
+    assert not any(p.name.startswith("checkpoint") for p in d.iterdir())
+
+
 def test_phase2_k1_is_plain_diffusionnft_without_a_file(prompt_file, tmp_path):
     d = tmp_path / "k1"
     phase2_align.main(_phase2(d, str(tmp_path / "none.safetensors"), prompt_file, "--epochs=1", "--K=1", "--G=4"))
@@ -594,29 +730,63 @@ def test_phase2_bad_input(phase1_file, tmp_path, monkeypatch):
         phase2_align.main(_phase2(d, out, pf, "--reward={'nan_reward': 1.0}"))
 
 
-def test_phase2_two_processes_match_one(phase1_file, tmp_path):
-    """torchrun --nproc_per_node=2 (gloo, CPU) on the same global batch: same rewards, loss and
-    (all-reduced) gradient norm on step one as a single process."""
+def _torchrun(script, args, nproc):
+    """`torchrun --nproc_per_node=nproc script args` on CPU (gloo), one thread per process, as users run it."""
     import socket
     import subprocess
     import sys
-    pf, out = phase1_file
-    one, two = tmp_path / "one", tmp_path / "two"
-    # a smooth reward (tiny CLIP score; JPEG sizes jump by bytes on 1e-7 changes) and transformer batches
-    # of 8 in both runs, so that only the split over ranks differs
-    extra = ("--epochs=1", "--reward={'clipscore': 1.0}", "--sample_batch=8")
-    phase2_align.main(_phase2(one, out, pf, *extra))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-           "phase2_align.py", *_phase2(two, out, pf, *extra)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert res.returncode == 0, res.stderr[-3000:]
-    a, b = _log(one)[0], _log(two)[0]
-    for key in ("reward_mean", "group_std", "loss", "nft", "kl", "grad_norm"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-8), key
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", script, *args]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), capture_output=True,
+                         text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny pipeline saved to a folder and loaded from it, as a real checkpoint is (the in-memory
+    builder reseeds before every component, which hides rank-dependent seeding)."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    sample.tiny_pipeline(0).save_pretrained(str(d))
+    return str(d)
+
+
+def test_phase2_two_processes_match_one(tiny_folder, tmp_path):
+    """torchrun with 2 processes against 1 process, on a model loaded from a folder, with 2 optimizer
+    steps per epoch: the same samples, rewards, loss and gradient (bit for bit where the arithmetic is
+    the same; to float32 summation order where ranks add up different partial sums), and ranks that
+    hold one model (the run checks that before every checkpoint)."""
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(PROMPTS[:3]) + "\n")
+    pert = str(tmp_path / "p.safetensors")
+    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}", f"--prompts={pf}", f"--perturbations={pert}",
+                         "--K=4", "--iters=10", "--t5_len=16"])
+    lr = 3e-4
+    args = [*_phase2("X", pert, pf, "--epochs=2", "--ckpt_every=1", f"--model={tiny_folder}", f"--lr={lr}",
+                     "--reward={'clipscore': 1.0}", "--reward_opts={'clipscore': {'model': 'tiny'}}",
+                     "--sample_batch=8", "--train_batch=4", "--opt_steps_per_epoch=2")]
+    for n in (1, 2):
+        _torchrun("phase2_align.py", [a if a != "--out_dir=X" else f"--out_dir={tmp_path / str(n)}" for a in args], n)
+    a, b = _log(tmp_path / "1"), _log(tmp_path / "2")
+    # epoch 0 samples with the initial adapters: every image and reward is computed on the same inputs
+    # in batches of the same shape, so they are bit-identical; the loss and gradient are sums of the
+    # same terms in another order (16 samples x 3 timesteps: relative error below ~50 float32 eps)
+    for key in ("reward_mean", "group_std"):
+        assert b[0][key] == a[0][key], key
+    for key in ("loss", "nft", "kl", "grad_norm"):
+        assert b[0][key] == pytest.approx(a[0][key], rel=1e-5, abs=1e-12), key
+    # after the steps: each AdamW step moves a weight by at most lr * (1 - b1) / sqrt(1 - b2) = 3.16 lr,
+    # so runs whose gradients differ only in rounding stay within twice that per step of each other
+    # (ranks that held different adapters differ by O(1): lora_A is drawn with std 1/r)
+    from safetensors.torch import load_file
+    bound = 2 * 3.17 * lr * b[-1]["step"]
+    for sub in ("lora", "lora_old", "lora_ema"):
+        A, B = (load_file(str(d / "checkpoint" / sub / "pytorch_lora_weights.safetensors")) for d in (tmp_path / "1", tmp_path / "2"))
+        assert max((A[k] - B[k]).abs().max().item() for k in A) < bound, sub
 
 
 def test_phase2_geneval_reward_needs_geneval_metadata(phase1_file, tmp_path):
@@ -654,6 +824,22 @@ def test_phase1_two_processes_write_shards_read_as_one_file(phase1_file, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pert.safetensors"]
 
 
+def test_paper_configs_share_the_sample_budget():
+    """DiffusionNFT's public runs are 48 prompts x G=24 = 1152 samples an epoch; the E²PO budgets run at the
+    same N, and every paper config splits over 8 GPUs."""
+    def n_and_split(name):
+        g = {k: getattr(phase2_align, k) for k in phase2_align.config_keys}
+        cfg = configure(g, phase2_align.config_keys, [f"config/{name}.py"])
+        n = cfg["prompts_per_epoch"] * cfg["K"] * cfg["G"]
+        phase2_align.samples_per_rank(cfg["prompts_per_epoch"], cfg["K"], cfg["G"], 8, cfg["train_batch"], cfg["opt_steps_per_epoch"])
+        return n, cfg
+    n, nft = n_and_split("geneval_nft_g24")
+    assert (n, nft["K"], nft["G"], nft["prompts_per_epoch"]) == (1152, 1, 24, 48)
+    assert n_and_split("geneval_g4k12")[0] == n and n_and_split("pickscore_g8k3")[0] == n
+    assert n_and_split("pickscore_nft_g24")[0] == n
+    assert n_and_split("efficient_g2k4")[0] == n // 3
+
+
 def test_samples_per_rank():
     assert phase2_align.samples_per_rank(24, 12, 4, 8, 8, 2) == 144  # config/geneval_g4k12.py on 8 GPUs
     assert phase2_align.samples_per_rank(2, 4, 2, 2, 8, 1) == 8
@@ -663,6 +849,24 @@ def test_samples_per_rank():
         phase2_align.samples_per_rank(2, 4, 2, 1, 5, 1)
     with pytest.raises(SystemExit, match="opt_steps_per_epoch=3"):
         phase2_align.samples_per_rank(2, 4, 2, 1, 8, 3)
+    # config/tiny_cpu.py under torchrun --nproc_per_node=8: 16 samples, 2 a rank; the message says what works
+    with pytest.raises(SystemExit, match=r"use prompts_per_epoch=8 \(any multiple of 8\) or train_batch=2"):
+        phase2_align.samples_per_rank(2, 4, 2, 8, 8, 1)
+
+
+def test_step_assignment_is_balanced_and_rank_free():
+    """Each block of S consecutive samples sends one member to each of the S optimizer steps: any rank's
+    contiguous slice holds the same number of samples per step, and the draw depends on the seed only."""
+    step, key = phase2_align.step_assignment(48, 3, seed=0, epoch=5)
+    assert sorted(step.view(16, 3).sort(dim=1).values.unique(dim=0).tolist()) == [[0, 1, 2]]
+    for world in (1, 2, 4, 8):  # 48/world samples a rank, each rank a third in each step
+        for r in range(world):
+            sl = step[r * 48 // world:(r + 1) * 48 // world]
+            if len(sl) % 3 == 0:
+                assert torch.bincount(sl, minlength=3).tolist() == [len(sl) // 3] * 3
+    again = phase2_align.step_assignment(48, 3, seed=0, epoch=5)
+    assert torch.equal(again[0], step) and torch.equal(again[1], key)
+    assert not torch.equal(phase2_align.step_assignment(48, 3, seed=0, epoch=6)[0], step)
 
 
 def test_phase2_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phase1_file, tmp_path, monkeypatch):
@@ -676,11 +880,44 @@ def test_phase2_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phase1_
         return loss if len(calls) <= 6 else loss * float("nan")
 
     monkeypatch.setattr(phase2_align, "nft_loss", nan_after_first_epoch)
-    with pytest.raises(SystemExit, match="non-finite loss at epoch 1; the last good checkpoint is"):
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at epoch 1, step 2; the last good checkpoint is .*checkpoint$"):
         phase2_align.main(_phase2(d, out, pf, "--epochs=3", "--ckpt_every=1"))
     state = torch.load(d / "checkpoint" / "state.pt", weights_only=False)
     assert state["epoch"] == 0 and state["step"] == 1
     assert not (d / "checkpoint.tmp").exists()
+
+
+def test_mix_of_equal_conditions_is_exact_and_k0_samples_plainly(pipe):
+    """C^orig mixed with itself is C^orig bit for bit at every sigma (g*C + (1-g)*C is not, in floating
+    point), so the k = 0 samples of a group, and K = 1 runs, are plain sampling exactly."""
+    torch.manual_seed(0)
+    c = (torch.randn(2, 93, 96), torch.randn(2, 80))
+    sigmas = sample.sigma_grid(pipe.scheduler, 10)
+    for s in sigmas.tolist() + [0.7, 0.83]:
+        assert all(torch.equal(m, x) for m, x in zip(sample.mix_condition(c, c, s, 0.4), c)), s
+    noise = torch.randn(2, 16, 8, 8)
+    plain = sample.sample(pipe.transformer, sigmas, noise, c)
+    assert torch.equal(sample.sample(pipe.transformer, sigmas, noise, c, c_opt=c), plain)
+
+
+def test_phase2_shared_noise_pairs_the_k_conditions(phase1_file, tmp_path, monkeypatch):
+    """shared_noise: the K conditions of noise g start from one x_1; by default every sample has its own."""
+    pf, out = phase1_file
+    seen, real = [], sample.sample
+
+    def spy(transformer, sigmas, noise, *a, **kw):
+        seen.append(noise.clone())
+        return real(transformer, sigmas, noise, *a, **kw)
+
+    monkeypatch.setattr(sample, "sample", spy)
+    for shared in (True, False):
+        seen.clear()
+        phase2_align.main(_phase2(tmp_path / str(shared), out, pf, "--epochs=1", f"--shared_noise={shared}"))
+        x1 = seen[0]  # the first sampling batch: prompt slot 0, rows (k, g) = k * G + g, K=4, G=2
+        rows = [x1[k * 2 + g] for g in range(2) for k in range(4)]
+        same = [torch.equal(rows[i], rows[j]) for i in range(8) for j in range(i + 1, 8)]
+        # with sharing, exactly the pairs of equal g (2 noises x 6 pairs of conditions) coincide
+        assert sum(same) == (12 if shared else 0)
 
 
 def test_sampler_cfg_and_trajectory():

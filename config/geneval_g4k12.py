@@ -2,12 +2,13 @@
 #   python data/geneval/prepare.py
 #   torchrun --nproc_per_node=8 phase1_perturb.py config/geneval_g4k12.py
 #   torchrun --nproc_per_node=8 phase2_align.py config/geneval_g4k12.py
-# Baseline (DiffusionNFT, same samples per prompt): ... phase2_align.py config/geneval_g4k12.py --K=1 --G=48
+# The DiffusionNFT baseline at the same 1152 samples an epoch is config/geneval_nft_g24.py (48 prompts x G=24).
 # prompts_per_epoch and the batch sizes are ours (24 prompts x 48 = 1152 samples an epoch, 144 per GPU);
-# the paper's hyperparameter tables are not available to us (METHOD.md §5).
+# the paper's hyperparameter tables are not available to us.
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/geneval/train_metadata.jsonl"
-eval_prompts = "data/geneval/test_metadata.jsonl"
+eval_prompts = "data/geneval/evaluation_metadata.jsonl"  # GenEval's official 553 prompts (the benchmark)
+eval_G = 4  # images per prompt, as GenEval and DiffusionNFT's evaluation
 perturbations = "out/geneval_g4k12/perturbations.safetensors"
 out_dir = "out/geneval_g4k12"
 samples = "out/geneval_g4k12/samples"
