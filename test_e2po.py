@@ -383,6 +383,31 @@ def test_bad_prompt_files(tmp_path):
     assert sample.read_prompts(str(tmp_path / "ok.jsonl")) == (["a cat"], [{"prompt": "a cat", "tag": "single_object"}])
 
 
+def test_phase1_removes_the_temp_files_of_killed_runs(prompt_file, tmp_path):
+    out = tmp_path / "p.safetensors"
+    stale = [tmp_path / "p.safetensors.tmp4242", tmp_path / "p-00001-of-00002.safetensors.tmp77"]
+    keep = tmp_path / "p2.safetensors.tmp5"  # another output's: not ours to remove
+    for f in stale + [keep]:
+        f.write_bytes(b"half a file")
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={out}", "--K=3", "--iters=2", "--t5_len=16"])
+    assert sorted(p.name for p in tmp_path.iterdir() if "safetensors" in p.name) == ["p.safetensors", "p2.safetensors.tmp5"]
+
+
+def test_phase1_config_keys_are_only_its_settings():
+    assert "ENCODERS" not in phase1_perturb.config_keys and "encoders" in phase1_perturb.config_keys
+
+
+def test_perturbation_file_accepts_the_same_model_folder_spelled_differently(tiny_folder, prompt_file, tmp_path):
+    out = str(tmp_path / "p.safetensors")
+    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}/", f"--prompts={prompt_file}", f"--perturbations={out}",
+                         "--K=3", "--iters=2", "--t5_len=16"])
+    prompt_list, _ = sample.read_prompts(prompt_file)
+    text = sample.load_text(tiny_folder, t5_len=16)  # "/path/model" vs the "/path/model/" it was learned with
+    assert sample.load_perturbations(out, text, prompt_list, K=3)["K"] == 3
+    with pytest.raises(SystemExit, match="learned on model"):
+        sample.load_perturbations(out, dict(text, model=str(tmp_path)), prompt_list, K=3)
+
+
 def test_phase1_bad_input_writes_nothing(tmp_path):
     out = tmp_path / "p.safetensors"
     with pytest.raises(SystemExit, match="not found"):
@@ -789,6 +814,36 @@ def test_phase2_two_processes_match_one(tiny_folder, tmp_path):
         assert max((A[k] - B[k]).abs().max().item() for k in A) < bound, sub
 
 
+def test_phase2_a_nan_on_one_rank_stops_every_rank_with_one_sentence(tiny_folder, tmp_path):
+    """The perturbations of the prompt that lands on rank 1 are NaN: only rank 1 samples NaN latents, and
+    only its loss is NaN. Gradients are summed over ranks before the check, so both ranks stop at the
+    same step; rank 0 says why, once, and no rank is left waiting in a collective (no gloo errors)."""
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(PROMPTS[:3]) + "\n")
+    pert = tmp_path / "p.safetensors"
+    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}", f"--prompts={pf}", f"--perturbations={pert}",
+                         "--K=4", "--iters=2", "--t5_len=16"])
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(phase2_align.sample_seed(0, 0))
+    on_rank1 = torch.randperm(3, generator=g)[:2].tolist()[1]  # epoch 0's prompt slot 1 (rank 1 of 2)
+    with safe_open(str(pert), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for k in tensors:
+        if k.startswith(f"{on_rank1}."):
+            tensors[k] = torch.full_like(tensors[k], float("nan"))
+    save_file(tensors, str(pert), metadata=meta)
+    import subprocess
+    import sys
+    args = _phase2(tmp_path / "run", str(pert), pf, "--epochs=1", f"--model={tiny_folder}",
+                   "--reward={'clipscore': 1.0}", "--reward_opts={'clipscore': {'model': 'tiny'}}")
+    with pytest.raises(AssertionError) as failed:
+        _torchrun("phase2_align.py", args, 2)
+    out = str(failed.value)
+    assert out.count("non-finite") == 1 and "gloo" not in out.lower(), out[-3000:]
+    assert "non-finite loss or gradient at epoch 0, step 1; no checkpoint was written" in out
+
+
 def test_phase2_geneval_reward_needs_geneval_metadata(phase1_file, tmp_path):
     pf, out = phase1_file
     with pytest.raises(SystemExit, match="needs GenEval metadata"):
@@ -951,6 +1006,8 @@ def test_bf16_path_runs_on_cpu(phase1_file, tmp_path):
     assert lora and all(v.dtype == torch.float32 for v in lora.values())
     with pytest.raises(SystemExit, match="not one of auto"):
         sample.pick_device("cpu", "float8")
+    p = sample.load_pipeline("tiny", "cpu", torch.bfloat16)  # the VAE decodes in fp32 whatever the dtype
+    assert p.transformer.dtype == torch.bfloat16 and p.vae.dtype == torch.float32
 
 
 def test_perturbing_one_encoder_leaves_the_others_alone(prompt_file, tmp_path):
