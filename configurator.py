@@ -16,7 +16,7 @@ import ast
 import os
 from ast import literal_eval
 
-STAGES = ("sample.py", "phase1_perturb.py", "phase2_align.py", "eval_diversity.py")
+STAGES = ("sample.py", "phase1_perturb.py", "phase2_align.py", "eval_diversity.py", "compare_runs.py")
 
 
 def stage_keys():

@@ -34,7 +34,7 @@ from configurator import configure
 # config (the DiffusionNFT numbers are its public code's; the E²PO ones are ours: README "Choices where the paper is silent")
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/geneval/train_metadata.jsonl"
-eval_prompts = None  # held-out prompts sampled with the EMA weights every eval_every epochs
+eval_prompts = None  # held-out prompts sampled with the EMA weights before training and every eval_every epochs
 perturbations = "out/perturbations.safetensors"  # Phase I file (not needed when K = 1)
 out_dir = "out/align"
 reward = {"geneval": 1.0}  # name -> weight; summed before normalisation
@@ -542,6 +542,13 @@ def main(argv=None):
                 shutil.rmtree(d, ignore_errors=True)
         S.write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
     logf = open(log_path, "a" if resume else "w") if master else None
+    run_eval = lambda: evaluate(transformer, vae, text, eval_sigmas, eval_list, eval_meta, reward_fn, shape, dev, autocast,
+                                rank, world, seed, G=eval_G, batch=sample_batch, solver=eval_solver, guidance=guidance)
+    if eval_list and not resume:  # the held-out reward of the starting model (as DiffusionNFT evaluates at step 0)
+        rec = {"epoch": -1, "step": 0, "eval_reward": run_eval()}
+        log(f"before training | eval {rec['eval_reward']:.4f}")
+        if master:
+            logf.write(json.dumps(rec) + "\n")
 
     def conditions(idx, ks):
         """(C^orig, C^sample) per sample of prompts idx with condition indices ks (k = 0 is C^orig)."""
@@ -668,9 +675,7 @@ def main(argv=None):
                **dict(zip(("loss", "nft", "kl"), tot.tolist())), "grad_norm": sum(grad_norms) / len(grad_norms),
                "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2, "img_per_s": N / (t3 - t0)}
         if eval_list and (epoch + 1) % eval_every == 0:
-            rec["eval_reward"] = evaluate(transformer, vae, text, eval_sigmas, eval_list, eval_meta, reward_fn, shape, dev,
-                                          autocast, rank, world, seed, G=eval_G, batch=sample_batch, solver=eval_solver,
-                                          guidance=guidance)
+            rec["eval_reward"] = run_eval()
         log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
             f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} kl {rec['kl']:.2e} | "
             f"sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s | {rec['img_per_s']:.2f} img/s"

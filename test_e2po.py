@@ -598,7 +598,8 @@ def test_phase2_end_to_end_log_and_lora(phase1_file, tmp_path):
     pf, out = phase1_file
     d = tmp_path / "run"
     phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--ckpt_every=1", f"--eval_prompts={pf}", "--eval_every=2"))
-    log = _log(d)
+    start, *log = _log(d)  # the first line is the held-out reward before training
+    assert start == {"epoch": -1, "step": 0, "eval_reward": start["eval_reward"]} and math.isfinite(start["eval_reward"])
     assert [r["epoch"] for r in log] == [0, 1] and [r["step"] for r in log] == [1, 2]
     for key in ("reward_mean", "group_std", "collapsed_groups", "loss", "nft", "kl", "time_sample", "time_train", "img_per_s"):
         assert all(math.isfinite(r[key]) for r in log), key
@@ -1051,3 +1052,46 @@ def test_policy_velocities_use_old_base_and_trained_models():
     assert all(p.grad is not None for p in phase2_align.adapter_params(tr, "default"))
     assert all(p.grad is None for n in ("old", "ema") for p in phase2_align.adapter_params(tr, n))
     assert phase2_align.policy_velocities(tr, x, t, cond, with_ref=False)[1] is None
+
+
+# ----------------------------------------------------------------------------- compare_runs.py
+def _write_run(d, std, evals):
+    d.mkdir(parents=True)
+    lines = [{"epoch": -1, "step": 0, "eval_reward": evals[0]}]
+    for i, s in enumerate(std):
+        rec = {"epoch": i, "step": i + 1, "reward_mean": 0.5, "group_std": s, "collapsed_groups": 0.25 * (s < 0.01)}
+        if i + 1 < len(evals):
+            rec["eval_reward"] = evals[i + 1]
+        lines.append(rec)
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
+    import compare_runs
+    _write_run(tmp_path / "nft" / "seed0", [0.2, 0.1, 0.005], [0.3, 0.4, 0.5, 0.6])
+    _write_run(tmp_path / "nft" / "seed1", [0.2, 0.1, 0.007], [0.3, 0.4, 0.5, 0.8])
+    _write_run(tmp_path / "e2po" / "seed0", [0.3, 0.3, 0.3], [0.3, 0.5])
+    compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}"])
+    out = capsys.readouterr().out
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in out.splitlines() if ln.startswith("| ")}
+    # nft: last std (0.005, 0.007) -> 0.006 ± 0.001; mean std per seed 0.101667 and 0.102333 -> 0.1020 ± 0.0003;
+    # held-out last (0.6, 0.8) -> 0.7 ± 0.1, mean over evaluations after the start (0.5, 0.5667) -> 0.5333 ± 0.0333
+    assert rows["nft"][:2] == ["2", "3"]
+    assert rows["nft"][3] == "0.0060 ± 0.0010" and rows["nft"][4] == "0.1020 ± 0.0003"
+    assert rows["nft"][5] == "0.2500 ± 0.0000" and rows["nft"][6] == "0.3000 ± 0.0000"
+    assert rows["nft"][7] == "0.7000 ± 0.1000" and rows["nft"][8] == "0.5333 ± 0.0333"
+    assert rows["e2po"][:2] == ["1", "3"] and rows["e2po"][7] == "0.5000 ± 0.0000"
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "c.png").stat().st_size > 1000
+    except ImportError:
+        assert "matplotlib is not installed" in out
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("matplotlib") else real_import(name, *a, **k))
+    compare_runs.main([f"--runs={tmp_path / 'nft' / 'seed0'}", f"--plot={tmp_path / 'd.png'}"])
+    out = capsys.readouterr().out
+    assert "| nft | 1 | 3 |" in out and "matplotlib is not installed" in out and not (tmp_path / "d.png").exists()
+    with pytest.raises(SystemExit, match="no log.jsonl"):
+        compare_runs.main([f"--runs={tmp_path / 'none'}"])

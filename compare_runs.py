@@ -1,0 +1,154 @@
+"""
+Compare Phase II runs from their log.jsonl: the intra-group reward std (the learning signal whose
+collapse E²PO fights) and the held-out reward of the EMA weights, against the optimizer step, as one
+PNG (mean over seeds, shaded min..max) and one markdown table.
+
+    # every run of an experiment folder laid out as ROOT/<label>/seed<N>/log.jsonl
+    python compare_runs.py --runs=out/shapes_exp
+    # or runs named one by one (label = the folder name, or its parent's for .../seed<N>)
+    python compare_runs.py --runs=out/a,out/b --plot=out/a_vs_b.png
+
+matplotlib is optional: without it the table still prints. The table's columns, per label, mean ± std
+over seeds: the group std at the first and the last epoch and its mean over all epochs (the area
+under the curve divided by the length), the share of collapsed groups (std < 1e-3) at the last epoch,
+the held-out reward before training, at the end and its mean over the evaluations after training
+started.
+"""
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+# -----------------------------------------------------------------------------
+# config (overridden by configurator.py: python compare_runs.py --key=value)
+runs = "out/shapes_exp"  # comma-separated: experiment folders (<label>/seed<N>/log.jsonl) or run folders
+plot = None  # PNG path; None = compare.png in the first folder of `runs`
+title = ""  # figure title
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+
+
+def read_log(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def find_runs(spec):
+    """{label: [run records, one list per seed]} from a comma-separated list of folders. A folder with a
+    log.jsonl is one run, labelled by its name (its parent's, for a folder named seed<N>); any other
+    folder is searched for <label>/seed<N>/log.jsonl and <label>/log.jsonl."""
+    found = {}
+    for root in filter(None, (p.strip() for p in spec.split(","))):
+        if os.path.isfile(os.path.join(root, "log.jsonl")):
+            paths = [os.path.join(root, "log.jsonl")]
+        else:
+            paths = sorted(glob.glob(os.path.join(glob.escape(root), "*", "seed*", "log.jsonl")) +
+                           glob.glob(os.path.join(glob.escape(root), "*", "log.jsonl")))
+        if not paths:
+            raise SystemExit(f"no log.jsonl in or under '{root}': pass run folders or a folder of <label>/seed<N>/ runs")
+        for p in paths:
+            d = os.path.dirname(os.path.abspath(p))
+            label = os.path.basename(os.path.dirname(d)) if re.fullmatch(r"seed\d+", os.path.basename(d)) else os.path.basename(d)
+            found.setdefault(label, []).append(read_log(p))
+    return found
+
+
+def curve(records, key):
+    """(steps, values) of `key` over a run's records, in step order."""
+    pts = sorted((r["step"], r[key]) for r in records if key in r and r[key] is not None)
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def run_figures(records):
+    """The table's figures of one run."""
+    train = [r for r in records if "group_std" in r]
+    _, std = curve(train, "group_std")
+    steps, ev = curve(records, "eval_reward")
+    start = [v for s, v in zip(steps, ev) if s == 0]
+    after = [v for s, v in zip(steps, ev) if s > 0]
+    return {"steps": train[-1]["step"] if train else 0,
+            "std_first": std[0] if std else None, "std_last": std[-1] if std else None,
+            "std_mean": sum(std) / len(std) if std else None,
+            "collapsed_last": train[-1]["collapsed_groups"] if train else None,
+            "eval_start": start[0] if start else None, "eval_last": after[-1] if after else None,
+            "eval_mean": sum(after) / len(after) if after else None}
+
+
+COLUMNS = (("std_first", "group std, first"), ("std_last", "group std, last"), ("std_mean", "group std, mean"),
+           ("collapsed_last", "collapsed, last"), ("eval_start", "held-out, start"), ("eval_last", "held-out, last"),
+           ("eval_mean", "held-out, mean"))
+
+
+def table(groups):
+    """A markdown table: one row per label, mean ± std over its seeds."""
+    head = "| run | seeds | steps | " + " | ".join(name for _, name in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    for label, runs_ in groups.items():
+        figs = [run_figures(r) for r in runs_]
+        cells = []
+        for key, _ in COLUMNS:
+            m, s = mean_std([f[key] for f in figs])
+            cells.append("n/a" if m is None else f"{m:.4f} ± {s:.4f}")
+        lines.append(f"| {label} | {len(runs_)} | {max(f['steps'] for f in figs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def draw(groups, path, title=""):
+    """Two panels against the optimizer step: the group std (log scale) and the held-out reward; one line
+    per label (mean over seeds), shaded from the lowest to the highest seed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plot, the table above is the result")
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, runs_ in groups.items():
+        for ax, key in zip(axes, ("group_std", "eval_reward")):
+            curves = [dict(zip(*curve(r, key))) for r in runs_]
+            steps = sorted(set().union(*curves))
+            if not steps:
+                continue
+            vals = [[c[s] for c in curves if s in c] for s in steps]
+            mean = [sum(v) / len(v) for v in vals]
+            line, = ax.plot(steps, mean, label=f"{label} ({len(runs_)})", marker="o" if key == "eval_reward" else None, ms=3)
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+    axes[0].set_yscale("log")
+    axes[0].set_title("intra-group reward std (training samples)")
+    axes[1].set_title("held-out reward (EMA weights)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    from configurator import configure
+    configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    groups = find_runs(runs)
+    print(table(groups))
+    path = plot or os.path.join(runs.split(",")[0].strip(), "compare.png")
+    if draw(groups, path, title):
+        print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
