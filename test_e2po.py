@@ -537,8 +537,9 @@ def test_adapters_start_equal_and_save_loads_in_plain_diffusers(tmp_path):
     for name in phase2_align.ADAPTERS:  # lora_B = 0: every adapter is the base model at step 0
         phase2_align.use_adapter(tr, name)
         assert torch.allclose(sample.velocity(tr, x, 0.7, cond), base, atol=1e-6)
+    phase2_align.use_adapter(tr, "default")
     trainable = [n for n, p in tr.named_parameters() if p.requires_grad]
-    assert trainable and all(".default." in n and "lora_" in n for n in trainable)  # theta only, also after set_adapter("ema")
+    assert trainable and all(".default." in n and "lora_" in n for n in trainable)  # theta only, once "default" is active
     with torch.no_grad():
         for p in phase2_align.adapter_params(tr, "default"):
             p.add_(torch.randn_like(p) * 0.1)
@@ -1026,6 +1027,30 @@ def test_perturbing_one_encoder_leaves_the_others_alone(prompt_file, tmp_path):
     assert torch.allclose(pe[:, 77:], pe0[:, 77:].expand(2, -1, -1), atol=1e-6)
     assert torch.allclose(pooled[:, 32:], pooled0[:, 32:].expand(2, -1), atol=1e-6)
     assert torch.all(pe[:, :77, 80:] == 0)  # the zero padding of the CLIP features stays zero
+
+
+def test_use_adapter_equals_peft_model_switching():
+    """The cached per-layer switch gives bit for bit what diffusers/peft's model-level set_adapter and
+    disable_adapters give, for every adapter and for the base model, in any order of switches."""
+    tr = sample.tiny_pipeline(0).transformer
+    phase2_align.add_adapters(tr, 4, 8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for i, name in enumerate(phase2_align.ADAPTERS):
+            for p in phase2_align.adapter_params(tr, name):
+                p.add_(torch.randn_like(p) * 0.1 * (i + 1))
+    x, cond = torch.randn(2, 16, 8, 8), (torch.randn(2, 20, 96), torch.randn(2, 80))
+    with torch.no_grad():
+        for name in ("old", None, "ema", "default", None, "old", "default"):
+            if name is None:
+                tr.disable_adapters()
+            else:
+                tr.enable_adapters()
+                tr.set_adapter(name)
+            ref = sample.velocity(tr, x, 0.6, cond)
+            phase2_align.use_adapter(tr, "ema" if name != "ema" else "old")  # somewhere else first
+            phase2_align.use_adapter(tr, name)
+            assert torch.equal(sample.velocity(tr, x, 0.6, cond), ref), name
 
 
 def test_policy_velocities_use_old_base_and_trained_models():
