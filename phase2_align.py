@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import rewards as RW
@@ -131,6 +132,16 @@ def nft_loss(v_theta, v_old, x_t, x0, t, r, beta):
         losses.append((err ** 2 / w).mean(dim=dims))
     L_pos, L_neg = losses
     return r * L_pos + (1 - r) * L_neg
+
+
+def nft_objective(v_theta, v_old, v_ref, x_t, x0, t, r, beta=1.0, adv_clip=5.0, kl_beta=1e-4):
+    """DiffusionNFT's whole objective per sample [B], as its training step computes it:
+        loss = nft_loss(v_theta, v_old, x_t, x0, t, r, beta) * adv_clip / beta + kl_beta * mean_CHW (v_theta - v_ref)^2
+    averaged over the samples and training times of an optimizer step. Returns (loss, the nft term, the
+    kl term before kl_beta), each [B]; v_ref=None (kl_beta = 0) drops the KL term."""
+    nft = nft_loss(v_theta, v_old, x_t, x0, t, r, beta) * (adv_clip / beta)
+    kl = ((v_theta - v_ref) ** 2).mean(dim=tuple(range(1, v_theta.dim()))) if v_ref is not None else torch.zeros_like(nft)
+    return nft + kl_beta * kl, nft, kl
 
 
 def group_stats(rewards, group_ids):
@@ -244,6 +255,39 @@ def policy_velocities(transformer, x_t, t, c, with_ref=True):
     return v_old, v_ref, S.velocity(transformer, x_t, t, c).float()
 
 
+# ----------------------------------------------------------------------------- the E²PO group of each prompt
+def epoch_samples(n_prompts, K, G, rank, n_local, draw):
+    """This rank's share of the epoch's samples: one flat list of n_prompts * K * G samples, the same on
+    every rank, in which sample j is noise g of condition k of the s-th prompt drawn this epoch:
+
+        j = (s * K + k) * G + g        k = 0: C^orig;  k = 1 .. K-1: the Phase I perturbations of the prompt
+
+    A group (one prompt: its K conditions x G noises) is K * G consecutive samples; rank r holds the
+    contiguous slice j in [r * n_local, (r + 1) * n_local), so a group may span ranks (its rewards are
+    gathered before normalisation). `draw` is the epoch's prompt indices, one per slot s.
+    Returns (js, prompt index, k) of this rank's samples."""
+    js = range(rank * n_local, (rank + 1) * n_local)
+    return js, [draw[j // (K * G)] for j in js], [(j // G) % K for j in js]
+
+
+def group_conditions(text, pert, prompt_list, idx, ks):
+    """(C^orig, C^opt) per sample, each (prompt_embeds, pooled): the original condition of prompt idx[n],
+    and the condition sample n is drawn from, C^orig for k = 0 and Phase I's perturbation k - 1 of the
+    prompt for k >= 1. Each prompt is encoded on its own, so a prompt's condition is bit for bit the
+    same whichever prompts share its GPU (1 and 8 GPUs sample the same images)."""
+    uniq = sorted(set(idx))
+    row = {i: n for n, i in enumerate(uniq)}
+    orig = [torch.cat(c) for c in zip(*(S.encode(text, [prompt_list[i]]) for i in uniq))]
+    c_orig = tuple(c[[row[i] for i in idx]] for c in orig)
+    if pert is None or not any(ks):
+        return c_orig, c_orig
+    km1 = pert["K"] - 1  # perturbed_conditions gives K-1 rows per prompt
+    opt = [torch.cat(c) for c in zip(*(S.perturbed_conditions(text, pert, prompt_list, [i]) for i in uniq))]
+    c_opt = tuple(torch.stack([o[n] if k == 0 else p[row[i] * km1 + k - 1] for n, (i, k) in enumerate(zip(idx, ks))])
+                  for o, p in zip(c_orig, opt))
+    return c_orig, c_opt
+
+
 # ----------------------------------------------------------------------------- small helpers
 # sample_seed(seed, epoch, j, STREAM) keys every random draw of sample j; the streams keep them apart
 STREAM_NOISE, STREAM_TIMES, STREAM_EPS, STREAM_STEPS = 0, 1, 2, 3
@@ -296,7 +340,6 @@ def any_rank(flag, world, device):
     """True on every rank if `flag` is True on any rank (one tiny all-reduce): ranks decide to stop together."""
     if world == 1:
         return bool(flag)
-    import torch.distributed as dist
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -305,7 +348,6 @@ def any_rank(flag, world, device):
 def all_gather_cat(x, world):
     if world == 1:
         return x
-    import torch.distributed as dist
     out = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
@@ -318,7 +360,6 @@ def all_reduce_sum_(tensors, world):
     does not expect."""
     if world == 1 or not tensors:
         return
-    import torch.distributed as dist
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
@@ -330,7 +371,6 @@ def broadcast_(tensors, world):
     one set of adapters, whatever each process drew at init."""
     if world == 1:
         return
-    import torch.distributed as dist
     for t in tensors:
         dist.broadcast(t.data, src=0)
 
@@ -472,7 +512,6 @@ def evaluate(transformer, vae, text, sigmas, prompt_list, metadata, reward_fn, s
         R = reward_fn(S.decode(vae, x0), [prompt_list[i] for i in idx], [metadata[i] for i in idx])[0].float()
         scores[torch.tensor([i * G + g for i, g in chunk], device=dev)] = R.to(dev)
     if world > 1:
-        import torch.distributed as dist
         dist.all_reduce(scores)
     use_adapter(transformer, "default")
     return scores.mean().item()
@@ -535,7 +574,6 @@ def main(argv=None):
         if master:
             restore_checkpoint(out_dir)
         if world > 1:
-            import torch.distributed as dist
             dist.barrier()
         st = load_checkpoint(ck, transformer, opt)
         for group in opt.param_groups:  # the resumed run uses the settings it was given, not the saved ones
@@ -563,37 +601,25 @@ def main(argv=None):
         if master:
             logf.write(json.dumps(rec) + "\n")
 
-    def conditions(idx, ks):
-        """(C^orig, C^sample) per sample of prompts idx with condition indices ks (k = 0 is C^orig)."""
-        # one prompt per encoder call: a prompt's condition is then bit for bit the same whichever prompts
-        # share its rank, so that 1 and 8 GPUs sample the same images
-        uniq = sorted(set(idx))
-        orig = [torch.cat(c) for c in zip(*(S.encode(text, [prompt_list[i]]) for i in uniq))]
-        row = {i: j for j, i in enumerate(uniq)}
-        c_orig = tuple(c[[row[i] for i in idx]] for c in orig)
-        if pert is None or all(k == 0 for k in ks):
-            return c_orig, c_orig
-        opt_c = [torch.cat(c) for c in zip(*(S.perturbed_conditions(text, pert, prompt_list, [i]) for i in uniq))]  # K-1 rows per prompt
-        c_opt = tuple(torch.stack([o[n] if k == 0 else p[row[i] * (K - 1) + k - 1] for n, (i, k) in enumerate(zip(idx, ks))])
-                      for o, p in zip(c_orig, opt_c))
-        return c_orig, c_opt
-
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        # ---- which samples: the same global list on every rank, this rank keeps its slice
+        # ---- the epoch's groups: prompts_per_epoch prompts x K conditions x G noises, one flat list over ranks
         g = torch.Generator().manual_seed(sample_seed(seed, epoch))
-        drawn = (torch.randperm(len(prompt_list), generator=g)[:prompts_per_epoch] if prompts_per_epoch <= len(prompt_list)
-                 else torch.randint(len(prompt_list), (prompts_per_epoch,), generator=g)).tolist()
-        js = range(rank * n_local, (rank + 1) * n_local)
-        slot = [j // (K * G) for j in js]  # group id = prompt slot of this epoch
-        idx = [drawn[s] for s in slot]
-        ks = [(j // G) % K for j in js]
-        c_orig, c_samp = conditions(idx, ks)
-        # what the sampler mixes: C^orig -> C^opt_k by gamma; static C^opt_k without the schedule (ablation)
-        c_base, c_mix = (c_orig, c_samp) if use_schedule else (c_samp, None)
+        draw = (torch.randperm(len(prompt_list), generator=g)[:prompts_per_epoch] if prompts_per_epoch <= len(prompt_list)
+                else torch.randint(len(prompt_list), (prompts_per_epoch,), generator=g)).tolist()
+        js, idx, ks = epoch_samples(prompts_per_epoch, K, G, rank, n_local, draw)
+        c_orig, c_opt = group_conditions(text, pert, prompt_list, idx, ks)
 
-        # ---- sample with the old policy: G noises x K conditions per prompt, deterministic ODE.
-        # shared_noise: the K conditions of noise g start from one x_1 (a paired design)
+        # ---- E²PO change 1, the noise-aware schedule: variant k is sampled on
+        #      C_k(t) = gamma(sigma_t) * C^opt_k + (1 - gamma(sigma_t)) * C^orig,
+        # so the perturbation shapes the layout while sigma > 1 - rho and is gone before details are drawn
+        # (use_schedule=False: a static C^opt_k, the paper's ablation). k = 0 rows mix C^orig with itself: exact.
+        def condition_at(sigma, b):
+            opt_b, orig_b = tuple(c[b] for c in c_opt), tuple(c[b] for c in c_orig)
+            return S.mix_condition(opt_b, orig_b, sigma, rho) if use_schedule else opt_b
+
+        # ---- sample with the old policy, deterministic ODE (shared_noise: the K conditions of noise g of a
+        # group start from one x_1, a paired design; otherwise every sample has its own)
         use_adapter(transformer, "old")
         noise_ids = [(j // (K * G)) * K * G + j % G if shared_noise else j for j in js]
         noise = S.image_noise([sample_seed(seed, epoch, j, STREAM_NOISE) for j in noise_ids], shape, dev)
@@ -601,9 +627,8 @@ def main(argv=None):
         for a in tqdm(range(0, n_local, sample_batch), desc=f"epoch {epoch} sample", disable=not master, leave=False):
             b = slice(a, a + sample_batch)
             with autocast():
-                x0.append(S.sample(transformer, sigmas, noise[b], tuple(c[b] for c in c_base),
-                                   tuple(c[b] for c in c_mix) if c_mix is not None else None, rho=rho, guidance=guidance,
-                                   solver=solver))
+                x0.append(S.sample(transformer, sigmas, noise[b], cond_fn=lambda sigma: condition_at(sigma, b),
+                                   guidance=guidance, solver=solver))
         x0 = torch.cat(x0).float()
         use_adapter(transformer, "default")
         t1 = time.time()
@@ -619,7 +644,7 @@ def main(argv=None):
                 parts.setdefault(n_, []).append(v_.float().to(dev))
         R = all_gather_cat(torch.cat(R_local), world)
         parts = {f"reward_{n}": all_gather_cat(torch.cat(v), world).mean().item() for n, v in parts.items()} if len(parts) > 1 else {}
-        gid = torch.arange(N, device=dev) // (K * G)
+        gid = torch.arange(N, device=dev) // (K * G)  # the group (prompt slot) of every sample of the epoch
         if not torch.isfinite(R).all():  # R is the same on every rank: all stop here
             raise SystemExit(f"non-finite reward at epoch {epoch}; {last_good(out_dir)}" if master else 1)
         r_all = advantages(R, gid, global_std, adv_clip)
@@ -627,9 +652,9 @@ def main(argv=None):
         grp_std, collapsed = group_stats(R.cpu(), gid.cpu())
         t2 = time.time()
 
-        # ---- train: every sample on C^orig (use_anchor), at its own permutation of the time grid. Which
-        # samples share an optimizer step is keyed by the global sample list (step_assignment)
-        c_train = c_orig if use_anchor else c_samp
+        # ---- train each sample at its own permutation of the sampler's time grid (the first n_train_t
+        # entries), re-noised with a fresh eps; which samples share an optimizer step is keyed by the
+        # global sample list (step_assignment)
         step_of, key = step_assignment(N, opt_steps_per_epoch, seed, epoch)
         step_of, key = step_of[js.start:js.stop], key[js.start:js.stop]
         sums = {k_: torch.zeros((), device=dev) for k_ in ("loss", "nft", "kl")}
@@ -640,9 +665,7 @@ def main(argv=None):
             for a in tqdm(range(0, len(mine), train_batch), desc=f"epoch {epoch} train {s}", disable=not master, leave=False):
                 b = torch.tensor(mine[a:a + train_batch])
                 jb = [js[i] for i in b.tolist()]
-                bd = b.to(dev)
-                x0_b, r_b = x0[bd], r[bd]
-                cond_b = tuple(c[b.to(c.device)] for c in c_train)
+                x0_b, r_b = x0[b.to(dev)], r[b.to(dev)]
                 perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, STREAM_TIMES)))
                                      for j in jb])[:, :n_train_t]
                 for ti in range(n_train_t):
@@ -650,14 +673,12 @@ def main(argv=None):
                     eps = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, STREAM_EPS, ti)))
                                        for j in jb]).to(dev)
                     x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * eps
-                    c = cond_b
-                    if not use_anchor and use_schedule:  # ablation: the condition that sampled it, as mixed at this t
-                        c = S.mix_condition(tuple(q[b.to(q.device)] for q in c_samp), tuple(q[b.to(q.device)] for q in c_orig), t, rho)
+                    # ---- E²PO change 2, reference-anchored training: every sample is trained on C^orig,
+                    # whatever condition sampled it (use_anchor=False: on that condition at this t, the ablation)
+                    c = tuple(q[b.to(q.device)] for q in c_orig) if use_anchor else condition_at(t, b.to(c_orig[0].device))
                     with autocast():
                         v_old, v_ref, v_theta = policy_velocities(transformer, x_t, t, c, with_ref=kl_beta > 0)
-                    nft = nft_loss(v_theta, v_old, x_t, x0_b, t, r_b, beta) * (adv_clip / beta)  # per sample
-                    kl = ((v_theta - v_ref) ** 2).mean(dim=(1, 2, 3)) if v_ref is not None else torch.zeros_like(nft)
-                    loss = nft + kl_beta * kl
+                    loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b, beta, adv_clip, kl_beta)
                     # each sample weighs 1/n_step in its optimizer step, whatever rank or micro-batch it is in;
                     # summed over ranks below, this is DiffusionNFT's mean over the step's samples
                     (loss.sum() / (n_step * n_train_t)).backward()
@@ -680,7 +701,6 @@ def main(argv=None):
         # ---- log: rank 0 prints one line and appends to log.jsonl
         tot = torch.stack([sums[k_] for k_ in ("loss", "nft", "kl")])
         if world > 1:
-            import torch.distributed as dist
             dist.all_reduce(tot)
             tot /= world
         rec = {"epoch": epoch, "step": step, "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),

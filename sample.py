@@ -433,13 +433,14 @@ def velocity(transformer, x, sigma, cond):
 
 
 @torch.no_grad()
-def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0, c_neg=None, solver="dpm2",
-           batch_size=None, return_traj=False):
+def sample(transformer, sigmas, noise, c_orig=None, c_opt=None, rho=0.4, guidance=1.0, c_neg=None, solver="dpm2",
+           batch_size=None, return_traj=False, cond_fn=None):
     """Integrate the flow ODE from `noise` (sigma=1) to x0 over `sigmas`.
 
     c_orig, c_opt: per-sample conditions (prompt_embeds [B, S, D], pooled [B, P]). Sample i is conditioned
     on mix_condition(c_opt[i], c_orig[i], sigma) at each step; c_opt=None (or a row equal to c_orig)
-    is the plain original condition. c_neg: the negative/empty condition for CFG (guidance > 1).
+    is the plain original condition. cond_fn: instead of both, a function sigma -> the condition at that
+    step (phase2_align.py writes the schedule this way). c_neg: the negative/empty condition for CFG (guidance > 1).
     solver: "euler", or "dpm2" = DPM-Solver++(2M) in x0 form on alpha=1-t, sigma=t (2nd order, no extra
     forward passes; first order on the first and the last step, the same scheme as DiffusionNFT's).
     Returns x0 latents [B, C, h, w], and with return_traj the list of x at every sigma."""
@@ -451,7 +452,7 @@ def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0
     traj, x0_prev = [x], None
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        cond = c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho)
+        cond = cond_fn(s) if cond_fn is not None else c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho)
         v = []
         for j in range(0, B, batch_size):  # chunk the batch to bound memory
             sl = slice(j, j + batch_size)
@@ -514,6 +515,17 @@ def grid(images, ncol):
     return out
 
 
+def write_text_atomic(path, s):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(s)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
     from configurator import configure
@@ -557,17 +569,6 @@ def main(argv=None):
     write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
     write_text_atomic(os.path.join(out_dir, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
     print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {out_dir}/ (index.jsonl)")
-
-
-def write_text_atomic(path, s):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(s)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -492,6 +492,28 @@ def test_nft_loss_by_hand():
     assert got.item() == pytest.approx(2.5)
 
 
+def test_nft_objective_by_hand():
+    """The whole per-sample objective: nft_loss * adv_clip / beta + kl_beta * mean (v_theta - v_ref)^2."""
+    args = (_scalar(1.0), _scalar(0.5), _scalar(0.25), _scalar(2.0), _scalar(1.0), torch.tensor([0.5], dtype=torch.float64),
+            torch.tensor([0.75], dtype=torch.float64))
+    loss, nft, kl = phase2_align.nft_objective(*args, beta=0.5, adv_clip=5.0, kl_beta=0.1)
+    nft_by_hand = (0.75 * 0.625 + 0.25 * 0.875) * 5.0 / 0.5  # nft_loss at beta 0.5 (above), times adv_clip / beta
+    assert nft.item() == pytest.approx(nft_by_hand) and kl.item() == pytest.approx(0.75 ** 2)
+    assert loss.item() == pytest.approx(nft_by_hand + 0.1 * 0.5625)
+    no_ref = phase2_align.nft_objective(args[0], args[1], None, *args[3:], beta=0.5, adv_clip=5.0, kl_beta=0.1)
+    assert no_ref[0].item() == pytest.approx(nft_by_hand) and no_ref[2].item() == 0
+
+
+def test_epoch_samples_layout():
+    """j = (slot * K + k) * G + g, contiguous slices over ranks: K=3, G=2, 2 prompts = 12 samples, 2 ranks."""
+    draw = [7, 4]
+    js, idx, ks = phase2_align.epoch_samples(2, 3, 2, rank=1, n_local=6, draw=draw)
+    assert list(js) == [6, 7, 8, 9, 10, 11]  # rank 1 holds the second prompt's group whole
+    assert idx == [4] * 6 and ks == [0, 0, 1, 1, 2, 2]
+    js, idx, ks = phase2_align.epoch_samples(2, 3, 2, rank=0, n_local=4, draw=draw)  # 3 ranks: a group spans two
+    assert idx == [7, 7, 7, 7] and ks == [0, 0, 1, 1]
+
+
 def test_nft_loss_gradients_only_into_v_theta():
     v_theta, v_old = _scalar(1.0).requires_grad_(), _scalar(0.5).requires_grad_()
     x_t = _scalar(2.0).requires_grad_()
