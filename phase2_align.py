@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rewards as RW
@@ -239,11 +240,12 @@ def load_lora_into(transformer, name, path):
         raise SystemExit(f"LoRA in {path} does not match this model (unexpected keys like {res.unexpected_keys[0]})")
 
 
-def policy_velocities(transformer, x_t, t, c, with_ref=True):
+def policy_velocities(transformer, x_t, t, c, with_ref=True, theta_model=None):
     """The three forwards of one training step on the same (x_t, t, condition): v_old (old adapter) and
-    v_ref (adapters off: the base model, only when with_ref) without grad, then v_theta with grad. v_theta
-    comes last: with gradient checkpointing the backward re-runs its forward, and it must find the
-    trained adapter still active."""
+    v_ref (adapters off: the base model, only when with_ref) without grad, then v_theta with grad,
+    through `theta_model` when given (the DDP wrapper of `transformer`, whose backward averages theta's
+    gradients over ranks). v_theta comes last: with gradient checkpointing the backward re-runs its
+    forward, and it must find the trained adapter still active."""
     with torch.no_grad():
         use_adapter(transformer, "old")
         v_old = S.velocity(transformer, x_t, t, c).float()
@@ -252,7 +254,7 @@ def policy_velocities(transformer, x_t, t, c, with_ref=True):
             use_adapter(transformer, None)
             v_ref = S.velocity(transformer, x_t, t, c).float()
         use_adapter(transformer, "default")
-    return v_old, v_ref, S.velocity(transformer, x_t, t, c).float()
+    return v_old, v_ref, S.velocity(theta_model or transformer, x_t, t, c).float()
 
 
 # ----------------------------------------------------------------------------- the E²PO group of each prompt
@@ -353,31 +355,9 @@ def all_gather_cat(x, world):
     return torch.cat(out)
 
 
-def all_reduce_sum_(tensors, world):
-    """Sum gradients over ranks in one flat bucket (each rank's gradient already carries the 1/n of the
-    whole optimizer step): what DDP would do here, once per optimizer step. We do not wrap the model
-    in DDP because peft's set_adapter toggles requires_grad between adapters, which DDP's reducer
-    does not expect."""
-    if world == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(f.view_as(t))
-
-
-def broadcast_(tensors, world):
-    """Copy rank 0's tensors to every rank (DDP's initial broadcast): all ranks start from, and keep,
-    one set of adapters, whatever each process drew at init."""
-    if world == 1:
-        return
-    for t in tensors:
-        dist.broadcast(t.data, src=0)
-
-
 def same_on_all_ranks(tensors, world):
     """Whether every rank holds bit-identical tensors (a float64 fingerprint per rank, all-gathered).
-    Ranks that start from one set of adapters and apply the same all-reduced gradients stay identical;
+    Ranks that start from one set of adapters and apply the same DDP-averaged gradients stay identical;
     checked before every checkpoint, as a guard against ranks silently training different models."""
     if world == 1:
         return True
@@ -552,7 +532,7 @@ def main(argv=None):
     reward_fn = RW.build_reward(reward, dev, dt, tiny=model == "tiny", opts=reward_opts)
 
     # ---- models: frozen SD3, three LoRA adapters on the transformer
-    torch.manual_seed(seed)  # the same adapter init on every rank (and rank 0's is broadcast below)
+    torch.manual_seed(seed)  # the same adapter init on every rank (and DDP broadcasts rank 0's below)
     pipe = S.load_pipeline(model, dev, dt)
     text = S.load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = S.load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None
@@ -583,8 +563,9 @@ def main(argv=None):
         if master:
             trim_log(log_path, st["epoch"])
         log(f"resumed from {ck}: epoch {start_epoch}, step {step}")
-    for name in ADAPTERS:
-        broadcast_(adapter_params(transformer, name), world)
+    # DDP averages theta's gradients over ranks in its backward, and starts every rank from rank 0's
+    # weights (all three adapters included). peft's adapter switches go to the wrapped module directly.
+    theta_model = transformer if world == 1 else DDP(transformer, device_ids=[dev.index] if dev.type == "cuda" else None)
     torch.manual_seed(seed + rank)
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -662,8 +643,9 @@ def main(argv=None):
         transformer.train()
         for s in range(opt_steps_per_epoch):
             mine = [i for i in torch.argsort(key).tolist() if step_of[i] == s]  # local indices, in the step's order
-            for a in tqdm(range(0, len(mine), train_batch), desc=f"epoch {epoch} train {s}", disable=not master, leave=False):
-                b = torch.tensor(mine[a:a + train_batch])
+            micro = [mine[a:a + train_batch] for a in range(0, len(mine), train_batch)]
+            for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not master, leave=False)):
+                b = torch.tensor(chunk)
                 jb = [js[i] for i in b.tolist()]
                 x0_b, r_b = x0[b.to(dev)], r[b.to(dev)]
                 perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, STREAM_TIMES)))
@@ -676,17 +658,19 @@ def main(argv=None):
                     # ---- E²PO change 2, reference-anchored training: every sample is trained on C^orig,
                     # whatever condition sampled it (use_anchor=False: on that condition at this t, the ablation)
                     c = tuple(q[b.to(q.device)] for q in c_orig) if use_anchor else condition_at(t, b.to(c_orig[0].device))
-                    with autocast():
-                        v_old, v_ref, v_theta = policy_velocities(transformer, x_t, t, c, with_ref=kl_beta > 0)
-                    loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b, beta, adv_clip, kl_beta)
-                    # each sample weighs 1/n_step in its optimizer step, whatever rank or micro-batch it is in;
-                    # summed over ranks below, this is DiffusionNFT's mean over the step's samples
-                    (loss.sum() / (n_step * n_train_t)).backward()
+                    # gradients accumulate over the step's micro-batches and times; DDP averages them over
+                    # ranks in the step's last backward only (no_sync before it)
+                    last = m == len(micro) - 1 and ti == n_train_t - 1
+                    with autocast(), (contextlib.nullcontext() if world == 1 or last else theta_model.no_sync()):
+                        v_old, v_ref, v_theta = policy_velocities(transformer, x_t, t, c, with_ref=kl_beta > 0, theta_model=theta_model)
+                        loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b, beta, adv_clip, kl_beta)
+                        # each sample weighs 1/len(mine) in its rank's step (the same count on every rank);
+                        # averaged over ranks, this is DiffusionNFT's mean over the step's samples and times
+                        (loss.sum() / (len(mine) * n_train_t)).backward()
                     for k_, v_ in (("loss", loss), ("nft", nft), ("kl", kl)):
                         sums[k_] += v_.detach().sum() / (n_local * n_train_t)
-            all_reduce_sum_([p.grad for p in params if p.grad is not None], world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            if not torch.isfinite(grad_norm):  # the gradients are summed over ranks: every rank sees it
+            if not torch.isfinite(grad_norm):  # the gradients are averaged over ranks: every rank sees it
                 raise SystemExit(f"non-finite loss or gradient at epoch {epoch}, step {step + 1}; {last_good(out_dir)}" if master else 1)
             opt.step()
             opt.zero_grad(set_to_none=True)
