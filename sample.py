@@ -8,6 +8,8 @@ sampler, VAE decoding, and a CLI that writes images.
     # SD3.5-M with Phase I perturbations and a trained LoRA: K conditions x G noises per prompt
     python sample.py --prompts=prompts.txt --perturbations=out/perturb.safetensors --K=12 --G=4 \
         --lora=out/align/checkpoint/lora_ema --out_dir=out/samples
+    # the same on 8 GPUs: prompts shared out over ranks, the same images and one index.jsonl
+    torchrun --nproc_per_node=8 sample.py --prompts=prompts.txt ...
 
 Every function above `main()` imports without side effects; phase1_perturb.py, phase2_align.py,
 rewards.py and eval_diversity.py import them from here. Formulas: the paper (arXiv 2605.15803)
@@ -37,7 +39,7 @@ guidance = 1.0  # CFG scale; 1.0 = no CFG (the RL setting)
 resolution = 512
 t5_len = 128  # T5 tokens, as DiffusionNFT
 lora = None  # folder with pytorch_lora_weights.safetensors
-batch_size = 8  # images per transformer forward
+batch_size = 8  # images per transformer forward, across prompts
 seed = 0
 out_dir = "out/samples"  # PNGs, a grid per prompt, index.jsonl (eval_diversity.py --samples=DIR reads it)
 device = "auto"  # "auto" = cuda if available else cpu
@@ -535,40 +537,57 @@ def main(argv=None):
     if K > 1 and not perturbations:
         raise SystemExit(f"K={K} needs --perturbations=FILE from phase1_perturb.py (or K=1)")
     check_rho(rho)
-    dev, dt = pick_device(device, dtype)
+    if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+        raise SystemExit(f"--lora={lora} holds no pytorch_lora_weights.safetensors")
+    rank, world, dev, dt = setup_distributed(device, dtype)
     pipe = load_pipeline(model, dev, dt, seed=0)
     text = load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None  # K=1: C^orig only
     shape = latent_shape(pipe, resolution)
     if lora:
-        if not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
-            raise SystemExit(f"--lora={lora} holds no pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(lora)
     c_neg = encode(text, [""]) if guidance > 1.0 else None
     sigmas = sigma_grid(pipe.scheduler, steps)
     os.makedirs(out_dir, exist_ok=True)
+    # every image (pi, k, g) of every prompt in one list, cut into batches of batch_size across prompts;
+    # rank r samples batches r, r + world, ...: a batch holds the same images on 1 or 8 GPUs, and the
+    # last one is padded with copies of its last image, so every forward has one shape. With per-image
+    # seeds, the files are then the same whatever the number of GPUs.
+    items = [(pi, k, g) for pi in range(len(prompt_list)) for k in range(K) for g in range(G)]
+    batches = [items[a:a + batch_size] for a in range(0, len(items), batch_size)]
     index = []
-    for pi in tqdm(range(len(prompt_list)), desc="prompts"):
-        orig = encode(text, [prompt_list[pi]])
-        c_orig = tuple(c.repeat_interleave(K * G, 0) for c in orig)
-        c_opt = None
-        if pert is not None:
-            opt = perturbed_conditions(text, pert, prompt_list, [pi])  # K-1 rows
-            c_opt = tuple(torch.cat([o, p]).repeat_interleave(G, 0) for o, p in zip(orig, opt))  # k=0 is C^orig
-        seeds = [seed + (pi * K + k) * G + g for k in range(K) for g in range(G)]
-        x0 = sample(pipe.transformer, sigmas, image_noise(seeds, shape, dev),
-                    c_orig, c_opt, rho, guidance, c_neg, solver, batch_size)
-        images = decode(pipe.vae, x0)
-        for j, img in enumerate(images):
-            k, g = divmod(j, G)
+    for chunk in tqdm(batches[rank::world], desc="sample", disable=rank != 0):
+        conds = {}  # prompt -> (C^orig [1, ...], rows k = 0..K-1 of C^opt or None), each prompt encoded alone
+        for pi in sorted({pi for pi, _, _ in chunk}):
+            orig = encode(text, [prompt_list[pi]])
+            opt = perturbed_conditions(text, pert, prompt_list, [pi]) if pert is not None else None
+            conds[pi] = orig, tuple(torch.cat([o, p]) for o, p in zip(orig, opt)) if opt is not None else None
+        padded = chunk + chunk[-1:] * (batch_size - len(chunk))
+        c_orig = tuple(torch.cat([conds[pi][0][n] for pi, _, _ in padded]) for n in range(2))
+        c_opt = tuple(torch.stack([conds[pi][1][n][k] for pi, k, _ in padded]) for n in range(2)) if pert is not None else None
+        seeds = [seed + (pi * K + k) * G + g for pi, k, g in padded]
+        x0 = sample(pipe.transformer, sigmas, image_noise(seeds, shape, dev), c_orig, c_opt, rho, guidance, c_neg, solver)
+        for (pi, k, g), s_, img in zip(chunk, seeds, decode(pipe.vae, x0)):
             fname = f"{pi:05d}_k{k:02d}_g{g:02d}.png"
             to_pil(img).save(os.path.join(out_dir, fname))
-            index.append({"prompt_index": pi, "prompt": prompt_list[pi], "k": k, "g": g, "seed": seeds[j], "file": fname,
+            index.append({"prompt_index": pi, "prompt": prompt_list[pi], "k": k, "g": g, "seed": s_, "file": fname,
                           "metadata": metadata[pi]})
-        to_pil(grid(images, G)).save(os.path.join(out_dir, f"{pi:05d}_grid.png"))
-    write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
-    write_text_atomic(os.path.join(out_dir, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
-    print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {out_dir}/ (index.jsonl)")
+    if world > 1:  # one index for the folder, written by rank 0
+        import torch.distributed as dist
+        parts = [None] * world
+        dist.all_gather_object(parts, index)
+        index = [r for p in parts for r in p]
+    if rank == 0:
+        index.sort(key=lambda r: (r["prompt_index"], r["k"], r["g"]))
+        from PIL import Image
+        import numpy as np
+        for pi in range(len(prompt_list)):  # a K x G grid per prompt, from the files (a prompt may span ranks)
+            ims = [np.asarray(Image.open(os.path.join(out_dir, r["file"]))) for r in index[pi * K * G:(pi + 1) * K * G]]
+            to_pil(grid(torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255, G)).save(
+                os.path.join(out_dir, f"{pi:05d}_grid.png"))
+        write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
+        write_text_atomic(os.path.join(out_dir, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
+        print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {out_dir}/ (index.jsonl)")
 
 
 if __name__ == "__main__":

@@ -363,6 +363,21 @@ def test_sample_cli_with_and_without_perturbations(phase1_file, tmp_path):
     assert not np.array_equal(b0, b1)
 
 
+def test_sample_cli_under_torchrun_writes_what_one_process_writes(phase1_file, tmp_path):
+    """torchrun --nproc_per_node=2 sample.py: prompts shared out over ranks, batches across prompts (of
+    other compositions than one process makes), the same PNG files byte for byte and one index.jsonl."""
+    pf, out = phase1_file
+    args = ["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--G=2", "--t5_len=16",
+            "--steps=3", "--batch_size=5"]
+    _torchrun("sample.py", [*args, f"--out_dir={tmp_path / 'one'}"], 1)
+    _torchrun("sample.py", [*args, f"--out_dir={tmp_path / 'two'}"], 2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "index.jsonl").read_text() == (two / "index.jsonl").read_text()
+    names = sorted(p.name for p in one.iterdir() if p.suffix == ".png")
+    assert len(names) == 3 * 4 * 2 + 3 and names == sorted(p.name for p in two.iterdir() if p.suffix == ".png")
+    assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
+
+
 def test_sample_cli_refuses_k_without_file(prompt_file, tmp_path):
     with pytest.raises(SystemExit, match="needs --perturbations"):
         sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--perturbations=None", f"--out_dir={tmp_path / 'x'}"])
