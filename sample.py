@@ -16,6 +16,7 @@ rewards.py and eval_diversity.py import them from here. Formulas: the paper (arX
 and the README's table of formulas.
 """
 import atexit
+import contextlib
 import hashlib
 import json
 import math
@@ -222,6 +223,21 @@ def load_text(model_id, device="cpu", dtype=torch.float32, t5_len=128, seed=0, p
     for e in encs:
         e.to(device, dtype).requires_grad_(False).eval()
     return {"model": model_id, "t5_len": t5_len, "tokenizers": dict(zip(ENCODERS, toks)), "encoders": dict(zip(ENCODERS, encs))}
+
+
+@contextlib.contextmanager
+def text_on(text, device, offload=True):
+    """Within the block the text encoders sit on `device`; with offload they go back to the CPU after it,
+    so that SD3.5-M's ~11 GB of encoders hold no GPU memory between the moments they encode."""
+    if offload:
+        for e in text["encoders"].values():
+            e.to(device)
+    try:
+        yield text
+    finally:
+        if offload:
+            for e in text["encoders"].values():
+                e.to("cpu")
 
 
 # ----------------------------------------------------------------------------- encoding with perturbations

@@ -772,6 +772,24 @@ def test_phase2_divergence_saves_no_poisoned_checkpoint(phase1_file, tmp_path):
     assert not any(p.name.startswith("checkpoint") for p in d.iterdir())
 
 
+def test_phase2_text_offload_changes_nothing_but_where_the_encoders_wait(phase1_file, tmp_path, monkeypatch):
+    """--text_offload=True: the encoders sit on the CPU between encodings (trivially so on a CPU run) and the
+    run is the same bit for bit; every encoding happens inside sample.text_on."""
+    pf, out = phase1_file
+    inside, real_on = [], sample.text_on
+
+    def tracked_on(*a, **kw):
+        inside.append(True)
+        return real_on(*a, **kw)
+    monkeypatch.setattr(sample, "text_on", tracked_on)
+    phase2_align.main(_phase2(tmp_path / "a", out, pf, "--epochs=1", f"--eval_prompts={pf}", "--eval_every=1"))
+    phase2_align.main(_phase2(tmp_path / "b", out, pf, "--epochs=1", f"--eval_prompts={pf}", "--eval_every=1", "--text_offload=True"))
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in a] == \
+           [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in b]
+    assert len(inside) == 2 * 3  # per run: the start evaluation, the epoch's groups, the end evaluation
+
+
 def test_phase2_k1_is_plain_diffusionnft_without_a_file(prompt_file, tmp_path):
     d = tmp_path / "k1"
     phase2_align.main(_phase2(d, str(tmp_path / "none.safetensors"), prompt_file, "--epochs=1", "--K=1", "--G=4"))
