@@ -17,6 +17,7 @@ of B dicts (GenEval clauses for GenEval prompts, empty dicts otherwise). Each is
 | hpsv2                  | open_clip ViT-H-14 + HPS v2.1 (pip install open_clip_torch) | cosine, ~0.25-0.35      |
 | imagereward            | ImageReward-v1.0 (pip install image-reward)                 | z-scored, ~-2..2        |
 | geneval                | Mask2Former Swin-S COCO instance + CLIP ViT-L/14 colour     | partial credit, <= 1    |
+| shapes                 | none: pixel rules on the shapes world (data/shapes/)        | partial credit, <= 1    |
 
 Scores are reported raw, as the papers' tables do. Training does not need them rescaled: the
 advantage normalises each group by its std, so a constant factor only matters when several rewards
@@ -725,6 +726,151 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
     return fn
 
 
+# ----------------------------------------------------------------------------- shapes world
+# A synthetic GenEval that a CPU can learn: filled circles, squares and triangles in GenEval's ten
+# colours on a plain grey background. data/shapes/prepare.py renders them and writes GenEval-style
+# prompt files, data/shapes/train_prior.py trains an SD3-shaped prior on them, and the `shapes` reward
+# finds the objects with pixel rules and judges them with GenEval's own rules (`geneval_rules`): the
+# reward has exactly GenEval's structure, but is exact and takes a millisecond an image.
+SHAPE_CLASSES = ("circle", "square", "triangle")
+# RGB of each GenEval colour: recognisably its name, and every two of them (background included) at
+# least ~118 apart in RGB, so naming a pixel by its nearest palette colour survives a VAE's blur.
+SHAPES_PALETTE = {
+    "red": (215, 15, 50), "orange": (255, 130, 0), "yellow": (240, 240, 40), "green": (20, 175, 65),
+    "blue": (20, 90, 220), "purple": (140, 20, 205), "pink": (255, 125, 220), "brown": (110, 65, 15),
+    "black": (0, 0, 0), "white": (255, 255, 255)}
+SHAPES_BACKGROUND = (140, 140, 140)
+# object sizes, as fractions of the image side: the renderer draws SHAPES_SIZE; the detector drops
+# specks below SHAPES_MIN_SIDE and lowers the confidence of objects beyond the rendered sizes (a
+# canvas-filling colour is not "a square"), reaching 0 at SHAPES_MAX_SIDE
+SHAPES_SIZE = (0.22, 0.36)
+SHAPES_MIN_SIDE, SHAPES_MAX_SIDE = 0.08, 0.6
+# the IoU with its ideal shape at which an object's score starts to rise and reaches 1, per class.
+# Calibrated on VAE reconstructions of rendered shapes (a 1-2 px blur): 90 % of circles and squares
+# keep IoU >= 0.88, of triangles >= 0.73 (their apex and corners, long boundary for their area, blur
+# first); a diamond or ellipse judged as a circle stays <= 0.72, an upside-down triangle <= 0.57.
+SHAPES_IOU_RAMP = {"circle": (0.7, 0.85), "square": (0.7, 0.85), "triangle": (0.6, 0.75)}
+
+
+def shape_mask(cls, w, h):
+    """The ideal filled shape in a w x h pixel box, bool [h, w], sampled at pixel centres. The renderer
+    draws exactly this; the detector compares each found object with it. Triangles stand apex up; a
+    row's width is read at its lower edge, so the apex row is never empty (the box stays tight)."""
+    import numpy as np
+    u = (np.arange(w) + 0.5) / w
+    if cls == "circle":
+        v = (np.arange(h) + 0.5) / h
+        return (u[None] - 0.5) ** 2 + (v[:, None] - 0.5) ** 2 <= 0.25
+    if cls == "square":
+        return np.ones((h, w), bool)
+    if cls == "triangle":
+        v = (np.arange(h) + 1.0) / h
+        return np.abs(u[None] - 0.5) <= v[:, None] / 2 + 1e-9
+    raise ValueError(f"unknown shape '{cls}': one of {', '.join(SHAPE_CLASSES)}")
+
+
+def _ramp(x, lo, hi):
+    return min(max((x - lo) / (hi - lo), 0.0), 1.0)
+
+
+def shapes_detect(image):
+    """GenEval-format detections of one uint8 [H, W, 3] image: {class: [(box, score, colour), ...]},
+    box = (x0, y0, x1, y1) in pixels (x1, y1 exclusive), unfiltered (geneval_rules applies thresholds).
+
+    Every pixel is named by its nearest colour among the palette and the background; the connected
+    non-background regions are the objects (regions smaller than SHAPES_MIN_SIDE on both sides are
+    specks and dropped). An object's class is the shape whose ideal mask in the object's own box
+    overlaps its (hole-filled) mask best (IoU); its colour is the majority name of its interior (one
+    pixel in from the edge, where a VAE blurs colours into each other). Its score is a product of
+    ramps in [0, 1], each 1 for a cleanly drawn shape: the best IoU (SHAPES_IOU_RAMP), its margin over
+    the second-best shape (0 -> 0.04; a perfect shape's margin is >= 0.21), the interior's colour purity
+    (0.6 -> 0.9), the box's aspect ratio (0.6 -> 0.85; every shape is drawn in a square box), the size
+    (1 up to 0.45 of the image side, 0 at SHAPES_MAX_SIDE), and half for an object touching the image
+    border (cut off). Rendered shapes score 1; blurred or misshapen ones fall under GenEval's counting
+    threshold (0.9) first and its detection threshold (0.3) later; noise and merged blobs score ~0."""
+    import numpy as np
+    from scipy import ndimage
+    H, W = image.shape[:2]
+    S = min(H, W)
+    ref = np.array([SHAPES_PALETTE[c] for c in GENEVAL_COLORS] + [SHAPES_BACKGROUND], np.float32)
+    dist = ((image[..., None, :3].astype(np.float32) - ref) ** 2).sum(-1)  # [H, W, 11]
+    name = dist.argmin(-1)
+    bg = len(GENEVAL_COLORS)
+    regions, _ = ndimage.label(name != bg)  # 4-connected: shapes touching only at a corner stay apart
+    out = {}
+    for i, sl in enumerate(ndimage.find_objects(regions)):
+        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        if max(h, w) < SHAPES_MIN_SIDE * S:
+            continue
+        mask = ndimage.binary_fill_holes(regions[sl] == i + 1)
+        iou = {}
+        for cls in SHAPE_CLASSES:
+            t = shape_mask(cls, w, h)
+            iou[cls] = float((mask & t).sum() / (mask | t).sum())
+        ranked = sorted(SHAPE_CLASSES, key=lambda c: -iou[c])
+        core = ndimage.binary_erosion(mask)
+        if core.sum() < 0.25 * mask.sum():  # thin objects: use every pixel
+            core = mask
+        votes = np.bincount(name[sl][core], minlength=bg + 1)  # background-named holes count against purity
+        colour = int(votes[:bg].argmax())
+        purity = votes[colour] / max(int(core.sum()), 1)
+        on_border = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == H or sl[1].stop == W
+        score = (_ramp(iou[ranked[0]], *SHAPES_IOU_RAMP[ranked[0]]) * _ramp(iou[ranked[0]] - iou[ranked[1]], 0.0, 0.04)
+                 * _ramp(purity, 0.6, 0.9) * _ramp(min(h, w) / max(h, w), 0.6, 0.85)
+                 * _ramp(-max(h, w) / S, -SHAPES_MAX_SIDE, -0.45) * (0.5 if on_border else 1.0))
+        box = (float(sl[1].start), float(sl[0].start), float(sl[1].stop), float(sl[0].stop))
+        out.setdefault(ranked[0], []).append((box, float(score), GENEVAL_COLORS[colour]))
+    return out
+
+
+def _uint8_images(images):
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded as a saved PNG (and _to_pil) would be."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def shapes(device="cpu", dtype=torch.float32, strict=False, credit="server"):
+    """The shapes world's GenEval: `shapes_detect` finds the objects, `geneval_rules` judges them. The
+    reward is the partial-credit score (formula `credit`, as the geneval reward's), or 0/1 correctness if
+    `strict` (the benchmark verdict). No model: device and dtype are accepted for the registry's uniform
+    call. Extra attributes, as the geneval reward's: .evaluate(images, metadata) -> [{"tag", "correct",
+    "score", "reason", "detections"}] and .detect(images, class_names=None, threshold=THRESHOLD) -> per
+    image [{"class", "box", "score"}]."""
+    if credit not in GENEVAL_CREDITS:
+        raise SystemExit(f"unknown shapes credit '{credit}': use 'server' (the public reward server's formula, the "
+                         f"default) or 'fixed', e.g. {opts_hint('shapes', 'credit', 'fixed')}")
+
+    def evaluate(images, metadata):
+        metadata = list(metadata)
+        if len(metadata) != len(images) or any(not m.get("include") for m in metadata):
+            raise SystemExit("the shapes reward needs GenEval-style metadata for every image: use a .jsonl prompt "
+                             "file with 'tag' and 'include' fields (data/shapes/prepare.py writes them)")
+        asked = {c["class"] for m in metadata for c in m["include"] + m.get("exclude", [])}
+        if not asked <= set(SHAPE_CLASSES):
+            raise SystemExit(f"the shapes reward knows only {', '.join(SHAPE_CLASSES)}, but the metadata asks for "
+                             f"{', '.join(sorted(asked - set(SHAPE_CLASSES)))}: use data/shapes/*_metadata.jsonl")
+        results = []
+        for im, meta in zip(_uint8_images(images), metadata):
+            dets = shapes_detect(im)
+            correct, score, reason = geneval_rules(dets, meta, credit)
+            results.append({"tag": meta.get("tag"), "correct": correct, "score": score, "reason": reason,
+                            "detections": dets})
+        return results
+
+    def detect(images, class_names=None, threshold=THRESHOLD):
+        keep = None if class_names is None else set(class_names)
+        return [[{"class": c, "box": list(box), "score": s} for c, dets in shapes_detect(im).items()
+                 for box, s, _ in dets if (keep is None or c in keep) and s > threshold]
+                for im in _uint8_images(images)]
+
+    def fn(images, prompts=None, metadata=None):
+        res = evaluate(images, metadata if metadata is not None else [{}] * len(images))
+        vals = [float(r["correct"]) if strict else r["score"] for r in res]
+        return torch.tensor(vals, dtype=torch.float32, device=images.device)
+
+    fn.evaluate, fn.detect = evaluate, detect
+    return fn
+
+
 # ----------------------------------------------------------------------------- registry
 REWARDS = {
     "jpeg_compressibility": jpeg_compressibility,
@@ -735,6 +881,7 @@ REWARDS = {
     "hpsv2": hpsv2,
     "imagereward": imagereward,
     "geneval": geneval,
+    "shapes": shapes,
 }
 # what build_reward(tiny=True) passes: every model id of a reward set to "tiny"
 TINY_OPTS = {
