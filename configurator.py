@@ -95,3 +95,11 @@ def configure(g, keys, argv):
             g[k] = _coerce(k, v, defaults[k], f"--{k}")
     cfg = {k: g[k] for k in sorted(keys)}
     return cfg
+
+
+def config_summary(cfg, width=110):
+    """The resolved config as `key=value` pairs wrapped at `width` characters: what a run prints (its
+    config.json holds the same in full)."""
+    import textwrap
+    return textwrap.fill(" ".join(f"{k}={v!r}".replace(" ", "") for k, v in cfg.items()), width,
+                         break_long_words=False, break_on_hyphens=False)

@@ -468,7 +468,9 @@ def reference_split(folder, test_fraction, seed):
 
 def embed_files(embed, files, bs, desc):
     from tqdm import tqdm
-    out = [embed([load_rgb(f) for f in files[i:i + bs]]) for i in tqdm(range(0, len(files), bs), desc=desc)]
+
+    from sample import bars
+    out = [embed([load_rgb(f) for f in files[i:i + bs]]) for i in tqdm(range(0, len(files), bs), desc=desc, disable=not bars())]
     return np.concatenate(out)
 
 
@@ -556,10 +558,12 @@ def _json_safe(x):
 
 def main(argv=None):
     from configurator import configure
-    from sample import pick_device, write_json_atomic
+    from configurator import config_summary
+    from sample import bars, pick_device, quiet, write_json_atomic
     from tqdm import tqdm
     cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
-    print(json.dumps(cfg))
+    quiet()
+    print(config_summary(cfg))
     wanted = parse_metrics(metrics)
     rows = read_index(samples)
     dev, _ = pick_device(device)
@@ -621,7 +625,7 @@ def main(argv=None):
 
     # one pass over the samples; the CLIP embedding of a batch serves IDS[clip], Vendi/cos and ASC[clip]
     feats = defaultdict(list)
-    for i in tqdm(range(0, len(rows), batch_size), desc="samples"):
+    for i in tqdm(range(0, len(rows), batch_size), desc="samples", disable=not bars()):
         rs = rows[i:i + batch_size]
         ims = [load_rgb(os.path.join(samples, r["file"])) for r in rs]
         c = clip(ims) if clip is not None else None

@@ -22,6 +22,11 @@ import torch.nn.functional as F
 
 import sample as S
 
+# prompt i's δ is drawn from a generator seeded seed * SEED_STRIDE + i (its index in the prompt file), so its
+# draw does not depend on batching or rank; the stride is a prime above any prompt count, so no two
+# (seed, prompt) pairs share a stream
+SEED_STRIDE = 1_000_003
+
 # -----------------------------------------------------------------------------
 # config (defaults are ours, not the paper's: README "Choices where the paper is silent")
 model = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, or "tiny"
@@ -34,7 +39,7 @@ eps = 0.05  # dead zone: no anchor penalty while |cos - mu| <= eps (the ring [mu
 lambda_div = None  # weight of L_div; None = (K - 2) / 2: the same spreading force on each variant for every K (README)
 ring_margin = 0.5  # optimise L_anc with eps * (1 - ring_margin), so that variants settle inside the ring, not on its edge
 sigma_init = 0.1  # δ init std, in units of the encoder's token-embedding-table std
-lr = 0.05  # Adam learning rate, same units
+delta_lr = 0.05  # Adam learning rate of the deltas, same units (its own name: a config file shared with Phase II sets lr)
 iters = 200
 batch_prompts = 4  # prompts optimised together (their Δ are independent; batching is for speed). On SD3.5-M a prompt
 # backpropagates K-1 sequences through T5-XXL: 8 prompts at K=12 were estimated at ~72 GB; 4 leave margin on 80 GB (not measured)
@@ -68,7 +73,7 @@ def embedding_loss(e, e_anc, mu, eps, lambda_div):
     return (lambda_div * L_div + L_anc).sum()
 
 
-def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_div, sigma_init, lr, iters, seed):
+def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_div, sigma_init, delta_lr, iters, seed):
     """Optimise Δ for the prompts `indices` together. Returns ({index: {encoder: [K-1, L, d]}},
     {encoder: stats}). δ_k ~ N(0, (sigma_init * table_std)^2) from a generator seeded by the prompt
     index, so a prompt's perturbations do not depend on the batch or rank it landed in."""
@@ -85,9 +90,9 @@ def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_di
         table = S.token_embedding(enc).weight
         std = table.float().std().item()
         n_tok, d = tokens[name][0].shape[1], table.shape[1]
-        init = [torch.randn(n, n_tok, d, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices]
+        init = [torch.randn(n, n_tok, d, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + i)) for i in indices]
         deltas[name] = (torch.cat(init) * sigma_init * std).to(enc.device).requires_grad_()
-        groups.append({"params": [deltas[name]], "lr": lr * std})  # lr in units of the table's std, per encoder
+        groups.append({"params": [deltas[name]], "lr": delta_lr * std})  # lr in units of the table's std, per encoder
     opt = torch.optim.Adam(groups)
     # cosine decay to 0: with a constant step, Adam keeps circling the ring's edge, where L_div's
     # push and L_anc's hinge balance; decaying the step lets each variant settle there
@@ -140,7 +145,7 @@ def save_perturbations(path, rows, meta):
 
 
 def main(argv=None):
-    from configurator import configure
+    from configurator import config_summary, configure
     from tqdm import tqdm
     cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
     if K < 2:
@@ -151,9 +156,10 @@ def main(argv=None):
     if not 0 <= ring_margin < 1 or not eps >= 0:
         raise SystemExit(f"ring_margin={ring_margin} must lie in [0, 1) and eps={eps} be >= 0")
     prompt_list, _ = S.read_prompts(prompts)
+    S.quiet()
     rank, world, dev, dt = S.setup_distributed(device, dtype)
     if rank == 0:
-        print(json.dumps(cfg, indent=1))
+        print(config_summary(cfg))
     torch.manual_seed(seed + rank)
     text = S.load_text(model, dev, dt, t5_len, seed=0)
     # L_div is a mean over the (K-1)(K-2)/2 pairs but L_anc a sum over the K-1 variants, so with a fixed
@@ -165,9 +171,9 @@ def main(argv=None):
     eps_opt = eps * (1 - ring_margin)
     mine = list(range(rank, len(prompt_list), world))  # this rank's shard of the prompts
     rows, stats, t0 = {}, {}, time.time()  # stats: (encoder, "init"/"final") -> [(cos_anc, pairwise) per batch]
-    for s in tqdm(range(0, len(mine), batch_prompts), desc="phase1", disable=rank != 0):
+    for s in tqdm(range(0, len(mine), batch_prompts), desc="phase1", disable=not S.bars(rank)):
         idx = mine[s:s + batch_prompts]
-        r, st = learn_perturbations(text, prompt_list, idx, encoders, K, mu, eps_opt, lam, sigma_init, lr, iters, seed)
+        r, st = learn_perturbations(text, prompt_list, idx, encoders, K, mu, eps_opt, lam, sigma_init, delta_lr, iters, seed)
         rows.update(r)
         for name, v in st.items():
             for when, ap in v.items():
@@ -180,7 +186,7 @@ def main(argv=None):
     all_stats = {name: {when: tuple(torch.cat(x) for x in zip(*stats[name, when])) for when in ("init", "final")} for name in encoders}
     summary, table = summarize(all_stats, mu, eps)
     meta = {"model": model, "encoders": list(encoders), "K": K, "mu": mu, "eps": eps, "lambda_div": lam, "eps_opt": eps_opt,
-            "sigma_init": sigma_init, "lr": lr, "iters": iters, "seed": seed, "t5_len": t5_len, "prompts_path": prompts,
+            "sigma_init": sigma_init, "delta_lr": delta_lr, "iters": iters, "seed": seed, "t5_len": t5_len, "prompts_path": prompts,
             "prompts_sha256": S.prompts_hash(prompt_list), "n_prompts": len(prompt_list), "summary": summary, "config": cfg}
     stem = perturbations[: -len(".safetensors")] if perturbations.endswith(".safetensors") else perturbations
     # one file, or one shard per rank under torchrun (read back as a set by sample.load_perturbations)
@@ -204,7 +210,7 @@ def main(argv=None):
         for name, m in summary.items():
             if m["in_ring"] < 1:
                 print(f"WARNING: {1 - m['in_ring']:.1%} of the {name} variants end outside the ring [{mu - eps:.3f}, {mu + eps:.3f}] "
-                      f"(mean cos to anchor {m['cos_anchor_final']:.3f}): raise iters, or lower lambda_div or lr")
+                      f"(mean cos to anchor {m['cos_anchor_final']:.3f}): raise iters, or lower lambda_div or delta_lr")
 
 
 if __name__ == "__main__":

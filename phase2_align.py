@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import rewards as RW
 import sample as S
-from configurator import configure
+from configurator import config_summary, configure
 
 # -----------------------------------------------------------------------------
 # config (the DiffusionNFT numbers are its public code's; the E²PO ones are ours: README "Choices where the paper is silent")
@@ -523,10 +523,11 @@ def main(argv=None):
         raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata (.jsonl with 'tag' and 'include'); {prompts} "
                          "has none: make it with data/geneval/prepare.py (or data/shapes/prepare.py)")
     check_run_folder(out_dir, resume, overwrite)
+    S.quiet()
     rank, world, dev, dt = S.setup_distributed(device, dtype)
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    log(json.dumps(cfg, indent=1))
+    log(config_summary(cfg))
     n_step = N // opt_steps_per_epoch  # samples per optimizer step, over all ranks
     log(f"epoch = {prompts_per_epoch} prompts x K={K} x G={G} = {N} samples ({n_local} per rank x {world}); "
         f"{opt_steps_per_epoch} optimizer step(s) of {n_step} samples, micro-batches of {train_batch}, "
@@ -614,7 +615,7 @@ def main(argv=None):
         noise_ids = [(j // (K * G)) * K * G + j % G if shared_noise else j for j in js]
         noise = S.image_noise([sample_seed(seed, epoch, j, STREAM_NOISE) for j in noise_ids], shape, dev)
         x0 = []
-        for a in tqdm(range(0, n_local, sample_batch), desc=f"epoch {epoch} sample", disable=not master, leave=False):
+        for a in tqdm(range(0, n_local, sample_batch), desc=f"epoch {epoch} sample", disable=not S.bars(rank), leave=False):
             b = slice(a, a + sample_batch)
             with autocast():
                 x0.append(S.sample(transformer, sigmas, noise[b], cond_fn=lambda sigma: condition_at(sigma, b),
@@ -653,7 +654,7 @@ def main(argv=None):
         for s in range(opt_steps_per_epoch):
             mine = [i for i in torch.argsort(key).tolist() if step_of[i] == s]  # local indices, in the step's order
             micro = [mine[a:a + train_batch] for a in range(0, len(mine), train_batch)]
-            for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not master, leave=False)):
+            for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not S.bars(rank), leave=False)):
                 b = torch.tensor(chunk)
                 jb = [js[i] for i in b.tolist()]
                 x0_b, r_b = x0[b.to(dev)], r[b.to(dev)]

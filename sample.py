@@ -160,6 +160,25 @@ def pick_device(name="auto", dtype_name="auto"):
     return dev, getattr(torch, dtype_name)
 
 
+def quiet():
+    """Silence what the libraries print that tells a run's reader nothing: the loading bars of diffusers and
+    transformers, and transformers' note that torchvision is absent (its PIL image processors are the
+    ones we use). Every stage's main calls it first; all other warnings stay."""
+    import logging
+
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+
+def bars(rank=0):
+    """Whether this process shows tqdm bars: rank 0, on a terminal (in a log file the bars' carriage
+    returns run into the epoch lines)."""
+    return rank == 0 and sys.stderr.isatty()
+
+
 def setup_distributed(device_name="auto", dtype_name="auto"):
     """Single process unless launched by torchrun (RANK/WORLD_SIZE set): then one process per GPU with
     nccl, or gloo on CPU. Returns (rank, world_size, device, dtype)."""
@@ -549,6 +568,7 @@ def main(argv=None):
     from configurator import configure
     from tqdm import tqdm
     cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    quiet()
     prompt_list, metadata = read_prompts(prompts)
     if K > 1 and not perturbations:
         raise SystemExit(f"K={K} needs --perturbations=FILE from phase1_perturb.py (or K=1)")
@@ -560,8 +580,12 @@ def main(argv=None):
     text = load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None  # K=1: C^orig only
     shape = latent_shape(pipe, resolution)
-    if lora:
+    if lora:  # ours train only the transformer: diffusers' notes on the text encoders' missing keys are silenced
+        import diffusers
+        level = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity_error()
         pipe.load_lora_weights(lora)
+        diffusers.utils.logging.set_verbosity(level)
     c_neg = encode(text, [""]) if guidance > 1.0 else None
     sigmas = sigma_grid(pipe.scheduler, steps)
     os.makedirs(out_dir, exist_ok=True)
@@ -572,7 +596,7 @@ def main(argv=None):
     items = [(pi, k, g) for pi in range(len(prompt_list)) for k in range(K) for g in range(G)]
     batches = [items[a:a + batch_size] for a in range(0, len(items), batch_size)]
     index = []
-    for chunk in tqdm(batches[rank::world], desc="sample", disable=rank != 0):
+    for chunk in tqdm(batches[rank::world], desc="sample", disable=not bars(rank)):
         conds = {}  # prompt -> (C^orig [1, ...], rows k = 0..K-1 of C^opt or None), each prompt encoded alone
         for pi in sorted({pi for pi, _, _ in chunk}):
             orig = encode(text, [prompt_list[pi]])

@@ -288,8 +288,17 @@ def test_phase1_ring_report_is_strict_and_warns(tmp_path, capsys):
     assert "WARNING" in capsys.readouterr().out
 
 
+def test_stages_share_only_keys_that_mean_the_same():
+    # one config file serves every stage: a key two stages both read must mean the same in both (Phase I's
+    # learning rate was once `lr`, so a config setting Phase II's lr froze Phase I's deltas)
+    import sample
+    shared = set(phase1_perturb.config_keys) & set(phase2_align.config_keys)
+    assert shared == {"K", "device", "dtype", "model", "perturbations", "prompts", "seed", "t5_len"}
+    assert shared == set(phase1_perturb.config_keys) & set(sample.config_keys)
+
+
 def test_phase1_deterministic_and_batch_independent(text):
-    kw = dict(names=("clip_l",), K=3, mu=0.85, eps=0.05, lambda_div=1.0, sigma_init=0.1, lr=0.05, iters=5, seed=1)
+    kw = dict(names=("clip_l",), K=3, mu=0.85, eps=0.05, lambda_div=1.0, sigma_init=0.1, delta_lr=0.05, iters=5, seed=1)
     a, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [0, 1], **kw)
     b, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [0, 1], **kw)
     c, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [1], **kw)  # prompt 1 alone
