@@ -1,14 +1,19 @@
 """
-Benchmark of the two hot loops of phase2_align.py on a random-weight transformer of the real shape:
-sampling (the old adapter, 10-step ODE) and one training micro-step (v_old and v_ref without grad,
-v_theta with grad and gradient checkpointing, the NFT loss, backward). Prints figures; asserts nothing.
+What a Phase II run (phase2_align.py) costs, on a random-weight transformer of the real shape: model FLOPs
+and MFU, sampling (ours vs diffusers' pipeline), VAE decoding, the whole training step (with and without
+gradient checkpointing), an epoch of E²PO vs K=1 at equal N, peak memory, the resident weights of a real
+run, and seconds per epoch per GPU for the paper's budgets. Prints figures; asserts nothing.
 
-    python bench.py                       # SD3.5-Medium shape, bf16 on CUDA (about 2.5B parameters)
-    python bench.py --shape=tiny          # the tiny model, CPU, seconds (checks the script)
-    python bench.py --sample_batch=32 --train_batch=16 --resolution=1024
+    python bench.py                    # SD3.5-Medium shape, bf16 on a CUDA GPU, 512 px
+    python bench.py --shape=tiny       # the tiny model on CPU: every section in seconds
+    python bench.py --peak_tflops=989 --gpus=8 --sample_batch=32
 """
+import math
+import os
+import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -16,14 +21,20 @@ import phase2_align as P2
 import sample as S
 
 # -----------------------------------------------------------------------------
-shape = "sd35m"  # "sd35m" or "tiny"
-resolution = 512
+shape = "sd35m"  # "sd35m" (the default; meant for a GPU) or "tiny"
+resolution = 0  # 0 = the shape's: 512 (sd35m) or 64 (tiny, as config/tiny_cpu.py)
+t5_len = 0  # 0 = the shape's: 128 or 32
+lora_rank = 0  # 0 = the shape's: 32 (DiffusionNFT) or 4
 sample_batch = 16
 train_batch = 8
 steps = 10
-t5_len = 128
-lora_rank = 32
-grad_checkpointing = True
+timestep_fraction = 0.99
+solver = "dpm2"
+rho = 0.4
+epoch_prompts = 2  # the E²PO vs K=1 epoch: epoch_prompts prompts x N samples each
+epoch_N = 16  # samples per prompt: G=4 x K=4 against G=16 x K=1
+gpus = 8  # world size of the per-epoch estimates
+peak_tflops = 0.0  # 0 = look the device up in PEAK_TFLOPS
 repeats = 3
 device = "auto"
 # -----------------------------------------------------------------------------
@@ -32,88 +43,338 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
              pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, projection_dim=768)
+CLIP_G = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, projection_dim=1280)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu",
+              is_encoder_decoder=False)
+# dense bf16 tensor TFLOP/s from the vendor datasheets (dense, no sparsity); first match of all substrings wins.
+# An H100 SXM calls itself "NVIDIA H100 80GB HBM3"; the H100 NVL and anything else unlisted are "unknown".
+PEAK_TFLOPS = [(("H100", "PCIe"), 756), (("H100", "SXM"), 989), (("H100", "HBM3"), 989), (("H200",), 989),
+               (("A100",), 312), (("L40S",), 362), (("A10G",), 125), (("RTX 4090",), 165)]
+BUDGETS = ("config/geneval_g4k12.py", "config/efficient_g2k4.py", "config/pickscore_g8k3.py", "config/geneval_nft_g24.py")
 
 
-def timed(fn, dev, n):
-    """Median wall time of n calls after one warm-up call."""
-    fn()
-    times = []
+def transformer_flops(config, n_image_tokens, n_text_tokens, lora_rank=0, train=False):
+    """Matmul FLOPs per sample of one SD3 transformer call (a multiply-add = 2), from its config: forward, or
+    with train=True forward + backward of the LoRA step (base frozen, LoRA on P2.LORA_TARGETS trained).
+    With d = heads * head_dim, Li/Lt image/text tokens, L = Li + Lt, a linear i->o on n tokens costs 2*n*i*o:
+      per block (image and text streams have their own weights): q,k,v,out on Li and on Lt, ff d->4d->d on
+        both; the last block is context_pre_only (no to_add_out, no ff_context); joint attention 4*L^2*d
+        (QK^T and PV); a dual-attention block (config.dual_attention_layers) adds an image-only attn2:
+        q,k,v,out on Li and 4*Li^2*d; adaLN modulation d->6d (9d dual; text 6d, 2d in the last block) per sample
+      outside: patch embed 2*Li*p^2*C_in*d, context_embedder Lt*joint_dim->d, time/pooled-text MLPs and
+        norm_out per sample, proj_out Li*d->p^2*C_out
+      LoRA rank r on a linear: 2*n*r*(i+o) more.
+    Backward, counted as the work autograd does with frozen base weights (not the 3x-forward convention of
+    full fine-tuning, "6N", which would add weight gradients nobody computes): 1x forward for the input
+    gradient of every base linear whose input needs one, 2x for attention matmuls (both operands), LoRA
+    2*n*r*(i+o) for its weight gradients + 2*n*r*o (+ 2*n*r*i for the input) for its activation gradients.
+    Nothing upstream of the first LoRA needs a gradient: patch embed, context_embedder, the conditioning MLPs
+    and modulation, and block 0's base q,k,v (and its whole attn2, which has no LoRA) have no backward.
+    Gradient checkpointing re-runs the forward; that is hardware work, not model FLOPs, and not counted.
+    Not counted either (nor by torch's FlopCounterMode): elementwise work - norms, GELU, softmax, adaLN
+    scale/shift/gate, residuals - ~100 FLOPs per token and channel against ~24*d of matmuls: <1 % at d = 1536."""
+    c = config if hasattr(config, "num_layers") else SimpleNamespace(**config)
+    d, p, Li, Lt, r = c.num_attention_heads * c.attention_head_dim, c.patch_size, n_image_tokens, n_text_tokens, lora_rank
+    tot = [0, 0]  # forward, backward
+
+    def lin(n, i, o, grad_in=True, lora=False):
+        tot[0] += 2 * n * i * o + (2 * n * r * (i + o) if lora else 0)
+        tot[1] += (2 * n * i * o if grad_in else 0) + (2 * n * r * (i + 2 * o + (i if grad_in else 0)) if lora else 0)
+
+    def attn(L, grad=True):
+        tot[0] += 4 * L * L * d
+        tot[1] += 8 * L * L * d if grad else 0
+    lin(Li, p * p * c.in_channels, d, False)
+    lin(Lt, c.joint_attention_dim, c.caption_projection_dim, False)
+    for i, o in ((256, d), (d, d), (c.pooled_projection_dim, d), (d, d), (d, 2 * d)):  # time, text MLPs, norm_out
+        lin(1, i, o, False)
+    for b in range(c.num_layers):
+        first, last, dual = b == 0, b == c.num_layers - 1, b in tuple(c.dual_attention_layers)
+        lin(1, d, (9 if dual else 6) * d, False)
+        lin(1, d, (2 if last else 6) * d, False)
+        for n in [Li] * 3 + [Lt] * 3:  # to_q/k/v, add_q/k/v_proj
+            lin(n, d, d, not first, lora=r > 0)
+        attn(Li + Lt, grad=r > 0)
+        for n in [Li] + ([] if last else [Lt]):  # to_out.0, to_add_out; ff, ff_context
+            lin(n, d, d, lora=r > 0)
+            lin(n, d, 4 * d)
+            lin(n, 4 * d, d)
+        if dual:
+            for _ in range(4):
+                lin(Li, d, d, not first)
+            attn(Li, grad=not first)
+    lin(Li, d, p * p * c.out_channels)
+    return tot[0] + tot[1] if train else tot[0]
+
+
+def lookup_peak(name, override=0.0):
+    """Dense bf16 peak TFLOP/s of a device name, the override when given; None when unknown (MFU n/a)."""
+    if override:
+        return float(override)
+    return next((float(v) for keys, v in PEAK_TFLOPS if all(k.lower() in name.lower() for k in keys)), None)
+
+
+def meta_param_counts(rank):
+    """Exact parameter counts of what a real SD3.5-M run holds, from models built on the meta device (no
+    memory, no download): {name: count}, and LoRA's per adapter of the given rank."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    count = lambda m: sum(p.numel() for p in m.parameters())  # tied tensors (T5's shared embedding) once
+    clip = dict(vocab_size=49408, max_position_embeddings=77)
+    with torch.device("meta"):
+        tr = SD3Transformer2DModel(**SD35M)
+        out = {"transformer": count(tr)}
+        P2.add_adapters(tr, rank, 2 * rank)
+        out["lora"] = sum(p.numel() for p in P2.adapter_params(tr, "default"))
+        out["clip_l"] = count(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, **clip)))
+        out["clip_g"] = count(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G, **clip)))
+        out["t5"] = count(T5EncoderModel(T5Config(**T5_XXL)))
+        out["vae"] = count(AutoencoderKL(**SD3_VAE))
+    return out
+
+
+def weight_table(n):
+    """(row, GiB) of a real run's resident tensors: frozen weights in bf16, the VAE in fp32 (load_pipeline
+    keeps it so), LoRA adapters, gradients and AdamW's two moments in fp32."""
+    rows = [(f"{name} ({'fp32' if b == 4 else 'bf16'})", n[key] * copies * b / 2 ** 30) for name, key, copies, b in (
+        ("SD3.5-M transformer", "transformer", 1, 2), ("CLIP-L text encoder", "clip_l", 1, 2), ("CLIP-G text encoder", "clip_g", 1, 2),
+        ("T5-XXL text encoder", "t5", 1, 2), ("VAE, as load_pipeline", "vae", 1, 4), ("LoRA theta, old, EMA", "lora", 3, 4),
+        ("theta's gradients", "lora", 1, 4), ("AdamW's two moments of theta", "lora", 2, 4))]
+    total, text = sum(g for _, g in rows), sum(g for name, g in rows if "text" in name)
+    return rows + [("total", total), ("total with --text_offload=True (encoders on the CPU)", total - text)]
+
+
+def read_budget(path):
+    """The Phase II settings of a config file (path relative to this folder), exec'd over phase2_align's defaults."""
+    base = getattr(P2, "_config_defaults", None) or {k: getattr(P2, k) for k in P2.config_keys}
+    ns = {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), path), encoding="utf-8") as f:
+        exec(f.read(), ns)
+    keys = ("K", "G", "prompts_per_epoch", "sample_batch", "train_batch", "steps", "timestep_fraction", "opt_steps_per_epoch")
+    return {k: ns.get(k, base[k]) for k in keys}
+
+
+def epoch_cost(b, world, cost):
+    """Samples per GPU and estimated seconds per epoch per GPU of budget b, from per-sample costs (seconds per
+    sample of one sampler step, of decoding, of one training timestep) and seconds per optimizer step.
+    Rewards are excluded: they depend on the reward model, not on this code."""
+    per_gpu = math.ceil(b["prompts_per_epoch"] * b["K"] * b["G"] / world)
+    n_t = math.floor(b["steps"] * b["timestep_fraction"])
+    parts = dict(sample=per_gpu * b["steps"] * cost["sample"], decode=per_gpu * cost["decode"],
+                 train=per_gpu * n_t * cost["train"] + b["opt_steps_per_epoch"] * cost["tail"])
+    return per_gpu, parts, sum(parts.values())
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns, dev, n):
+    """Median seconds of each function of the dict `fns`, called in turn A,B,A,B,... n times after one warm-up
+    each (interleaved, so that a machine's drift hits all alike). The warm-up also gives each one's peak CUDA
+    memory in GiB (None on CPU; "OOM" if it did not fit, and then it is not timed)."""
+    cuda, peaks, times = dev.type == "cuda", {}, {}
+    for k, fn in fns.items():
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            fn()
+            sync(dev)
+        except torch.cuda.OutOfMemoryError:
+            peaks[k] = "OOM"
+            continue
+        peaks[k], times[k] = (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None), []
     for _ in range(n):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        for k in times:
+            sync(dev)
+            t = time.perf_counter()
+            fns[k]()
+            sync(dev)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, peaks
 
 
 def main(argv=None):
     from configurator import configure
     configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    S.quiet()  # before diffusers' pipeline module imports transformers' image processors
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     dev, dtype = S.pick_device(device)
-    torch.manual_seed(0)
-    if shape == "tiny":
-        tr = S.tiny_pipeline(0).transformer
-        res, tlen = 64, 16
-    else:
-        from diffusers import SD3Transformer2DModel
-        with torch.device(dev):
-            tr = SD3Transformer2DModel(**SD35M)
-        res, tlen = resolution, t5_len
-    tr.to(dev, dtype).requires_grad_(False)
-    P2.add_adapters(tr, lora_rank, 2 * lora_rank)
-    if grad_checkpointing:
-        tr.enable_gradient_checkpointing()
-    params = P2.adapter_params(tr, "default")
-    c, f = tr.config, 8
-    lat = (c.in_channels, res // f, res // f)
-    cond = lambda B: (torch.randn(B, 77 + tlen, c.joint_attention_dim, device=dev, dtype=dtype),
-                      torch.randn(B, c.pooled_projection_dim, device=dev, dtype=dtype))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    sigmas = torch.linspace(1, 0, steps + 1)
-    n_base = sum(p.numel() for n, p in tr.named_parameters() if "lora_" not in n)
-    print(f"{shape}: {n_base / 1e9:.2f}B parameters + LoRA r={lora_rank} ({sum(p.numel() for p in params) / 1e6:.1f}M trained), "
-          f"{res}px, {dev} {dtype}")
+    cuda, tiny, nan = dev.type == "cuda", shape == "tiny", float("nan")
+    res, tlen, rank = resolution or (64 if tiny else 512), t5_len or (32 if tiny else 128), lora_rank or (4 if tiny else 32)
+    peak = lookup_peak(torch.cuda.get_device_name(dev) if cuda else "cpu", peak_tflops) if cuda or peak_tflops else None
+    gib = lambda m: "n/a (CPU)" if m is None else m if isinstance(m, str) else f"{m:.1f} GiB"
+    rate = lambda fl, s: f"{fl / s / 1e12:.3g} TFLOP/s, MFU " + (f"{fl / s / 1e12 / peak:.1%}" if peak else "n/a")
+    print(f"== bench: shape={shape}, {res} px, T5 {tlen} tokens, LoRA r={rank}, {dev} {dtype}, peak "
+          + (f"{peak:.0f} TFLOP/s (dense bf16, vendor datasheet)" if peak else "n/a (CPU or unknown device; --peak_tflops=)"))
 
-    # ---- sampling: sample_batch images, `steps` transformer calls, the old adapter
-    x, cs = torch.randn(sample_batch, *lat, device=dev, dtype=dtype), cond(sample_batch)
+    # ---- the exact figures first: they need no compute, so they print even where the timings do not run
+    torch.manual_seed(0)
+    if tiny:
+        pipe = S.tiny_pipeline(0)
+        tr, vae, sched = pipe.transformer, pipe.vae, pipe.scheduler
+    cfg = tr.config if tiny else SimpleNamespace(**SD35M)
+    Li, Lt = (res // 8 // cfg.patch_size) ** 2, S.CLIP_LEN + tlen
+    f_fwd, f_ref, f_train = (transformer_flops(cfg, Li, Lt, rank), transformer_flops(cfg, Li, Lt, 0),
+                             transformer_flops(cfg, Li, Lt, rank, train=True))
+    print(f"\n== model FLOPs per sample ({Li} image + {Lt} text tokens; matmuls only, see transformer_flops)")
+    print(f"forward with LoRA {f_fwd / 1e9:.4g} GFLOP, without {f_ref / 1e9:.4g}; LoRA training fwd+bwd {f_train / 1e9:.4g} "
+          f"= {f_train / f_fwd:.2f}x forward (frozen base; the 3x-forward convention would say {3 * f_fwd / 1e9:.4g})")
+    n = meta_param_counts(lora_rank or 32)
+    print(f"\n== resident weights of a real SD3.5-M run (exact: parameter counts on the meta device; LoRA r={lora_rank or 32})")
+    print(f"parameters: transformer {n['transformer']:,}, CLIP-L {n['clip_l']:,}, CLIP-G {n['clip_g']:,}, "
+          f"T5-XXL {n['t5']:,}, VAE {n['vae']:,}, LoRA {n['lora']:,} per adapter")
+    for name, g in weight_table(n):
+        print(f"  {name:<56} {g:7.2f} GiB")
+    print("  (reward models and activations come on top; the peaks below hold the transformer, its LoRA and the VAE)")
+    if not cuda and not tiny and device == "auto":
+        print("\nno GPU: the SD3.5-M timings would take hours on a CPU; run `python bench.py --shape=tiny` (or --device=cpu to insist)")
+        return
+
+    # ---- the timed models: bf16 transformer under autocast with fp32 LoRA, fp32 VAE, as phase2_align on CUDA
+    if not tiny:
+        with torch.device(dev):
+            tr, vae = SD3Transformer2DModel(**SD35M), AutoencoderKL(**SD3_VAE)
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # .to(dtype) warns about fp32-only modules these models lack
+    tr.to(dev, dtype).requires_grad_(False).eval()
+    vae.to(dev, torch.float32).requires_grad_(False).eval()
+    diffusers.utils.logging.set_verbosity(level)
+    P2.add_adapters(tr, rank, 2 * rank)
+    params = P2.adapter_params(tr, "default")
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
+    sigmas, n_t, lat = S.sigma_grid(sched, steps), math.floor(steps * timestep_fraction), (cfg.in_channels, res // 8, res // 8)
+    cond = lambda B: (torch.randn(B, Lt, cfg.joint_attention_dim, device=dev, dtype=dtype),
+                      torch.randn(B, cfg.pooled_projection_dim, device=dev, dtype=dtype))
+    base_mem = torch.cuda.memory_allocated() / 2 ** 30 if cuda else None
+
+    # ---- sampling: ours vs diffusers' pipeline on the same transformer (old adapter), same steps, no CFG.
+    # The pipeline has no text encoders: given prompt_embeds, only its transformer loop runs, which is what the
+    # ratio compares. It steps with its Euler scheduler, ours with `solver`: the same forwards.
+    x, cs = torch.randn(sample_batch, *lat, device=dev), cond(sample_batch)
+    pipe_d = StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
+                                      text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe_d.set_progress_bar_config(disable=True)
     P2.use_adapter(tr, "old")
 
-    def rollout():
-        with autocast:
-            S.sample(tr, sigmas, x, cs)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ts = timed(rollout, dev, repeats)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
-    print(f"sampling  : {ts:.3f} s per batch of {sample_batch} x {steps} steps = {sample_batch / ts:.2f} img/s, peak {mem:.1f} GiB")
+    ours = lambda: S.sample(tr, sigmas, x, cs, solver=solver)
+    theirs = lambda: pipe_d(prompt_embeds=cs[0], pooled_prompt_embeds=cs[1], guidance_scale=1.0, num_inference_steps=steps,
+                            latents=x.to(dtype), height=res, width=res, output_type="latent").images
+    with autocast():
+        ts, mem = interleaved({"ours": ours, "diffusers": theirs}, dev, repeats)
+        x0 = ours().float()
+    print(f"\n== sampling: batch {sample_batch} x {steps} steps, median of {repeats} interleaved (resident before: {gib(base_mem)})")
+    for k in mem:
+        s = f"{ts[k]:.3f} s = {sample_batch / ts[k]:.1f} img/s, {rate(steps * sample_batch * f_fwd, ts[k])}, " if k in ts else ""
+        print(f"  {k:<10} {s}peak {gib(mem[k])}")
+    if len(ts) == 2:
+        print(f"  ours / diffusers = {ts['ours'] / ts['diffusers']:.3f}")
 
-    # ---- training micro-step: 2 forwards without grad, 1 with, backward through the LoRA
+    # ---- VAE decode of one sampled batch (phase2 decodes chunks of sample_batch for the reward)
+    td, dmem = interleaved({"decode": lambda: S.decode(vae, x0)}, dev, repeats)
+    td = td.get("decode", nan)
+    print(f"\n== VAE decode: batch {sample_batch} at {res} px: {td:.3f} s = {sample_batch / td:.1f} img/s, peak {gib(dmem['decode'])}")
+
+    # ---- the training step as phase2_align runs it: per micro-batch n_t timesteps of (v_old, v_ref, v_theta,
+    # NFT objective, backward), then once per optimizer step the tail: clip, AdamW, EMA blend
     P2.use_adapter(tr, "default")
-    x0, eps, ct = torch.randn(train_batch, *lat, device=dev), torch.randn(train_batch, *lat, device=dev), cond(train_batch)
-    t = torch.rand(train_batch, device=dev)
-    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-    r = torch.rand(train_batch, device=dev)
 
-    def micro_step():
-        with autocast:
-            v_old, v_ref, v_theta = P2.policy_velocities(tr, x_t, t, ct)
-        loss = P2.nft_loss(v_theta, v_old, x_t, x0, t, r, 1.0).mean() * 5 + 1e-4 * ((v_theta - v_ref) ** 2).mean()
-        loss.backward()
-        for p in params:
-            p.grad = None
-    tr.train()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    tt = timed(micro_step, dev, repeats)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
-    print(f"training  : {tt:.3f} s per micro-step of {train_batch} samples = {train_batch / tt:.2f} sample-timesteps/s, "
-          f"peak {mem:.1f} GiB")
-    n_t = int(steps * 0.99)
-    print(f"per sample: {steps} sampler calls + {n_t} x 3 training calls; an epoch of N samples costs about "
-          f"N x ({ts / sample_batch:.3f} + {n_t} x {tt / train_batch:.3f}) s per GPU")
+    def train_micro(x0_b, c_b, r_b):
+        perms = torch.stack([torch.randperm(steps) for _ in range(len(x0_b))])[:, :n_t]
+        for ti in range(n_t):
+            t = sigmas[perms[:, ti]].to(dev)
+            x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * torch.randn_like(x0_b)
+            with autocast():
+                v_old, v_ref, v_theta = P2.policy_velocities(tr, x_t, t, c_b)
+                loss = P2.nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b)[0]
+                (loss.sum() / (len(x0_b) * n_t)).backward()
+
+    def train_tail():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        P2.blend_adapter(tr, "ema", "default", P2.ema_decay(1))
+    xb, cb, rb, tails = x0[:train_batch], tuple(c[:train_batch] for c in cs), torch.rand(train_batch, device=dev), []
+
+    def train_step(ckpt):
+        tr.enable_gradient_checkpointing() if ckpt else tr.disable_gradient_checkpointing()
+        tr.train()
+        train_micro(xb, cb, rb)
+        sync(dev)
+        t0 = time.perf_counter()
+        train_tail()
+        sync(dev)
+        tails.append(time.perf_counter() - t0)
+        tr.eval()
+    tt, tmem = interleaved({"checkpointing on": lambda: train_step(True), "checkpointing off": lambda: train_step(False)}, dev, repeats)
+    tail = statistics.median(tails) if tails else nan
+    print(f"\n== training step: micro-batch {train_batch} x {n_t} timesteps x (3 forwards + backward), then clip, AdamW, EMA")
+    for k in tmem:
+        s = f"{tt[k]:.3f} s = {train_batch * n_t / tt[k]:.1f} sample-timesteps/s, {rate(n_t * train_batch * (f_fwd + f_ref + f_train), tt[k])}, " if k in tt else ""
+        print(f"  {k:<18} {s}peak {gib(tmem[k])}")
+    print(f"  of which the optimizer tail (clip + AdamW + EMA blend, once per optimizer step): {tail * 1e3:.1f} ms")
+    t_micro = tt.get("checkpointing on", tt.get("checkpointing off", nan)) - tail
+
+    # ---- an epoch of E²PO (K=4) vs K=1 at equal N samples per prompt, as phase2's loop: sampling with the
+    # schedule's condition mixing (C^opt faked by random rows for k >= 1), training on C^orig, one optimizer
+    # step, old <- d*old + (1-d)*theta; no decode and no reward. With gradient checkpointing, phase2's default.
+    tr.enable_gradient_checkpointing()
+
+    def epoch_inputs(K, G):
+        _, idx, ks = P2.epoch_samples(epoch_prompts, K, G, 0, epoch_prompts * K * G, list(range(epoch_prompts)))
+        c_orig = tuple(c[idx] for c in cond(epoch_prompts))
+        pert = torch.tensor(ks, device=dev) > 0
+        c_opt = tuple(torch.where(pert.view(-1, *[1] * (o.dim() - 1)), f, o) for f, o in zip(cond(len(idx)), c_orig))
+        r = P2.advantages(torch.rand(len(idx), device=dev), torch.arange(len(idx), device=dev) // (K * G))  # random rewards
+        return torch.randn(len(idx), *lat, device=dev), c_orig, c_opt, r
+
+    def epoch(noise, c_orig, c_opt, r):
+        P2.use_adapter(tr, "old")
+        out = []
+        for a in range(0, len(noise), sample_batch):
+            b = slice(a, a + sample_batch)
+            cf = lambda sigma: S.mix_condition(tuple(c[b] for c in c_opt), tuple(c[b] for c in c_orig), sigma, rho)
+            with autocast():
+                out.append(S.sample(tr, sigmas, noise[b], cond_fn=cf, solver=solver))
+        x0_e = torch.cat(out).float()
+        P2.use_adapter(tr, "default")
+        tr.train()
+        for a in range(0, len(noise), train_batch):
+            b = slice(a, a + train_batch)
+            train_micro(x0_e[b], tuple(c[b] for c in c_orig), r[b])
+        train_tail()
+        tr.eval()
+        P2.blend_adapter(tr, "old", "default", P2.old_decay(1))
+    inputs = {f"E²PO G={epoch_N // 4} K=4": epoch_inputs(4, epoch_N // 4), f"K=1 G={epoch_N}": epoch_inputs(1, epoch_N)}
+    te, _ = interleaved({k: (lambda v=v: epoch(*v)) for k, v in inputs.items()}, dev, repeats)
+    print(f"\n== epoch at equal N: {epoch_prompts} prompts x {epoch_N} samples, sampling + training (no decode, no reward)")
+    for k in te:
+        print(f"  {k:<14} {te[k]:.3f} s")
+    if len(te) == 2:
+        a, b = te.values()
+        print(f"  ratio = {a / b:.3f} (the same code path per sample: ~1 expected)")
+
+    # ---- per GPU per epoch for the paper's budgets, from the per-sample costs measured above
+    cost = dict(sample=ts.get("ours", nan) / (sample_batch * steps), decode=td / sample_batch, train=t_micro / (train_batch * n_t), tail=tail)
+    print(f"\n== per GPU per epoch on {gpus} GPUs: {'the tiny model' if tiny else 'SD3.5-M'}'s per-sample costs above "
+          "(training with checkpointing); rewards excluded")
+    print(f"  {'config':<28} {'G':>3} {'K':>3} {'prompts':>7} {'samples/GPU':>11} {'sample s':>9} {'decode s':>9} {'train s':>9} {'total s':>9}")
+    for path in BUDGETS:
+        bud = read_budget(path)
+        per_gpu, parts, total = epoch_cost(bud, gpus, cost)
+        other = (bud["sample_batch"], bud["train_batch"]) != (sample_batch, train_batch)  # per-sample costs then approximate
+        print(f"  {path:<28} {bud['G']:>3} {bud['K']:>3} {bud['prompts_per_epoch']:>7} {per_gpu:>11} "
+              f"{parts['sample']:>9.1f} {parts['decode']:>9.1f} {parts['train']:>9.1f} {total:>9.1f}"
+              + (f"  (its batches {bud['sample_batch']}/{bud['train_batch']} differ from the measured ones)" if other else ""))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""bench.py's pure parts: the FLOP formula against torch's FlopCounterMode, the meta-device parameter counts
+against public figures, the per-epoch arithmetic by hand, the peak table, and a whole tiny run."""
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import phase2_align as P2
+import sample as S
+
+# A small SD3 transformer with what SD3.5-M has and the tiny one lacks: several dual-attention blocks, a
+# plain block between them and the context_pre_only last block, qk rms-norm, in_channels != out_channels.
+SMALL = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=4, attention_head_dim=8,
+             num_attention_heads=3, joint_attention_dim=20, caption_projection_dim=24, pooled_projection_dim=12,
+             pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+
+
+def counted(tr, x, c, train):
+    """FlopCounterMode's count per sample of one forward (and with train, its backward). SDPA goes through
+    the math backend: on CPU the fused kernel is one op the counter has no formula for."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.set_grad_enabled(train):
+        v = S.velocity(tr, x, 0.7, c)
+        if train:
+            v.float().square().mean().backward()
+    return fc.get_total_flops() / len(x)
+
+
+@pytest.mark.parametrize("which", ["tiny", "small dual-attention", "SD3.5-M on the meta device"])
+def test_flops_match_flop_counter(which):
+    """The formula counts exactly the matmuls (linears, convs, attention) and nothing else; so does
+    FlopCounterMode, so the two must agree exactly (tolerance 0). What neither counts (norms, GELU, softmax,
+    adaLN scale/shift/gate, residual adds: O(L*d) per block) is what separates both from a hardware count.
+    SD3.5-M runs on the meta device: shapes only, no memory, so the real size is checked in seconds."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    dev = torch.device("meta" if which.startswith("SD3.5") else "cpu")
+    with dev:
+        if which == "tiny":
+            tr, H, Lt = S.tiny_pipeline(0).transformer, 8, 77 + 16
+        else:
+            tr, H, Lt = (SD3Transformer2DModel(**SMALL), 12, 10) if which.startswith("small") else (SD3Transformer2DModel(**bench.SD35M), 64, 77 + 128)
+        c = tr.config
+        x = torch.randn(2, c.in_channels, H, H)
+        cond = (torch.randn(2, Lt, c.joint_attention_dim), torch.randn(2, c.pooled_projection_dim))
+        tr.requires_grad_(False)
+        Li = (H // c.patch_size) ** 2
+        assert counted(tr, x, cond, False) == bench.transformer_flops(c, Li, Lt)
+        P2.add_adapters(tr, 4, 8)
+    assert counted(tr, x, cond, False) == bench.transformer_flops(c, Li, Lt, 4)
+    assert counted(tr, x, cond, True) == bench.transformer_flops(c, Li, Lt, 4, train=True)
+    P2.use_adapter(tr, None)  # v_ref: the base model
+    assert counted(tr, x, cond, False) == bench.transformer_flops(c, Li, Lt, 0)
+
+
+def test_flops_sd35m_convention():
+    """At 512 px the LoRA step's forward + backward is ~2x a forward (input gradients through the frozen base),
+    not the 3x of full fine-tuning."""
+    f = bench.transformer_flops(bench.SD35M, 1024, 205, 32)
+    assert 2.0 < bench.transformer_flops(bench.SD35M, 1024, 205, 32, train=True) / f < 2.2
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return bench.meta_param_counts(32)
+
+
+def test_meta_counts_against_public_figures(counts):
+    print(f"SD3.5-M transformer: {counts['transformer']:,} parameters; LoRA r=32: {counts['lora']:,} per adapter")
+    assert 2.24e9 <= counts["transformer"] <= 2.5e9
+    for name, public in (("clip_l", 123e6), ("clip_g", 695e6), ("t5", 4.76e9)):
+        assert abs(counts[name] / public - 1) < 0.02, (name, counts[name])
+    rows = dict(bench.weight_table(counts))
+    assert rows["SD3.5-M transformer (bf16)"] == pytest.approx(counts["transformer"] * 2 / 2 ** 30)
+    assert rows["total"] == pytest.approx(sum(v for k, v in rows.items() if not k.startswith("total")))
+
+
+def test_meta_counts_equal_a_real_instantiation(monkeypatch):
+    """The meta device builds the same modules: on a config cheap enough to build for real, the counts agree."""
+    monkeypatch.setattr(bench, "SD35M", SMALL)
+    meta = bench.meta_param_counts(4)
+    from diffusers import SD3Transformer2DModel
+    tr = SD3Transformer2DModel(**SMALL)
+    assert meta["transformer"] == sum(p.numel() for p in tr.parameters())
+    P2.add_adapters(tr, 4, 8)
+    assert meta["lora"] == sum(p.numel() for p in P2.adapter_params(tr, "default"))
+
+
+def test_epoch_cost_by_hand():
+    b = bench.read_budget("config/geneval_g4k12.py")
+    assert (b["G"], b["K"], b["prompts_per_epoch"], b["steps"], b["timestep_fraction"]) == (4, 12, 24, 10, 0.99)
+    cost = dict(sample=0.01, decode=0.02, train=0.03, tail=0.5)
+    per_gpu, parts, total = bench.epoch_cost(b, 8, cost)
+    # 24 prompts x 12 x 4 = 1152 samples / 8 GPUs = 144; 10 sampler steps; floor(10 * 0.99) = 9 training timesteps
+    assert per_gpu == 144
+    assert parts["sample"] == pytest.approx(144 * 10 * 0.01)
+    assert parts["decode"] == pytest.approx(144 * 0.02)
+    assert parts["train"] == pytest.approx(144 * 9 * 0.03 + 0.5)
+    assert total == pytest.approx(14.4 + 2.88 + 38.88 + 0.5)
+    nft = bench.read_budget("config/geneval_nft_g24.py")
+    assert bench.epoch_cost(nft, 8, cost)[0] == 144 and math.isclose(bench.epoch_cost(nft, 8, cost)[2], total)
+
+
+def test_peak_lookup():
+    assert bench.lookup_peak("NVIDIA H100 80GB HBM3") == 989
+    assert bench.lookup_peak("NVIDIA H100 PCIe") == 756
+    assert bench.lookup_peak("NVIDIA A100-SXM4-80GB") == 312
+    assert bench.lookup_peak("NVIDIA GeForce RTX 4090") == 165
+    assert bench.lookup_peak("cpu") is None and bench.lookup_peak("NVIDIA H100 NVL") is None
+    assert bench.lookup_peak("cpu", 100) == 100
+
+
+def test_tiny_run_prints_every_section(capsys):
+    bench.main(["--shape=tiny", "--repeats=1", "--epoch_prompts=1"])
+    out = capsys.readouterr().out
+    for heading in ("== model FLOPs", "== resident weights", "== sampling", "ours / diffusers", "== VAE decode",
+                    "== training step", "checkpointing off", "== epoch at equal N", "== per GPU per epoch",
+                    "config/pickscore_g8k3.py"):
+        assert heading in out, heading
+    assert "MFU n/a" in out and "n/a (CPU)" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the default shape runs the real benchmark")
+def test_sd35m_on_cpu_prints_the_exact_parts_and_stops(capsys):
+    bench.main([])
+    out = capsys.readouterr().out
+    assert "== resident weights" in out and "--shape=tiny" in out and "== sampling" not in out
