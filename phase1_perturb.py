@@ -22,11 +22,6 @@ import torch.nn.functional as F
 
 import sample as S
 
-# prompt i's δ is drawn from a generator seeded seed * SEED_STRIDE + i (its index in the prompt file), so its
-# draw does not depend on batching or rank; the stride is a prime above any prompt count, so no two
-# (seed, prompt) pairs share a stream
-SEED_STRIDE = 1_000_003
-
 # -----------------------------------------------------------------------------
 # config (defaults are ours, not the paper's: README "Choices where the paper is silent")
 model = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, or "tiny"
@@ -49,6 +44,11 @@ device = "auto"
 dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+
+# prompt i's δ is drawn from a generator seeded seed * SEED_STRIDE + i (its index in the prompt file), so its
+# draw does not depend on batching or rank; the stride is a prime above any prompt count, so no two
+# (seed, prompt) pairs share a stream
+SEED_STRIDE = 1_000_003
 
 
 def cosines(e, e_anc):

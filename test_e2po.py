@@ -295,6 +295,8 @@ def test_stages_share_only_keys_that_mean_the_same():
     shared = set(phase1_perturb.config_keys) & set(phase2_align.config_keys)
     assert shared == {"K", "device", "dtype", "model", "perturbations", "prompts", "seed", "t5_len"}
     assert shared == set(phase1_perturb.config_keys) & set(sample.config_keys)
+    for mod in (phase1_perturb, phase2_align, sample):  # constants (upper case) are not settings
+        assert not [k for k in mod.config_keys if k.isupper() and len(k) > 1]  # K and G are the paper's symbols
 
 
 def test_phase1_deterministic_and_batch_independent(text):
