@@ -2,7 +2,7 @@
 The shapes world's data: GenEval-style prompt files over filled circles, squares and triangles, and a
 renderer that draws an image satisfying any such prompt exactly.
 
-    python data/shapes/prepare.py                         # -> data/shapes/{train,test}_metadata.jsonl
+    python data/shapes/prepare.py        # -> data/shapes/{train,test}_metadata.jsonl and the balanced {train,test}_small.jsonl
     python data/shapes/prepare.py --seed=1 --test_fraction=0.3 --out_dir=out/shapes
     python data/shapes/prepare.py --preview=out/shapes_preview.png   # also a grid of rendered test prompts
 
@@ -118,6 +118,12 @@ def split_tasks(tasks, seed=0, test_fraction=0.25):
     return train, test
 
 
+def per_tag(rows, n):
+    """The first n rows of each tag, in file order: a tag-balanced subset (the full files are ~80 %
+    color_attr, the one tag with 270 tasks)."""
+    return [m for tag in GENEVAL_TAGS for m in [r for r in rows if r["tag"] == tag][:n]]
+
+
 # ----------------------------------------------------------------------------- the renderer
 def _apart(a, b, gap):
     """Boxes (x0, y0, x1, y1) at least `gap` pixels apart on some axis."""
@@ -194,6 +200,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test_fraction", type=float, default=0.25, help="share of each tag's tasks in the test file")
+    p.add_argument("--small", type=int, default=6, help="tasks per tag in the balanced {train,test}_small.jsonl")
     p.add_argument("--out_dir", default=here)
     p.add_argument("--preview", default=None, help="also write a PNG grid of the test prompts rendered at 64 px")
     a = p.parse_args(argv)
@@ -201,7 +208,8 @@ def main(argv=None):
         raise SystemExit(f"--test_fraction={a.test_fraction} must lie strictly between 0 and 1")
     train, test = split_tasks(all_tasks(), a.seed, a.test_fraction)
     os.makedirs(a.out_dir, exist_ok=True)
-    for name, rows in (("train_metadata.jsonl", train), ("test_metadata.jsonl", test)):
+    for name, rows in (("train_metadata.jsonl", train), ("test_metadata.jsonl", test),
+                       ("train_small.jsonl", per_tag(train, a.small)), ("test_small.jsonl", per_tag(test, a.small))):
         write_jsonl(os.path.join(a.out_dir, name), rows)
         counts = {t: sum(r["tag"] == t for r in rows) for t in GENEVAL_TAGS}
         print(f"{os.path.join(a.out_dir, name)}: {len(rows)} prompts {counts}")
