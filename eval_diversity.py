@@ -48,6 +48,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from rewards import GENEVAL_TAGS
+
 # -----------------------------------------------------------------------------
 # config (overridden by configurator.py: python eval_diversity.py --key=value)
 samples = "out/samples"  # folder written by sample.py: index.jsonl + PNGs
@@ -70,7 +72,6 @@ out = None  # JSON path; None = DIR/diversity.json
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 METRICS = ("ids", "asc", "sdi", "pvs", "vendi", "geneval")
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

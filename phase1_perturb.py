@@ -188,20 +188,19 @@ def main(argv=None):
     meta = {"model": model, "encoders": list(encoders), "K": K, "mu": mu, "eps": eps, "lambda_div": lam, "eps_opt": eps_opt,
             "sigma_init": sigma_init, "delta_lr": delta_lr, "iters": iters, "seed": seed, "t5_len": t5_len, "prompts_path": prompts,
             "prompts_sha256": S.prompts_hash(prompt_list), "n_prompts": len(prompt_list), "summary": summary, "config": cfg}
-    stem = perturbations[: -len(".safetensors")] if perturbations.endswith(".safetensors") else perturbations
     # one file, or one shard per rank under torchrun (read back as a set by sample.load_perturbations)
-    mine_file = perturbations if world == 1 else f"{stem}-{rank:05d}-of-{world:05d}.safetensors"
+    mine_file = perturbations if world == 1 else S.shard_name(perturbations, rank, world)
     save_perturbations(mine_file, rows, meta)
     if world > 1:
         dist.barrier()
     if rank == 0:
         import glob  # remove what an earlier run left in the other form: it would shadow or mix with this one
-        written = {perturbations} if world == 1 else {f"{stem}-{r:05d}-of-{world:05d}.safetensors" for r in range(world)}
-        for f in set(glob.glob(f"{glob.escape(stem)}-*-of-*.safetensors")) | {perturbations}:
+        written = {perturbations} if world == 1 else {S.shard_name(perturbations, r, world) for r in range(world)}
+        for f in set(glob.glob(S.shard_glob(perturbations))) | {perturbations}:
             if f not in written and os.path.isfile(f):
                 os.remove(f)
         # and the temp files of killed runs (every rank of this one has renamed its own by now)
-        for f in glob.glob(f"{glob.escape(perturbations)}.tmp*") + glob.glob(f"{glob.escape(stem)}-*-of-*.safetensors.tmp*"):
+        for f in glob.glob(f"{glob.escape(perturbations)}.tmp*") + glob.glob(S.shard_glob(perturbations) + ".tmp*"):
             os.remove(f)
         print(f"phase1: {len(prompt_list)} prompts x {K - 1} perturbations x {len(encoders)} encoders in {time.time() - t0:.1f}s "
               f"-> {perturbations}{'' if world == 1 else f' ({world} shards)'}")

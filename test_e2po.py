@@ -736,8 +736,8 @@ def test_phase2_refuses_to_overwrite_a_run(phase1_file, tmp_path):
     d = tmp_path / "run"
     phase2_align.main(_phase2(d, out, pf, "--epochs=1"))
     files = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
-    for extra in ((), ("--rho=1.5",), ("--lr=1e-3",)):
-        with pytest.raises(SystemExit, match="rho=1.5 must lie in|holds a run"):
+    for extra, says in (((), "holds a run"), (("--rho=1.5",), "rho=1.5 must lie in"), (("--lr=1e-3",), "holds a run")):
+        with pytest.raises(SystemExit, match=says):
             phase2_align.main(_phase2(d, out, pf, "--epochs=1", *extra))
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == files  # nothing touched
     phase2_align.main(_phase2(d, out, pf, "--epochs=1", "--overwrite=True", "--seed=1"))
@@ -810,7 +810,7 @@ def test_phase2_k1_is_plain_diffusionnft_without_a_file(prompt_file, tmp_path):
 def test_phase2_bad_input(phase1_file, tmp_path, monkeypatch):
     pf, out = phase1_file
     d = tmp_path / "bad"
-    with pytest.raises(SystemExit, match="unknown reward|not a known reward|Unknown reward"):
+    with pytest.raises(SystemExit, match="unknown reward 'no_such_reward'"):
         phase2_align.main(_phase2(d, out, pf, "--reward={'no_such_reward': 1.0}"))
     with pytest.raises(SystemExit, match="K=4 conditions"):
         phase2_align.main(_phase2(d, out, pf, "--K=3", "--train_batch=4"))

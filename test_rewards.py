@@ -1,6 +1,5 @@
 # ============================================================================= rewards
-# Tests of rewards.py and the prompt generators under data/. Self-contained (own imports and
-# fixtures) so this section can be pasted into test_e2po.py. Every model is a tiny random one of the
+# Tests of rewards.py and the prompt generators under data/. Every model is a tiny random one of the
 # real class, built offline; nothing is downloaded.
 import hashlib
 import importlib.util
