@@ -204,7 +204,6 @@ def main(argv=None):
     from configurator import configure
     configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
     S.quiet()  # before diffusers' pipeline module imports transformers' image processors
-    import diffusers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     dev, dtype = S.pick_device(device)
     cuda, tiny, nan = dev.type == "cuda", shape == "tiny", float("nan")
@@ -243,11 +242,9 @@ def main(argv=None):
         with torch.device(dev):
             tr, vae = SD3Transformer2DModel(**SD35M), AutoencoderKL(**SD3_VAE)
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    level = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()  # .to(dtype) warns about fp32-only modules these models lack
-    tr.to(dev, dtype).requires_grad_(False).eval()
-    vae.to(dev, torch.float32).requires_grad_(False).eval()
-    diffusers.utils.logging.set_verbosity(level)
+    with S.diffusers_notes_off():  # .to(dtype) warns about fp32-only modules these models lack
+        tr.to(dev, dtype).requires_grad_(False).eval()
+        vae.to(dev, torch.float32).requires_grad_(False).eval()
     P2.add_adapters(tr, rank, 2 * rank)
     params = P2.adapter_params(tr, "default")
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)

@@ -558,8 +558,7 @@ def _json_safe(x):
 
 
 def main(argv=None):
-    from configurator import configure
-    from configurator import config_summary
+    from configurator import config_summary, configure
     from sample import bars, pick_device, quiet, write_json_atomic
     from tqdm import tqdm
     cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)

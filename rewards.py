@@ -62,12 +62,16 @@ CROP_BACKGROUND = "#999999"  # masked-out pixels of a colour crop
 
 
 # ----------------------------------------------------------------------------- shared helpers
+def _uint8_images(images):
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded as a saved PNG would be."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _to_pil(images):
     """[B, 3, H, W] in [0, 1] -> B PIL images, quantised to uint8 as a saved PNG would be, so scores
     match what the official scorers give on image files."""
     from PIL import Image
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in _uint8_images(images)]
 
 
 _HUB_PROBED = {}  # endpoint -> why it cannot be used ("" = it answered); probed once per process
@@ -821,11 +825,6 @@ def shapes_detect(image):
         box = (float(sl[1].start), float(sl[0].start), float(sl[1].stop), float(sl[0].stop))
         out.setdefault(ranked[0], []).append((box, float(score), GENEVAL_COLORS[colour]))
     return out
-
-
-def _uint8_images(images):
-    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded as a saved PNG (and _to_pil) would be."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def shapes(device="cpu", dtype=torch.float32, strict=False, credit="server"):

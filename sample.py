@@ -108,6 +108,18 @@ def quiet():
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def diffusers_notes_off():
+    """Within the block, diffusers logs errors only (its notes on what a LoRA file or a dtype cast skips)."""
+    import diffusers
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+
+
 def bars(rank=0):
     """Whether this process shows tqdm bars: rank 0, on a terminal (in a log file the bars' carriage
     returns run into the epoch lines)."""
@@ -279,16 +291,19 @@ def scatter_content(rows, content):
 
 
 # ----------------------------------------------------------------------------- perturbation files
+def _shard_stem(path):
+    return path[: -len(".safetensors")] if path.endswith(".safetensors") else path
+
+
 def shard_name(path, rank, world):
     """The file rank r of W writes for perturbation file `path` under torchrun: {stem}-{r:05d}-of-{W:05d}.safetensors."""
-    stem = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
-    return f"{stem}-{rank:05d}-of-{world:05d}.safetensors"
+    return f"{_shard_stem(path)}-{rank:05d}-of-{world:05d}.safetensors"
 
 
 def shard_glob(path):
     """The glob pattern of every shard_name(path, r, W)."""
     import glob
-    return glob.escape(shard_name(path, 0, 0)).replace("-00000-of-00000.", "-*-of-*.")
+    return f"{glob.escape(_shard_stem(path))}-*-of-*.safetensors"
 
 
 def perturbation_files(path):
@@ -592,11 +607,8 @@ def main(argv=None):
     pert = load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None  # K=1: C^orig only
     shape = latent_shape(pipe, resolution)
     if lora:  # ours train only the transformer: diffusers' notes on the text encoders' missing keys are silenced
-        import diffusers
-        level = diffusers.utils.logging.get_verbosity()
-        diffusers.utils.logging.set_verbosity_error()
-        pipe.load_lora_weights(lora)
-        diffusers.utils.logging.set_verbosity(level)
+        with diffusers_notes_off():
+            pipe.load_lora_weights(lora)
     c_neg = encode(text, [""]) if guidance > 1.0 else None
     sigmas = sigma_grid(pipe.scheduler, steps)
     os.makedirs(out_dir, exist_ok=True)

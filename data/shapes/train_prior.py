@@ -426,10 +426,7 @@ def main(argv=None):
     from configurator import configure
     cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(threads)
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
+    sample.quiet()
     if resolution < 64 or resolution % 16:
         raise SystemExit(f"resolution {resolution} must be at least 64 and a multiple of 16 (8x VAE, patch 2)")
     if not os.path.isfile(test_prompts):
