@@ -38,23 +38,30 @@ peak_tflops = 0.0  # 0 = look the device up in PEAK_TFLOPS
 repeats = 3
 device = "auto"
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
-SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-             pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+             attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+             caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+               block_out_channels=(128, 256, 512, 512),
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, projection_dim=768)
-CLIP_G = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120, projection_dim=1280)
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu",
-              is_encoder_decoder=False)
-# dense bf16 tensor TFLOP/s from the vendor datasheets (dense, no sparsity); first match of all substrings wins.
-# An H100 SXM calls itself "NVIDIA H100 80GB HBM3"; the H100 NVL and anything else unlisted are "unknown".
+CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+              projection_dim=768)
+CLIP_G = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+              projection_dim=1280)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
+              feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+# dense bf16 tensor TFLOP/s from the vendor datasheets (dense, no sparsity); first match of all substrings
+# wins. An H100 SXM calls itself "NVIDIA H100 80GB HBM3"; the H100 NVL and anything else unlisted are
+# "unknown".
 PEAK_TFLOPS = [(("H100", "PCIe"), 756), (("H100", "SXM"), 989), (("H100", "HBM3"), 989), (("H200",), 989),
                (("A100",), 312), (("L40S",), 362), (("A10G",), 125), (("RTX 4090",), 165)]
-BUDGETS = ("config/geneval_g4k12.py", "config/efficient_g2k4.py", "config/pickscore_g8k3.py", "config/geneval_nft_g24.py")
+BUDGETS = ("config/geneval_g4k12.py", "config/efficient_g2k4.py", "config/pickscore_g8k3.py",
+           "config/geneval_nft_g24.py")
 
 
 def transformer_flops(config, n_image_tokens, n_text_tokens, lora_rank=0, train=False):
@@ -64,7 +71,8 @@ def transformer_flops(config, n_image_tokens, n_text_tokens, lora_rank=0, train=
       per block (image and text streams have their own weights): q,k,v,out on Li and on Lt, ff d->4d->d on
         both; the last block is context_pre_only (no to_add_out, no ff_context); joint attention 4*L^2*d
         (QK^T and PV); a dual-attention block (config.dual_attention_layers) adds an image-only attn2:
-        q,k,v,out on Li and 4*Li^2*d; adaLN modulation d->6d (9d dual; text 6d, 2d in the last block) per sample
+        q,k,v,out on Li and 4*Li^2*d; adaLN modulation d->6d (9d dual; text 6d, 2d in the last block)
+        per sample
       outside: patch embed 2*Li*p^2*C_in*d, context_embedder Lt*joint_dim->d, time/pooled-text MLPs and
         norm_out per sample, proj_out Li*d->p^2*C_out
       LoRA rank r on a linear: 2*n*r*(i+o) more.
@@ -76,21 +84,25 @@ def transformer_flops(config, n_image_tokens, n_text_tokens, lora_rank=0, train=
     and modulation, and block 0's base q,k,v (and its whole attn2, which has no LoRA) have no backward.
     Gradient checkpointing re-runs the forward; that is hardware work, not model FLOPs, and not counted.
     Not counted either (nor by torch's FlopCounterMode): elementwise work - norms, GELU, softmax, adaLN
-    scale/shift/gate, residuals - ~100 FLOPs per token and channel against ~24*d of matmuls: <1 % at d = 1536."""
+    scale/shift/gate, residuals - ~100 FLOPs per token and channel against ~24*d of matmuls:
+    <1 % at d = 1536."""
     c = config if hasattr(config, "num_layers") else SimpleNamespace(**config)
-    d, p, Li, Lt, r = c.num_attention_heads * c.attention_head_dim, c.patch_size, n_image_tokens, n_text_tokens, lora_rank
+    d, p, Li, Lt, r = (c.num_attention_heads * c.attention_head_dim, c.patch_size,
+                       n_image_tokens, n_text_tokens, lora_rank)
     tot = [0, 0]  # forward, backward
 
     def lin(n, i, o, grad_in=True, lora=False):
         tot[0] += 2 * n * i * o + (2 * n * r * (i + o) if lora else 0)
-        tot[1] += (2 * n * i * o if grad_in else 0) + (2 * n * r * (i + 2 * o + (i if grad_in else 0)) if lora else 0)
+        tot[1] += ((2 * n * i * o if grad_in else 0)
+                   + (2 * n * r * (i + 2 * o + (i if grad_in else 0)) if lora else 0))
 
     def attn(L, grad=True):
         tot[0] += 4 * L * L * d
         tot[1] += 8 * L * L * d if grad else 0
     lin(Li, p * p * c.in_channels, d, False)
     lin(Lt, c.joint_attention_dim, c.caption_projection_dim, False)
-    for i, o in ((256, d), (d, d), (c.pooled_projection_dim, d), (d, d), (d, 2 * d)):  # time, text MLPs, norm_out
+    # time, text MLPs, norm_out
+    for i, o in ((256, d), (d, d), (c.pooled_projection_dim, d), (d, d), (d, 2 * d)):
         lin(1, i, o, False)
     for b in range(c.num_layers):
         first, last, dual = b == 0, b == c.num_layers - 1, b in tuple(c.dual_attention_layers)
@@ -140,21 +152,25 @@ def meta_param_counts(rank):
 def weight_table(n):
     """(row, GiB) of a real run's resident tensors: frozen weights in bf16, the VAE in fp32 (load_pipeline
     keeps it so), LoRA adapters, gradients and AdamW's two moments in fp32."""
-    rows = [(f"{name} ({'fp32' if b == 4 else 'bf16'})", n[key] * copies * b / 2 ** 30) for name, key, copies, b in (
-        ("SD3.5-M transformer", "transformer", 1, 2), ("CLIP-L text encoder", "clip_l", 1, 2), ("CLIP-G text encoder", "clip_g", 1, 2),
-        ("T5-XXL text encoder", "t5", 1, 2), ("VAE, as load_pipeline", "vae", 1, 4), ("LoRA theta, old, EMA", "lora", 3, 4),
-        ("theta's gradients", "lora", 1, 4), ("AdamW's two moments of theta", "lora", 2, 4))]
+    rows = [(f"{name} ({'fp32' if b == 4 else 'bf16'})", n[key] * copies * b / 2 ** 30)
+            for name, key, copies, b in (
+                ("SD3.5-M transformer", "transformer", 1, 2), ("CLIP-L text encoder", "clip_l", 1, 2),
+                ("CLIP-G text encoder", "clip_g", 1, 2), ("T5-XXL text encoder", "t5", 1, 2),
+                ("VAE, as load_pipeline", "vae", 1, 4), ("LoRA theta, old, EMA", "lora", 3, 4),
+                ("theta's gradients", "lora", 1, 4), ("AdamW's two moments of theta", "lora", 2, 4))]
     total, text = sum(g for _, g in rows), sum(g for name, g in rows if "text" in name)
     return rows + [("total", total), ("total with --text_offload=True (encoders on the CPU)", total - text)]
 
 
 def read_budget(path):
-    """The Phase II settings of a config file (path relative to this folder), exec'd over phase2_align's defaults."""
+    """The Phase II settings of a config file (path relative to this folder), exec'd over phase2_align's
+    defaults."""
     base = getattr(P2, "_config_defaults", None) or {k: getattr(P2, k) for k in P2.config_keys}
     ns = {}
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), path), encoding="utf-8") as f:
         exec(f.read(), ns)
-    keys = ("K", "G", "prompts_per_epoch", "sample_batch", "train_batch", "steps", "timestep_fraction", "opt_steps_per_epoch")
+    keys = ("K", "G", "prompts_per_epoch", "sample_batch", "train_batch", "steps", "timestep_fraction",
+            "opt_steps_per_epoch")
     return {k: ns.get(k, base[k]) for k in keys}
 
 
@@ -204,15 +220,20 @@ def main(argv=None):
     from configurator import configure
     configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
     S.quiet()  # before diffusers' pipeline module imports transformers' image processors
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     dev, dtype = S.pick_device(device)
     cuda, tiny, nan = dev.type == "cuda", shape == "tiny", float("nan")
-    res, tlen, rank = resolution or (64 if tiny else 512), t5_len or (32 if tiny else 128), lora_rank or (4 if tiny else 32)
-    peak = lookup_peak(torch.cuda.get_device_name(dev) if cuda else "cpu", peak_tflops) if cuda or peak_tflops else None
+    res, tlen, rank = (resolution or (64 if tiny else 512), t5_len or (32 if tiny else 128),
+                       lora_rank or (4 if tiny else 32))
+    peak = (lookup_peak(torch.cuda.get_device_name(dev) if cuda else "cpu", peak_tflops)
+            if cuda or peak_tflops else None)
     gib = lambda m: "n/a (CPU)" if m is None else m if isinstance(m, str) else f"{m:.1f} GiB"
-    rate = lambda fl, s: f"{fl / s / 1e12:.3g} TFLOP/s, MFU " + (f"{fl / s / 1e12 / peak:.1%}" if peak else "n/a")
+    rate = lambda fl, s: (f"{fl / s / 1e12:.3g} TFLOP/s, MFU "
+                          + (f"{fl / s / 1e12 / peak:.1%}" if peak else "n/a"))
     print(f"== bench: shape={shape}, {res} px, T5 {tlen} tokens, LoRA r={rank}, {dev} {dtype}, peak "
-          + (f"{peak:.0f} TFLOP/s (dense bf16, vendor datasheet)" if peak else "n/a (CPU or unknown device; --peak_tflops=)"))
+          + (f"{peak:.0f} TFLOP/s (dense bf16, vendor datasheet)" if peak
+             else "n/a (CPU or unknown device; --peak_tflops=)"))
 
     # ---- the exact figures first: they need no compute, so they print even where the timings do not run
     torch.manual_seed(0)
@@ -224,17 +245,21 @@ def main(argv=None):
     f_fwd, f_ref, f_train = (transformer_flops(cfg, Li, Lt, rank), transformer_flops(cfg, Li, Lt, 0),
                              transformer_flops(cfg, Li, Lt, rank, train=True))
     print(f"\n== model FLOPs per sample ({Li} image + {Lt} text tokens; matmuls only, see transformer_flops)")
-    print(f"forward with LoRA {f_fwd / 1e9:.4g} GFLOP, without {f_ref / 1e9:.4g}; LoRA training fwd+bwd {f_train / 1e9:.4g} "
-          f"= {f_train / f_fwd:.2f}x forward (frozen base; the 3x-forward convention would say {3 * f_fwd / 1e9:.4g})")
+    print(f"forward with LoRA {f_fwd / 1e9:.4g} GFLOP, without {f_ref / 1e9:.4g}; "
+          f"LoRA training fwd+bwd {f_train / 1e9:.4g} = {f_train / f_fwd:.2f}x forward "
+          f"(frozen base; the 3x-forward convention would say {3 * f_fwd / 1e9:.4g})")
     n = meta_param_counts(lora_rank or 32)
-    print(f"\n== resident weights of a real SD3.5-M run (exact: parameter counts on the meta device; LoRA r={lora_rank or 32})")
+    print(f"\n== resident weights of a real SD3.5-M run "
+          f"(exact: parameter counts on the meta device; LoRA r={lora_rank or 32})")
     print(f"parameters: transformer {n['transformer']:,}, CLIP-L {n['clip_l']:,}, CLIP-G {n['clip_g']:,}, "
           f"T5-XXL {n['t5']:,}, VAE {n['vae']:,}, LoRA {n['lora']:,} per adapter")
     for name, g in weight_table(n):
         print(f"  {name:<56} {g:7.2f} GiB")
-    print("  (reward models and activations come on top; the peaks below hold the transformer, its LoRA and the VAE)")
+    print("  (reward models and activations come on top; "
+          "the peaks below hold the transformer, its LoRA and the VAE)")
     if not cuda and not tiny and device == "auto":
-        print("\nno GPU: the SD3.5-M timings would take hours on a CPU; run `python bench.py --shape=tiny` (or --device=cpu to insist)")
+        print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "
+              "run `python bench.py --shape=tiny` (or --device=cpu to insist)")
         return
 
     # ---- the timed models: bf16 transformer under autocast with fp32 LoRA, fp32 VAE, as phase2_align on CUDA
@@ -248,30 +273,38 @@ def main(argv=None):
     P2.add_adapters(tr, rank, 2 * rank)
     params = P2.adapter_params(tr, "default")
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
-    sigmas, n_t, lat = S.sigma_grid(sched, steps), math.floor(steps * timestep_fraction), (cfg.in_channels, res // 8, res // 8)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
+                else (lambda: torch.autocast("cpu", enabled=False)))
+    sigmas, n_t, lat = (S.sigma_grid(sched, steps), math.floor(steps * timestep_fraction),
+                        (cfg.in_channels, res // 8, res // 8))
     cond = lambda B: (torch.randn(B, Lt, cfg.joint_attention_dim, device=dev, dtype=dtype),
                       torch.randn(B, cfg.pooled_projection_dim, device=dev, dtype=dtype))
     base_mem = torch.cuda.memory_allocated() / 2 ** 30 if cuda else None
 
     # ---- sampling: ours vs diffusers' pipeline on the same transformer (old adapter), same steps, no CFG.
-    # The pipeline has no text encoders: given prompt_embeds, only its transformer loop runs, which is what the
-    # ratio compares. It steps with its Euler scheduler, ours with `solver`: the same forwards.
+    # The pipeline has no text encoders: given prompt_embeds, only its transformer loop runs, which is what
+    # the ratio compares. It steps with its Euler scheduler, ours with `solver`: the same forwards.
     x, cs = torch.randn(sample_batch, *lat, device=dev), cond(sample_batch)
-    pipe_d = StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
-                                      text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe_d = StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=vae,
+                                      text_encoder=None, tokenizer=None,
+                                      text_encoder_2=None, tokenizer_2=None,
+                                      text_encoder_3=None, tokenizer_3=None)
     pipe_d.set_progress_bar_config(disable=True)
     P2.use_adapter(tr, "old")
 
     ours = lambda: S.sample(tr, sigmas, x, cs, solver=solver)
-    theirs = lambda: pipe_d(prompt_embeds=cs[0], pooled_prompt_embeds=cs[1], guidance_scale=1.0, num_inference_steps=steps,
-                            latents=x.to(dtype), height=res, width=res, output_type="latent").images
+    theirs = lambda: pipe_d(prompt_embeds=cs[0], pooled_prompt_embeds=cs[1], guidance_scale=1.0,
+                            num_inference_steps=steps, latents=x.to(dtype), height=res, width=res,
+                            output_type="latent").images
     with autocast():
         ts, mem = interleaved({"ours": ours, "diffusers": theirs}, dev, repeats)
         x0 = ours().float()
-    print(f"\n== sampling: batch {sample_batch} x {steps} steps, median of {repeats} interleaved (resident before: {gib(base_mem)})")
+    print(f"\n== sampling: batch {sample_batch} x {steps} steps, median of {repeats} interleaved "
+          f"(resident before: {gib(base_mem)})")
     for k in mem:
-        s = f"{ts[k]:.3f} s = {sample_batch / ts[k]:.1f} img/s, {rate(steps * sample_batch * f_fwd, ts[k])}, " if k in ts else ""
+        s = (f"{ts[k]:.3f} s = {sample_batch / ts[k]:.1f} img/s, "
+             f"{rate(steps * sample_batch * f_fwd, ts[k])}, "
+             if k in ts else "")
         print(f"  {k:<10} {s}peak {gib(mem[k])}")
     if len(ts) == 2:
         print(f"  ours / diffusers = {ts['ours'] / ts['diffusers']:.3f}")
@@ -279,7 +312,8 @@ def main(argv=None):
     # ---- VAE decode of one sampled batch (phase2 decodes chunks of sample_batch for the reward)
     td, dmem = interleaved({"decode": lambda: S.decode(vae, x0)}, dev, repeats)
     td = td.get("decode", nan)
-    print(f"\n== VAE decode: batch {sample_batch} at {res} px: {td:.3f} s = {sample_batch / td:.1f} img/s, peak {gib(dmem['decode'])}")
+    print(f"\n== VAE decode: batch {sample_batch} at {res} px: {td:.3f} s = {sample_batch / td:.1f} img/s, "
+          f"peak {gib(dmem['decode'])}")
 
     # ---- the training step as phase2_align runs it: per micro-batch n_t timesteps of (v_old, v_ref, v_theta,
     # NFT objective, backward), then once per optimizer step the tail: clip, AdamW, EMA blend
@@ -300,7 +334,8 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         P2.blend_adapter(tr, "ema", "default", P2.ema_decay(1))
-    xb, cb, rb, tails = x0[:train_batch], tuple(c[:train_batch] for c in cs), torch.rand(train_batch, device=dev), []
+    xb, cb, rb, tails = (x0[:train_batch], tuple(c[:train_batch] for c in cs),
+                         torch.rand(train_batch, device=dev), [])
 
     def train_step(ckpt):
         tr.enable_gradient_checkpointing() if ckpt else tr.disable_gradient_checkpointing()
@@ -312,26 +347,35 @@ def main(argv=None):
         sync(dev)
         tails.append(time.perf_counter() - t0)
         tr.eval()
-    tt, tmem = interleaved({"checkpointing on": lambda: train_step(True), "checkpointing off": lambda: train_step(False)}, dev, repeats)
+    tt, tmem = interleaved({"checkpointing on": lambda: train_step(True),
+                            "checkpointing off": lambda: train_step(False)}, dev, repeats)
     tail = statistics.median(tails) if tails else nan
-    print(f"\n== training step: micro-batch {train_batch} x {n_t} timesteps x (3 forwards + backward), then clip, AdamW, EMA")
+    print(f"\n== training step: micro-batch {train_batch} x {n_t} timesteps x (3 forwards + backward), "
+          f"then clip, AdamW, EMA")
     for k in tmem:
-        s = f"{tt[k]:.3f} s = {train_batch * n_t / tt[k]:.1f} sample-timesteps/s, {rate(n_t * train_batch * (f_fwd + f_ref + f_train), tt[k])}, " if k in tt else ""
+        s = (f"{tt[k]:.3f} s = {train_batch * n_t / tt[k]:.1f} sample-timesteps/s, "
+             f"{rate(n_t * train_batch * (f_fwd + f_ref + f_train), tt[k])}, "
+             if k in tt else "")
         print(f"  {k:<18} {s}peak {gib(tmem[k])}")
-    print(f"  of which the optimizer tail (clip + AdamW + EMA blend, once per optimizer step): {tail * 1e3:.1f} ms")
+    print(f"  of which the optimizer tail (clip + AdamW + EMA blend, once per optimizer step): "
+          f"{tail * 1e3:.1f} ms")
     t_micro = tt.get("checkpointing on", tt.get("checkpointing off", nan)) - tail
 
     # ---- an epoch of E²PO (K=4) vs K=1 at equal N samples per prompt, as phase2's loop: sampling with the
     # schedule's condition mixing (C^opt faked by random rows for k >= 1), training on C^orig, one optimizer
-    # step, old <- d*old + (1-d)*theta; no decode and no reward. With gradient checkpointing, phase2's default.
+    # step, old <- d*old + (1-d)*theta; no decode and no reward. With gradient checkpointing, phase2's
+    # default.
     tr.enable_gradient_checkpointing()
 
     def epoch_inputs(K, G):
-        _, idx, ks = P2.epoch_samples(epoch_prompts, K, G, 0, epoch_prompts * K * G, list(range(epoch_prompts)))
+        _, idx, ks = P2.epoch_samples(epoch_prompts, K, G, 0, epoch_prompts * K * G,
+                                      list(range(epoch_prompts)))
         c_orig = tuple(c[idx] for c in cond(epoch_prompts))
         pert = torch.tensor(ks, device=dev) > 0
-        c_opt = tuple(torch.where(pert.view(-1, *[1] * (o.dim() - 1)), f, o) for f, o in zip(cond(len(idx)), c_orig))
-        r = P2.advantages(torch.rand(len(idx), device=dev), torch.arange(len(idx), device=dev) // (K * G))  # random rewards
+        c_opt = tuple(torch.where(pert.view(-1, *[1] * (o.dim() - 1)), f, o)
+                      for f, o in zip(cond(len(idx)), c_orig))
+        # random rewards
+        r = P2.advantages(torch.rand(len(idx), device=dev), torch.arange(len(idx), device=dev) // (K * G))
         return torch.randn(len(idx), *lat, device=dev), c_orig, c_opt, r
 
     def epoch(noise, c_orig, c_opt, r):
@@ -339,7 +383,8 @@ def main(argv=None):
         out = []
         for a in range(0, len(noise), sample_batch):
             b = slice(a, a + sample_batch)
-            cf = lambda sigma: S.mix_condition(tuple(c[b] for c in c_opt), tuple(c[b] for c in c_orig), sigma, rho)
+            cf = lambda sigma: S.mix_condition(tuple(c[b] for c in c_opt), tuple(c[b] for c in c_orig),
+                                               sigma, rho)
             with autocast():
                 out.append(S.sample(tr, sigmas, noise[b], cond_fn=cf, solver=solver))
         x0_e = torch.cat(out).float()
@@ -351,9 +396,11 @@ def main(argv=None):
         train_tail()
         tr.eval()
         P2.blend_adapter(tr, "old", "default", P2.old_decay(1))
-    inputs = {f"E²PO G={epoch_N // 4} K=4": epoch_inputs(4, epoch_N // 4), f"K=1 G={epoch_N}": epoch_inputs(1, epoch_N)}
+    inputs = {f"E²PO G={epoch_N // 4} K=4": epoch_inputs(4, epoch_N // 4),
+              f"K=1 G={epoch_N}": epoch_inputs(1, epoch_N)}
     te, _ = interleaved({k: (lambda v=v: epoch(*v)) for k, v in inputs.items()}, dev, repeats)
-    print(f"\n== epoch at equal N: {epoch_prompts} prompts x {epoch_N} samples, sampling + training (no decode, no reward)")
+    print(f"\n== epoch at equal N: {epoch_prompts} prompts x {epoch_N} samples, "
+          f"sampling + training (no decode, no reward)")
     for k in te:
         print(f"  {k:<14} {te[k]:.3f} s")
     if len(te) == 2:
@@ -361,17 +408,21 @@ def main(argv=None):
         print(f"  ratio = {a / b:.3f} (the same code path per sample: ~1 expected)")
 
     # ---- per GPU per epoch for the paper's budgets, from the per-sample costs measured above
-    cost = dict(sample=ts.get("ours", nan) / (sample_batch * steps), decode=td / sample_batch, train=t_micro / (train_batch * n_t), tail=tail)
-    print(f"\n== per GPU per epoch on {gpus} GPUs: {'the tiny model' if tiny else 'SD3.5-M'}'s per-sample costs above "
-          "(training with checkpointing); rewards excluded")
-    print(f"  {'config':<28} {'G':>3} {'K':>3} {'prompts':>7} {'samples/GPU':>11} {'sample s':>9} {'decode s':>9} {'train s':>9} {'total s':>9}")
+    cost = dict(sample=ts.get("ours", nan) / (sample_batch * steps), decode=td / sample_batch,
+                train=t_micro / (train_batch * n_t), tail=tail)
+    print(f"\n== per GPU per epoch on {gpus} GPUs: {'the tiny model' if tiny else 'SD3.5-M'}'s "
+          "per-sample costs above (training with checkpointing); rewards excluded")
+    print(f"  {'config':<28} {'G':>3} {'K':>3} {'prompts':>7} {'samples/GPU':>11} "
+          f"{'sample s':>9} {'decode s':>9} {'train s':>9} {'total s':>9}")
     for path in BUDGETS:
         bud = read_budget(path)
         per_gpu, parts, total = epoch_cost(bud, gpus, cost)
-        other = (bud["sample_batch"], bud["train_batch"]) != (sample_batch, train_batch)  # per-sample costs then approximate
+        # per-sample costs then approximate
+        other = (bud["sample_batch"], bud["train_batch"]) != (sample_batch, train_batch)
         print(f"  {path:<28} {bud['G']:>3} {bud['K']:>3} {bud['prompts_per_epoch']:>7} {per_gpu:>11} "
               f"{parts['sample']:>9.1f} {parts['decode']:>9.1f} {parts['train']:>9.1f} {total:>9.1f}"
-              + (f"  (its batches {bud['sample_batch']}/{bud['train_batch']} differ from the measured ones)" if other else ""))
+              + (f"  (its batches {bud['sample_batch']}/{bud['train_batch']} differ from the measured ones)"
+                 if other else ""))
 
 
 if __name__ == "__main__":

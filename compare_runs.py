@@ -27,7 +27,8 @@ runs = "out/shapes_exp"  # comma-separated: experiment folders (<label>/seed<N>/
 plot = None  # PNG path; None = compare.png in the first folder of `runs`
 title = ""  # figure title
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 
 def read_log(path):
@@ -47,10 +48,12 @@ def find_runs(spec):
             paths = sorted(glob.glob(os.path.join(glob.escape(root), "*", "seed*", "log.jsonl")) +
                            glob.glob(os.path.join(glob.escape(root), "*", "log.jsonl")))
         if not paths:
-            raise SystemExit(f"no log.jsonl in or under '{root}': pass run folders or a folder of <label>/seed<N>/ runs")
+            raise SystemExit(f"no log.jsonl in or under '{root}': "
+                             f"pass run folders or a folder of <label>/seed<N>/ runs")
         for p in paths:
             d = os.path.dirname(os.path.abspath(p))
-            label = os.path.basename(os.path.dirname(d)) if re.fullmatch(r"seed\d+", os.path.basename(d)) else os.path.basename(d)
+            label = (os.path.basename(os.path.dirname(d)) if re.fullmatch(r"seed\d+", os.path.basename(d))
+                     else os.path.basename(d))
             found.setdefault(label, []).append(read_log(p))
     return found
 
@@ -84,8 +87,9 @@ def run_figures(records):
             "eval_mean": sum(after) / len(after) if after else None}
 
 
-COLUMNS = (("std_first", "group std, first"), ("std_last", "group std, last"), ("std_mean", "group std, mean"),
-           ("collapsed_last", "collapsed, last"), ("eval_start", "held-out, start"), ("eval_last", "held-out, last"),
+COLUMNS = (("std_first", "group std, first"), ("std_last", "group std, last"),
+           ("std_mean", "group std, mean"), ("collapsed_last", "collapsed, last"),
+           ("eval_start", "held-out, start"), ("eval_last", "held-out, last"),
            ("eval_mean", "held-out, mean"))
 
 
@@ -99,7 +103,8 @@ def table(groups):
         for key, _ in COLUMNS:
             m, s = mean_std([f[key] for f in figs])
             cells.append("n/a" if m is None else f"{m:.4f} ± {s:.4f}")
-        lines.append(f"| {label} | {len(runs_)} | {max(f['steps'] for f in figs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {len(runs_)} | {max(f['steps'] for f in figs)} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -122,8 +127,10 @@ def draw(groups, path, title=""):
                 continue
             vals = [[c[s] for c in curves if s in c] for s in steps]
             mean = [sum(v) / len(v) for v in vals]
-            line, = ax.plot(steps, mean, label=f"{label} ({len(runs_)})", marker="o" if key == "eval_reward" else None, ms=3)
-            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+            line, = ax.plot(steps, mean, label=f"{label} ({len(runs_)})",
+                            marker="o" if key == "eval_reward" else None, ms=3)
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals],
+                            color=line.get_color(), alpha=0.15)
     axes[0].set_yscale("log")
     axes[0].set_title("intra-group reward std (training samples)")
     axes[1].set_title("held-out reward (EMA weights)")

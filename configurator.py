@@ -30,7 +30,8 @@ def stage_keys():
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
         for node in tree.body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)):
                 if node.targets[0].id == "config_keys":
                     break
                 keys.add(node.targets[0].id)
@@ -49,7 +50,8 @@ def _coerce(key, value, default, source):
         return tuple(value)
     elif isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)):
         return value
-    raise SystemExit(f"{source}: config key '{key}' expects {type(default).__name__}, got {type(value).__name__} {value!r}")
+    raise SystemExit(f"{source}: config key '{key}' expects {type(default).__name__}, "
+                     f"got {type(value).__name__} {value!r}")
 
 
 def configure(g, keys, argv):
@@ -78,7 +80,8 @@ def configure(g, keys, argv):
                     all_keys = all_keys or stage_keys()
                     if k in all_keys:
                         continue  # another stage's setting
-                    raise SystemExit(f"config file '{arg}' sets '{k}', which no stage knows; known keys here: {', '.join(sorted(keys))}")
+                    raise SystemExit(f"config file '{arg}' sets '{k}', which no stage knows; "
+                                     f"known keys here: {', '.join(sorted(keys))}")
                 g[k] = _coerce(k, v, defaults[k], arg)
         else:
             if "=" not in arg:

@@ -34,7 +34,8 @@ perturbed conditions, for k>0. One table on stdout, one JSON (default DIR/divers
     python eval_diversity.py --samples=out/samples --face_model=~/.insightface/models/buffalo_l \
         --style_model=checkpoints/csd_vit_l.pth --reference=data/wikiart_subset
     # GenEval: sample the benchmark's own prompts (4 images each, as GenEval), then score the folder
-    python sample.py config/geneval_g4k12.py --prompts=data/geneval/evaluation_metadata.jsonl --K=1 --G=4 --out_dir=out/geneval
+    python sample.py config/geneval_g4k12.py --prompts=data/geneval/evaluation_metadata.jsonl --K=1 --G=4 \
+        --out_dir=out/geneval
     python eval_diversity.py --samples=out/geneval --metrics=geneval,sdi --detector=geneval
 
 The metric functions above "feature extractors" are pure numpy/scipy and import without side effects.
@@ -54,7 +55,8 @@ from rewards import GENEVAL_TAGS
 # config (overridden by configurator.py: python eval_diversity.py --key=value)
 samples = "out/samples"  # folder written by sample.py: index.jsonl + PNGs
 metrics = "ids,asc,sdi,pvs,vendi,geneval"  # comma-separated subset, or "all"
-clip_model = "openai/clip-vit-large-patch14"  # CLIP for Vendi/cos, the IDS fallback and ASC's default features; "tiny"
+# CLIP for Vendi/cos, the IDS fallback and ASC's default features; "tiny"
+clip_model = "openai/clip-vit-large-patch14"
 face_model = None  # insightface model-pack folder (e.g. ~/.insightface/models/buffalo_l) -> IDS[arcface]
 style_model = None  # CSD checkpoint (.pth from learn2phoenix/CSD) -> ASC[csd]; None -> ASC[clip]
 reference = None  # folder of reference images for ASC (with train/ and test/ subfolders, or split below)
@@ -63,13 +65,15 @@ detector = "grounding_dino"  # SDI boxes: "grounding_dino" or "geneval" (rewards
 detector_model = "IDEA-Research/grounding-dino-tiny"  # hub id, local folder or "tiny"
 box_threshold = 0.35  # Grounding DINO box score threshold (IDEA's demo default)
 text_threshold = 0.25  # Grounding DINO phrase threshold (IDEA's demo default)
-geneval_opts = None  # options of rewards.REWARDS["geneval"] (dict or JSON string); tiny: {"detector": "tiny", "clip": "tiny"}
+# options of rewards.REWARDS["geneval"] (dict or JSON string); tiny: {"detector": "tiny", "clip": "tiny"}
+geneval_opts = None
 device = "auto"
 batch_size = 16
 seed = 0  # reference split and equal-count subsampling in ASC
 out = None  # JSON path; None = DIR/diversity.json
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 METRICS = ("ids", "asc", "sdi", "pvs", "vendi", "geneval")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -145,7 +149,8 @@ def spatial_dispersion(boxes_per_image):
     n = len(boxes_per_image)
     if n < 2:
         return float("nan")
-    sims = [layout_similarity(boxes_per_image[i], boxes_per_image[j]) for i in range(n) for j in range(i + 1, n)]
+    sims = [layout_similarity(boxes_per_image[i], boxes_per_image[j])
+            for i in range(n) for j in range(i + 1, n)]
     return 1.0 - float(np.mean(sims))
 
 
@@ -169,7 +174,7 @@ def photographic_variance(stats):
     return float(s.std(axis=0).sum()) if len(s) else float("nan")
 
 
-# ----------------------------------------------------------------------------- ASC: image retrieval score (pure)
+# -------------------------------------------------------------------------- ASC: image retrieval score (pure)
 def nearest_reference(train, query, chunk=1024):
     """Index of each query's nearest train feature by cosine (L2 on unit vectors: the same ranking)."""
     t, q = _unit(train), _unit(query)
@@ -233,13 +238,17 @@ def geneval_summary(results, prompt_ids):
     for r, p in zip(results, prompt_ids):
         by_tag[r["tag"]].append(bool(r["correct"]))
         by_prompt[p].append(bool(r["correct"]))
-    tags = {t: {"accuracy": float(np.mean(v)), "correct": int(sum(v)), "images": len(v)} for t, v in by_tag.items()}
+    tags = {t: {"accuracy": float(np.mean(v)), "correct": int(sum(v)), "images": len(v)}
+            for t, v in by_tag.items()}
     present = [t for t in GENEVAL_TAGS if t in tags] or list(tags)
     return {"overall": float(np.mean([tags[t]["accuracy"] for t in present])) if present else float("nan"),
             "tags": tags, "missing_tags": [t for t in GENEVAL_TAGS if t not in tags],
-            "image_accuracy": float(np.mean([bool(r["correct"]) for r in results])) if results else float("nan"),
-            "prompt_accuracy": float(np.mean([any(v) for v in by_prompt.values()])) if by_prompt else float("nan"),
-            "mean_score": float(np.mean([float(r.get("score", r["correct"])) for r in results])) if results else float("nan")}
+            "image_accuracy": (float(np.mean([bool(r["correct"]) for r in results])) if results
+                               else float("nan")),
+            "prompt_accuracy": (float(np.mean([any(v) for v in by_prompt.values()])) if by_prompt
+                                else float("nan")),
+            "mean_score": (float(np.mean([float(r.get("score", r["correct"])) for r in results])) if results
+                           else float("nan"))}
 
 
 # ----------------------------------------------------------------------------- feature extractors (backbones)
@@ -266,16 +275,19 @@ def csd_state_dict_to_hf(sd):
     sd = {k[len("module."):] if k.startswith("module.") else k: v.float() for k, v in sd.items()}
     b = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if "conv1.weight" not in b or "last_layer_style" not in sd:
-        raise SystemExit("the --style_model checkpoint has no CSD weights (backbone.conv1.weight, last_layer_style): "
+        raise SystemExit("the --style_model checkpoint has no CSD weights "
+                         "(backbone.conv1.weight, last_layer_style): "
                          "pass the checkpoint.pth released with CSD (learn2phoenix/CSD)")
     width, patch = b["conv1.weight"].shape[0], b["conv1.weight"].shape[-1]
     layers = 1 + max(int(k.split(".")[2]) for k in b if k.startswith("transformer.resblocks."))
     cfg = dict(hidden_size=width, intermediate_size=b["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-               num_hidden_layers=layers, num_attention_heads=max(1, width // 64),  # OpenAI CLIP: heads = width / 64
+               # OpenAI CLIP: heads = width / 64
+               num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
                patch_size=patch, image_size=patch * math.isqrt(b["positional_embedding"].shape[0] - 1),
                projection_dim=sd["last_layer_style"].shape[1], hidden_act="quick_gelu", layer_norm_eps=1e-5)
     v = "vision_model."
-    hf = {v + "embeddings.patch_embedding.weight": b["conv1.weight"], v + "embeddings.class_embedding": b["class_embedding"],
+    hf = {v + "embeddings.patch_embedding.weight": b["conv1.weight"],
+          v + "embeddings.class_embedding": b["class_embedding"],
           v + "embeddings.position_embedding.weight": b["positional_embedding"],
           "visual_projection.weight": sd["last_layer_style"].t().contiguous()}
     for ours, theirs in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
@@ -286,8 +298,8 @@ def csd_state_dict_to_hf(sd):
         for p in ("weight", "bias"):  # nn.MultiheadAttention packs q, k, v in this order
             for name, w in zip(("q_proj", "k_proj", "v_proj"), b[f"{t}attn.in_proj_{p}"].chunk(3)):
                 hf[f"{o}self_attn.{name}.{p}"] = w
-            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                                 ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
                 hf[f"{o}{ours}.{p}"] = b[f"{t}{theirs}.{p}"]
     return cfg, hf
 
@@ -299,7 +311,8 @@ def csd_embedder(path, device):
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise SystemExit(f"--style_model={path} is not a file: pass the CSD checkpoint (.pth), or leave it unset for CLIP style features")
+        raise SystemExit(f"--style_model={path} is not a file: pass the CSD checkpoint (.pth), "
+                         f"or leave it unset for CLIP style features")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # CSD's training script pickles its argparse args next to the weights
@@ -328,7 +341,8 @@ def load_face_app(path, device):
     path = os.path.abspath(os.path.expanduser(path))
     if not glob.glob(os.path.join(path, "*.onnx")):
         raise SystemExit(f"--face_model={path} holds no .onnx files: pass an insightface model-pack folder "
-                         "(e.g. ~/.insightface/models/buffalo_l), or leave it unset for IDS on CLIP embeddings")
+                         "(e.g. ~/.insightface/models/buffalo_l), "
+                         "or leave it unset for IDS on CLIP embeddings")
     try:
         from insightface.app import FaceAnalysis
     except ImportError:
@@ -339,7 +353,8 @@ def load_face_app(path, device):
     os.symlink(path, os.path.join(root, "models", os.path.basename(path)))
     cuda = torch.device(device).type == "cuda"
     app = FaceAnalysis(name=os.path.basename(path), root=root, allowed_modules=["detection", "recognition"],
-                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"])
+                       providers=(["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda
+                                  else ["CPUExecutionProvider"]))
     app.prepare(ctx_id=0 if cuda else -1, det_size=(640, 640))
     return app
 
@@ -349,7 +364,8 @@ def face_embeddings(app, images):
     None where the detector finds no face: those images are counted, not silently dropped."""
     out = []
     for im in images:
-        bgr = np.ascontiguousarray(np.asarray(im.convert("RGB"))[:, :, ::-1])  # insightface takes OpenCV's BGR
+        # insightface takes OpenCV's BGR
+        bgr = np.ascontiguousarray(np.asarray(im.convert("RGB"))[:, :, ::-1])
         faces = app.get(bgr)
         if not faces:
             out.append(None)
@@ -365,16 +381,20 @@ def tiny_grounding_dino(seed=0):
     from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessorPil, GroundingDinoProcessor, SwinConfig)
     chars = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + ["##" + c for c in chars])}
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars)
+                                        + ["##" + c for c in chars])}
     tok = BertTokenizer(vocab=vocab)
-    proc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64}),
-                                  tokenizer=tok)
-    cfg = GroundingDinoConfig(  # real grounding-dino-tiny: Swin-T, BERT-base, d_model 256, 900 queries, 6+6 layers
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                                   window_size=4, out_indices=[2, 3, 4]),
-        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=256),
-        d_model=32, num_queries=10, encoder_layers=1, decoder_layers=2,  # 2: the bbox-head tying needs > 1 decoder layer
+    proc = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64}),
+        tokenizer=tok)
+    # real grounding-dino-tiny: Swin-T, BERT-base, d_model 256, 900 queries, 6+6 layers
+    cfg = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 2, 2], window_size=4, out_indices=[2, 3, 4]),
+        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32, max_position_embeddings=256),
+        d_model=32, num_queries=10, encoder_layers=1,
+        decoder_layers=2,  # 2: the bbox-head tying needs > 1 decoder layer
         encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
         encoder_n_points=2, decoder_n_points=2)
     torch.manual_seed(seed)
@@ -387,7 +407,8 @@ def grounding_dino_detector(name, device, box_thr, text_thr):
         model, proc = tiny_grounding_dino()
     else:
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
-        from rewards import _from_pretrained  # local folder / cache first; fails fast when the hub is unreachable
+        # local folder / cache first; fails fast when the hub is unreachable
+        from rewards import _from_pretrained
         hint = " (or --detector=geneval, or --detector_model=tiny to check the plumbing)"
         model = _from_pretrained(GroundingDinoForObjectDetection, name, "Grounding DINO detector", hint)
         proc = _from_pretrained(GroundingDinoProcessor, name, "Grounding DINO processor", hint)
@@ -396,8 +417,9 @@ def grounding_dino_detector(name, device, box_thr, text_thr):
     @torch.no_grad()
     def detect(images, queries):
         inputs = proc(images=images, text=queries, padding=True, return_tensors="pt").to(device)
-        res = proc.post_process_grounded_object_detection(model(**inputs), inputs.input_ids, threshold=box_thr,
-                                                          text_threshold=text_thr, target_sizes=[im.size[::-1] for im in images])
+        res = proc.post_process_grounded_object_detection(model(**inputs), inputs.input_ids,
+                                                          threshold=box_thr, text_threshold=text_thr,
+                                                          target_sizes=[im.size[::-1] for im in images])
         return [r["boxes"].float().cpu().numpy() for r in res]
     return detect
 
@@ -420,7 +442,8 @@ def grounding_query(names):
 
 def to_tensor(images):
     """PIL images (one size) -> float [B, 3, H, W] in [0, 1], the rewards' image format."""
-    return torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255.0).permute(2, 0, 1) for im in images])
+    return torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255.0).permute(2, 0, 1)
+                        for im in images])
 
 
 def load_rgb(path):
@@ -441,12 +464,14 @@ def read_index(folder):
         raise SystemExit(f"{path} lists no images")
     for r in rows:
         if not os.path.isfile(os.path.join(folder, r["file"])):
-            raise SystemExit(f"{path} lists {r['file']} but the file is missing: rerun sample.py into a fresh folder")
+            raise SystemExit(f"{path} lists {r['file']} but the file is missing: "
+                             f"rerun sample.py into a fresh folder")
     return rows
 
 
 def list_images(folder):
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                  if f.lower().endswith(IMAGE_EXTS))
 
 
 def reference_split(folder, test_fraction, seed):
@@ -463,7 +488,8 @@ def reference_split(folder, test_fraction, seed):
         test, train = [files[i] for i in sorted(perm[:n_test])], [files[i] for i in sorted(perm[n_test:])]
     if not train or not test:
         raise SystemExit(f"--reference={folder} needs images for both a train and a held-out test split "
-                         f"(found {len(train)} and {len(test)}): add images or set reference_test_fraction in (0, 1)")
+                         f"(found {len(train)} and {len(test)}): "
+                         f"add images or set reference_test_fraction in (0, 1)")
     return train, test
 
 
@@ -471,7 +497,8 @@ def embed_files(embed, files, bs, desc):
     from tqdm import tqdm
 
     from sample import bars
-    out = [embed([load_rgb(f) for f in files[i:i + bs]]) for i in tqdm(range(0, len(files), bs), desc=desc, disable=not bars())]
+    out = [embed([load_rgb(f) for f in files[i:i + bs]])
+           for i in tqdm(range(0, len(files), bs), desc=desc, disable=not bars())]
     return np.concatenate(out)
 
 
@@ -500,16 +527,20 @@ def group_metrics(idx, rows, feats, ref, face_checked, seed):
         res["ids"], res["ids_faces"] = mean_pairwise_cosine(faces), len(faces)  # every pair of the set
         res["ids_per_prompt"], res["ids_prompts"] = mean_over_prompts(
             [mean_pairwise_cosine([emb[i] for i in ii if emb[i] is not None]) for ii in prompts])
-        res["ids_no_face"] = len(no_face) if face_checked else None  # None: CLIP embeds whole images, no face check
+        # None: CLIP embeds whole images, no face check
+        res["ids_no_face"] = len(no_face) if face_checked else None
         res["ids_no_face_files"] = no_face
     if "vendi" in feats:
         f = feats["vendi"]
-        res["vendi"], res["vendi_prompts"] = mean_over_prompts([vendi_score(f[ii]) if len(ii) > 1 else float("nan") for ii in prompts])
+        res["vendi"], res["vendi_prompts"] = mean_over_prompts(
+            [vendi_score(f[ii]) if len(ii) > 1 else float("nan") for ii in prompts])
         res["cos"], _ = mean_over_prompts([mean_pairwise_cosine(f[ii]) for ii in prompts])
     if "sdi" in feats:
         boxes = feats["sdi"]
-        res["sdi"], res["sdi_prompts"] = mean_over_prompts([spatial_dispersion([boxes[i] for i in ii]) for ii in prompts])
-        res["sdi_no_boxes"] = int(sum(len(boxes[i]) == 0 for i in idx))  # kept: an empty layout is a layout (see layout_similarity)
+        res["sdi"], res["sdi_prompts"] = mean_over_prompts(
+            [spatial_dispersion([boxes[i] for i in ii]) for ii in prompts])
+        # kept: an empty layout is a layout (see layout_similarity)
+        res["sdi_no_boxes"] = int(sum(len(boxes[i]) == 0 for i in idx))
         res["sdi_mean_boxes"] = float(np.mean([len(boxes[i]) for i in idx]))
     if "pvs" in feats:
         st = feats["pvs"]
@@ -528,8 +559,8 @@ def group_metrics(idx, rows, feats, ref, face_checked, seed):
 def format_table(groups, labels):
     """Groups as rows, metrics as columns; '-' where a value is undefined."""
     cols = [("images", "images", "{:d}"), ("prompts", "prompts", "{:d}")]
-    cols += [(k, labels[k], "{:.4f}") for k in ("ids", "ids_per_prompt", "asc", "sdi", "pvs", "pvs_per_prompt", "vendi",
-                                                "cos", "geneval") if k in labels]
+    cols += [(k, labels[k], "{:.4f}") for k in ("ids", "ids_per_prompt", "asc", "sdi", "pvs",
+                                                "pvs_per_prompt", "vendi", "cos", "geneval") if k in labels]
     head = ["group"] + [c[1] for c in cols]
     lines = []
     for name, g in groups.items():
@@ -574,7 +605,8 @@ def main(argv=None):
     if "asc" in wanted and not reference:
         skipped["asc"] = "no reference folder given (--reference=DIR)"
     if "geneval" in wanted and not any((r.get("metadata") or {}).get("tag") for r in rows):
-        skipped["geneval"] = "the index's metadata carries no GenEval tags (sample a GenEval .jsonl prompt file)"
+        skipped["geneval"] = ("the index's metadata carries no GenEval tags "
+                              "(sample a GenEval .jsonl prompt file)")
     run = [m for m in wanted if m not in skipped]
     if "sdi" in run and detector not in ("grounding_dino", "geneval"):
         raise SystemExit(f"unknown --detector={detector}: use 'grounding_dino' or 'geneval'")
@@ -583,13 +615,14 @@ def main(argv=None):
     clip = clip_embedder(clip_model, dev) if use_clip else None
     app = load_face_app(face_model, dev) if "ids" in run and face_model else None
     style = (csd_embedder(style_model, dev) if style_model else clip) if "asc" in run else None
-    gd = grounding_dino_detector(detector_model, dev, box_threshold, text_threshold) if "sdi" in run and detector == "grounding_dino" else None
+    gd = (grounding_dino_detector(detector_model, dev, box_threshold, text_threshold)
+          if "sdi" in run and detector == "grounding_dino" else None)
     scorer, opts = None, {}
     if "geneval" in run or ("sdi" in run and detector == "geneval"):
         import rewards
         if "geneval" not in getattr(rewards, "REWARDS", {}):
-            raise SystemExit("this rewards.py has no 'geneval' reward: update rewards.py, or drop geneval from --metrics "
-                             "(and use --detector=grounding_dino)")
+            raise SystemExit("this rewards.py has no 'geneval' reward: update rewards.py, "
+                             "or drop geneval from --metrics (and use --detector=grounding_dino)")
         try:
             opts = json.loads(geneval_opts) if isinstance(geneval_opts, str) else dict(geneval_opts or {})
         except (ValueError, TypeError):
@@ -598,14 +631,17 @@ def main(argv=None):
         scorer = rewards.REWARDS["geneval"](dev, torch.float32, **opts)
     backbones = {"ids": f"arcface:{face_model}" if face_model else f"clip:{clip_model}",
                  "asc": f"csd:{style_model}" if style_model else f"clip:{clip_model}",
-                 "sdi": f"grounding_dino:{detector_model}" if detector == "grounding_dino" else "geneval_detector",
+                 "sdi": (f"grounding_dino:{detector_model}" if detector == "grounding_dino"
+                         else "geneval_detector"),
                  "pvs": "none (HSV and luma statistics of the pixels)", "vendi": f"clip:{clip_model}",
-                 "geneval": "rewards.REWARDS['geneval']" + (f" {json.dumps(opts, sort_keys=True)}" if opts else "")}
+                 "geneval": ("rewards.REWARDS['geneval']"
+                             + (f" {json.dumps(opts, sort_keys=True)}" if opts else ""))}
     backbones = {m: b for m, b in backbones.items() if m in run}
 
     def geneval_batch(ims, rs):
         keep = [j for j, r in enumerate(rs) if (r.get("metadata") or {}).get("tag")]
-        got = scorer.evaluate(to_tensor([ims[j] for j in keep]), [rs[j]["metadata"] for j in keep]) if keep else []
+        got = (scorer.evaluate(to_tensor([ims[j] for j in keep]), [rs[j]["metadata"] for j in keep])
+               if keep else [])
         out_ = [None] * len(rs)  # images without a GenEval tag get no result
         for j, res in zip(keep, got):
             out_[j] = res
@@ -636,7 +672,8 @@ def main(argv=None):
         if "asc" in run:
             feats["asc"] += list(c if style is clip else style(ims))
         if "sdi" in run:
-            feats["sdi"] += gd(ims, [grounding_query(object_names(r)) for r in rs]) if gd is not None else geneval_boxes(ims, rs)
+            feats["sdi"] += (gd(ims, [grounding_query(object_names(r)) for r in rs]) if gd is not None
+                             else geneval_boxes(ims, rs))
         if "pvs" in run:
             feats["pvs"] += [photo_stats(np.asarray(im, np.float64) / 255.0) for im in ims]
         if "geneval" in run:
@@ -654,7 +691,8 @@ def main(argv=None):
     if any(r["k"] > 0 for r in rows):
         groups["k=0"] = [i for i, r in enumerate(rows) if r["k"] == 0]
         groups["k>0"] = [i for i, r in enumerate(rows) if r["k"] > 0]
-    results = {name: group_metrics(idx, rows, feats, ref, bool(face_model), seed) for name, idx in groups.items() if idx}
+    results = {name: group_metrics(idx, rows, feats, ref, bool(face_model), seed)
+               for name, idx in groups.items() if idx}
 
     # the column names carry the backbone: IDS[clip] and IDS[arcface] are different numbers
     tag = {"ids": "arcface" if face_model else "clip", "asc": "csd" if style_model else "clip",
@@ -667,15 +705,19 @@ def main(argv=None):
     print(format_table(results, labels))
     for name, g in results.items():
         if g.get("ids_no_face"):
-            print(f"{name}: {g['ids_no_face']} of {g['images']} images had no face and are left out of {labels['ids']}")
+            print(f"{name}: {g['ids_no_face']} of {g['images']} images had no face "
+                  f"and are left out of {labels['ids']}")
         if g.get("geneval"):
-            tags = "  ".join(f"{t} {v['accuracy']:.3f} ({v['correct']}/{v['images']})" for t, v in g["geneval"]["tags"].items())
+            tags = "  ".join(f"{t} {v['accuracy']:.3f} ({v['correct']}/{v['images']})"
+                             for t, v in g["geneval"]["tags"].items())
             missing = g["geneval"]["missing_tags"]
-            print(f"{name}: GenEval {g['geneval']['overall']:.4f} = mean of: {tags}" + (f"  (no {', '.join(missing)})" if missing else ""))
+            print(f"{name}: GenEval {g['geneval']['overall']:.4f} = mean of: {tags}"
+                  + (f"  (no {', '.join(missing)})" if missing else ""))
     for m, why in skipped.items():
         print(f"skipped {m}: {why}")
-    report = {"samples": samples, "metrics": run, "skipped": skipped, "backbones": backbones, "labels": labels,
-              "images": len(rows), "prompts": len({r["prompt_index"] for r in rows}), "groups": results, "config": cfg}
+    report = {"samples": samples, "metrics": run, "skipped": skipped, "backbones": backbones,
+              "labels": labels, "images": len(rows), "prompts": len({r["prompt_index"] for r in rows}),
+              "groups": results, "config": cfg}
     report = _json_safe(report)
     write_json_atomic(out_path, report)
     print(f"wrote {out_path}")

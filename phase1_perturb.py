@@ -31,19 +31,25 @@ K = 12  # conditions per prompt, C^orig included: K-1 perturbations are learned
 encoders = ("clip_l", "clip_g", "t5")  # which encoders get a δ; the others see the plain prompt
 mu = 0.85  # target cosine to the anchor
 eps = 0.05  # dead zone: no anchor penalty while |cos - mu| <= eps (the ring [mu - eps, mu + eps])
-lambda_div = None  # weight of L_div; None = (K - 2) / 2: the same spreading force on each variant for every K (README)
-ring_margin = 0.5  # optimise L_anc with eps * (1 - ring_margin), so that variants settle inside the ring, not on its edge
+# weight of L_div; None = (K - 2) / 2: the same spreading force on each variant for every K (README)
+lambda_div = None
+# optimise L_anc with eps * (1 - ring_margin), so that variants settle inside the ring, not on its edge
+ring_margin = 0.5
 sigma_init = 0.1  # δ init std, in units of the encoder's token-embedding-table std
-delta_lr = 0.05  # Adam learning rate of the deltas, same units (its own name: a config file shared with Phase II sets lr)
+# Adam learning rate of the deltas, same units (its own name: a config file shared with Phase II sets lr)
+delta_lr = 0.05
 iters = 200
-batch_prompts = 4  # prompts optimised together (their Δ are independent; batching is for speed). On SD3.5-M a prompt
-# backpropagates K-1 sequences through T5-XXL: 8 prompts at K=12 were estimated at ~72 GB; 4 leave margin on 80 GB (not measured)
+# prompts optimised together (their Δ are independent; batching is for speed). On SD3.5-M a prompt
+# backpropagates K-1 sequences through T5-XXL: 8 prompts at K=12 were estimated at ~72 GB; 4 leave
+# margin on 80 GB (not measured)
+batch_prompts = 4
 t5_len = 128
 seed = 0
 device = "auto"
 dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 # prompt i's δ is drawn from a generator seeded seed * SEED_STRIDE + i (its index in the prompt file), so its
 # draw does not depend on batching or rank; the stride is a prime above any prompt count, so no two
@@ -52,7 +58,8 @@ SEED_STRIDE = 1_000_003
 
 
 def cosines(e, e_anc):
-    """e [B, n, D], e_anc [B, D] -> cos(e_k, e_anc) [B, n] and the mean over pairs k<l of cos(e_k, e_l) [B]."""
+    """e [B, n, D], e_anc [B, D] -> cos(e_k, e_anc) [B, n] and the mean over pairs k<l of
+    cos(e_k, e_l) [B]."""
     e, e_anc = F.normalize(e, dim=-1), F.normalize(e_anc, dim=-1)
     n = e.shape[1]
     i, j = torch.triu_indices(n, n, offset=1, device=e.device)
@@ -73,7 +80,8 @@ def embedding_loss(e, e_anc, mu, eps, lambda_div):
     return (lambda_div * L_div + L_anc).sum()
 
 
-def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_div, sigma_init, delta_lr, iters, seed):
+def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_div, sigma_init, delta_lr,
+                        iters, seed):
     """Optimise Δ for the prompts `indices` together. Returns ({index: {encoder: [K-1, L, d]}},
     {encoder: stats}). δ_k ~ N(0, (sigma_init * table_std)^2) from a generator seeded by the prompt
     index, so a prompt's perturbations do not depend on the batch or rank it landed in."""
@@ -83,16 +91,19 @@ def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_di
     tokens_rep = {k: tuple(t.repeat_interleave(n, 0) for t in v) for k, v in tokens.items()}
     rep = [p for p in sub for _ in range(n)]
     with torch.no_grad():
-        anchor = {k: v[1].float() for k, v in S.run_encoders(text, sub, names=names, tokens=tokens).items()}  # e_anc = f(E)
+        # e_anc = f(E)
+        anchor = {k: v[1].float() for k, v in S.run_encoders(text, sub, names=names, tokens=tokens).items()}
     deltas, groups = {}, []
     for name in names:
         enc = text["encoders"][name]
         table = S.token_embedding(enc).weight
         std = table.float().std().item()
         n_tok, d = tokens[name][0].shape[1], table.shape[1]
-        init = [torch.randn(n, n_tok, d, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + i)) for i in indices]
+        init = [torch.randn(n, n_tok, d, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + i))
+                for i in indices]
         deltas[name] = (torch.cat(init) * sigma_init * std).to(enc.device).requires_grad_()
-        groups.append({"params": [deltas[name]], "lr": delta_lr * std})  # lr in units of the table's std, per encoder
+        # lr in units of the table's std, per encoder
+        groups.append({"params": [deltas[name]], "lr": delta_lr * std})
     opt = torch.optim.Adam(groups)
     # cosine decay to 0: with a constant step, Adam keeps circling the ring's edge, where L_div's
     # push and L_anc's hinge balance; decaying the step lets each variant settle there
@@ -115,18 +126,22 @@ def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_di
         sched.step()
     rows = {}
     for b, i in enumerate(indices):
-        rows[i] = {name: deltas[name].detach()[b * n:(b + 1) * n][:, tokens[name][1][b]].to("cpu", torch.float16) for name in names}
+        rows[i] = {name: deltas[name].detach()[b * n:(b + 1) * n][:, tokens[name][1][b]]
+                         .to("cpu", torch.float16) for name in names}
     return rows, stats
 
 
 def summarize(stats, mu, eps):
-    """Per encoder: mean cos to anchor, fraction of variants inside the ring, mean pairwise cos (init -> final)."""
-    lines = [f"{'encoder':8s} {'cos_anc init':>12s} {'cos_anc final':>13s} {'in ring':>8s} {'pairwise init':>13s} {'pairwise final':>14s}"]
+    """Per encoder: mean cos to anchor, fraction of variants inside the ring, mean pairwise cos
+    (init -> final)."""
+    lines = [f"{'encoder':8s} {'cos_anc init':>12s} {'cos_anc final':>13s} {'in ring':>8s} "
+             f"{'pairwise init':>13s} {'pairwise final':>14s}"]
     summary = {}
     for name, s in stats.items():
         (a0, p0), (a1, p1) = s["init"], s["final"]
         ring = ((a1 - mu).abs() <= eps).float().mean().item()  # strictly inside
-        summary[name] = {"cos_anchor_init": a0.mean().item(), "cos_anchor_final": a1.mean().item(), "in_ring": ring,
+        summary[name] = {"cos_anchor_init": a0.mean().item(), "cos_anchor_final": a1.mean().item(),
+                         "in_ring": ring,
                          "pairwise_init": p0.mean().item(), "pairwise_final": p1.mean().item()}
         m = summary[name]
         lines.append(f"{name:8s} {m['cos_anchor_init']:12.4f} {m['cos_anchor_final']:13.4f} {ring:8.1%} "
@@ -149,7 +164,8 @@ def main(argv=None):
     from tqdm import tqdm
     cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
     if K < 2:
-        raise SystemExit(f"K={K}: Phase I learns K-1 perturbations, so K must be at least 2 (K=1 is plain DiffusionNFT and needs no Phase I)")
+        raise SystemExit(f"K={K}: Phase I learns K-1 perturbations, so K must be at least 2 "
+                         f"(K=1 is plain DiffusionNFT and needs no Phase I)")
     bad = [n for n in encoders if n not in S.ENCODERS]
     if bad or not encoders:
         raise SystemExit(f"encoders={encoders!r}: choose a non-empty subset of {S.ENCODERS}")
@@ -170,10 +186,12 @@ def main(argv=None):
     # the hinge is optimised on a narrower ring and the variants settle strictly inside [mu-eps, mu+eps].
     eps_opt = eps * (1 - ring_margin)
     mine = list(range(rank, len(prompt_list), world))  # this rank's shard of the prompts
-    rows, stats, t0 = {}, {}, time.time()  # stats: (encoder, "init"/"final") -> [(cos_anc, pairwise) per batch]
+    # stats: (encoder, "init"/"final") -> [(cos_anc, pairwise) per batch]
+    rows, stats, t0 = {}, {}, time.time()
     for s in tqdm(range(0, len(mine), batch_prompts), desc="phase1", disable=not S.bars(rank)):
         idx = mine[s:s + batch_prompts]
-        r, st = learn_perturbations(text, prompt_list, idx, encoders, K, mu, eps_opt, lam, sigma_init, delta_lr, iters, seed)
+        r, st = learn_perturbations(text, prompt_list, idx, encoders, K, mu, eps_opt, lam, sigma_init,
+                                    delta_lr, iters, seed)
         rows.update(r)
         for name, v in st.items():
             for when, ap in v.items():
@@ -183,11 +201,14 @@ def main(argv=None):
         gathered = [None] * world
         dist.all_gather_object(gathered, stats)
         stats = {k: [ap for g in gathered for ap in g.get(k, [])] for k in set().union(*gathered)}
-    all_stats = {name: {when: tuple(torch.cat(x) for x in zip(*stats[name, when])) for when in ("init", "final")} for name in encoders}
+    all_stats = {name: {when: tuple(torch.cat(x) for x in zip(*stats[name, when]))
+                        for when in ("init", "final")}
+                 for name in encoders}
     summary, table = summarize(all_stats, mu, eps)
-    meta = {"model": model, "encoders": list(encoders), "K": K, "mu": mu, "eps": eps, "lambda_div": lam, "eps_opt": eps_opt,
-            "sigma_init": sigma_init, "delta_lr": delta_lr, "iters": iters, "seed": seed, "t5_len": t5_len, "prompts_path": prompts,
-            "prompts_sha256": S.prompts_hash(prompt_list), "n_prompts": len(prompt_list), "summary": summary, "config": cfg}
+    meta = {"model": model, "encoders": list(encoders), "K": K, "mu": mu, "eps": eps, "lambda_div": lam,
+            "eps_opt": eps_opt, "sigma_init": sigma_init, "delta_lr": delta_lr, "iters": iters, "seed": seed,
+            "t5_len": t5_len, "prompts_path": prompts, "prompts_sha256": S.prompts_hash(prompt_list),
+            "n_prompts": len(prompt_list), "summary": summary, "config": cfg}
     # one file, or one shard per rank under torchrun (read back as a set by sample.load_perturbations)
     mine_file = perturbations if world == 1 else S.shard_name(perturbations, rank, world)
     save_perturbations(mine_file, rows, meta)
@@ -195,21 +216,26 @@ def main(argv=None):
         dist.barrier()
     if rank == 0:
         import glob  # remove what an earlier run left in the other form: it would shadow or mix with this one
-        written = {perturbations} if world == 1 else {S.shard_name(perturbations, r, world) for r in range(world)}
+        written = ({perturbations} if world == 1
+                   else {S.shard_name(perturbations, r, world) for r in range(world)})
         for f in set(glob.glob(S.shard_glob(perturbations))) | {perturbations}:
             if f not in written and os.path.isfile(f):
                 os.remove(f)
         # and the temp files of killed runs (every rank of this one has renamed its own by now)
-        for f in glob.glob(f"{glob.escape(perturbations)}.tmp*") + glob.glob(S.shard_glob(perturbations) + ".tmp*"):
+        for f in (glob.glob(f"{glob.escape(perturbations)}.tmp*")
+                  + glob.glob(S.shard_glob(perturbations) + ".tmp*")):
             os.remove(f)
-        print(f"phase1: {len(prompt_list)} prompts x {K - 1} perturbations x {len(encoders)} encoders in {time.time() - t0:.1f}s "
+        print(f"phase1: {len(prompt_list)} prompts x {K - 1} perturbations x {len(encoders)} encoders "
+              f"in {time.time() - t0:.1f}s "
               f"-> {perturbations}{'' if world == 1 else f' ({world} shards)'}")
         print(table)
-        print(f"ring: |cos_anc - {mu}| <= {eps} (optimised at <= {eps_opt:.4g}, lambda_div = {lam:g}); pairwise should fall from init")
+        print(f"ring: |cos_anc - {mu}| <= {eps} (optimised at <= {eps_opt:.4g}, lambda_div = {lam:g}); "
+              f"pairwise should fall from init")
         for name, m in summary.items():
             if m["in_ring"] < 1:
-                print(f"WARNING: {1 - m['in_ring']:.1%} of the {name} variants end outside the ring [{mu - eps:.3f}, {mu + eps:.3f}] "
-                      f"(mean cos to anchor {m['cos_anchor_final']:.3f}): raise iters, or lower lambda_div or delta_lr")
+                print(f"WARNING: {1 - m['in_ring']:.1%} of the {name} variants end outside the ring "
+                      f"[{mu - eps:.3f}, {mu + eps:.3f}] (mean cos to anchor {m['cos_anchor_final']:.3f}): "
+                      f"raise iters, or lower lambda_div or delta_lr")
 
 
 if __name__ == "__main__":

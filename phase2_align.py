@@ -33,10 +33,12 @@ import sample as S
 from configurator import config_summary, configure
 
 # -----------------------------------------------------------------------------
-# config (the DiffusionNFT numbers are its public code's; the E²PO ones are ours: README "Choices where the paper is silent")
+# config (the DiffusionNFT numbers are its public code's; the E²PO ones are ours:
+# README "Choices where the paper is silent")
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/geneval/train_metadata.jsonl"
-eval_prompts = None  # held-out prompts sampled with the EMA weights before training and every eval_every epochs
+# held-out prompts sampled with the EMA weights before training and every eval_every epochs
+eval_prompts = None
 perturbations = "out/perturbations.safetensors"  # Phase I file (not needed when K = 1)
 out_dir = "out/align"
 reward = {"geneval": 1.0}  # name -> weight; summed before normalisation
@@ -55,8 +57,10 @@ resolution = 512
 t5_len = 128
 sample_batch = 16  # images per transformer forward while sampling
 train_batch = 8  # samples per training micro-batch
-opt_steps_per_epoch = 1  # optimizer steps per epoch, each accumulating an equal share of the micro-batches (DiffusionNFT: 1)
-timestep_fraction = 0.99  # train on the first floor(steps * 0.99) entries of a per-sample permutation of the grid
+# optimizer steps per epoch, each accumulating an equal share of the micro-batches (DiffusionNFT: 1)
+opt_steps_per_epoch = 1
+# train on the first floor(steps * 0.99) entries of a per-sample permutation of the grid
+timestep_fraction = 0.99
 beta = 1.0  # implicit-policy strength (0.1 for multi-reward)
 adv_clip = 5.0
 global_std = True  # normalise by the std of all rewards of the step (False: per group)
@@ -66,8 +70,10 @@ weight_decay = 1e-4
 grad_clip = 1.0
 lora_rank = 32
 lora_alpha = 64
-old_decay_rate = 0.001  # old <- d*old + (1-d)*theta, d = min(rate * (step - flat), max), 0 before `flat` steps
-old_decay_max = 0.5  # DiffusionNFT's type 1 (GenEval, PickScore); its type 2 is flat 75, rate 0.0075, max 0.999
+# old <- d*old + (1-d)*theta, d = min(rate * (step - flat), max), 0 before `flat` steps
+old_decay_rate = 0.001
+# DiffusionNFT's type 1 (GenEval, PickScore); its type 2 is flat 75, rate 0.0075, max 0.999
+old_decay_max = 0.5
 old_decay_flat = 0
 ema_max = 0.9  # EMA decay min((1+s)/(10+s), ema_max)
 grad_checkpointing = True
@@ -81,11 +87,13 @@ resume = False  # continue the run in out_dir from its checkpoint
 overwrite = False  # replace a run that out_dir already holds (without resume or overwrite, the run refuses)
 seed = 0
 device = "auto"
-dtype = "auto"  # frozen transformer and text encoders: "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
+# frozen transformer and text encoders: "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
+dtype = "auto"
 amp = True  # on CUDA, run the transformer under bf16 autocast (LoRA weights and the VAE stay fp32 regardless)
 text_offload = False  # keep the text encoders on the CPU except while they encode (frees ~11 GB on SD3.5-M)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, dict, type(None)))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, dict, type(None)))]
 
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -93,7 +101,7 @@ ADAPTERS = ("default", "old", "ema")  # theta (trained), the sampling policy, th
 CKPT_DIRS = dict(zip(ADAPTERS, ("lora", "lora_old", "lora_ema")))  # their folders in a checkpoint
 
 
-# ----------------------------------------------------------------------------- the formulas (DiffusionNFT's objective, as its public code)
+# ------------------------------------------------ the formulas (DiffusionNFT's objective, as its public code)
 def group_moments(R, group_ids):
     """Each sample's group index, and per group the mean and the population std (ddof 0) of R."""
     _, gid, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
@@ -138,11 +146,13 @@ def nft_loss(v_theta, v_old, x_t, x0, t, r, beta):
 
 def nft_objective(v_theta, v_old, v_ref, x_t, x0, t, r, beta=1.0, adv_clip=5.0, kl_beta=1e-4):
     """DiffusionNFT's whole objective per sample [B], as its training step computes it:
-        loss = nft_loss(v_theta, v_old, x_t, x0, t, r, beta) * adv_clip / beta + kl_beta * mean_CHW (v_theta - v_ref)^2
+        loss = nft_loss(v_theta, v_old, x_t, x0, t, r, beta) * adv_clip / beta
+               + kl_beta * mean_CHW (v_theta - v_ref)^2
     averaged over the samples and training times of an optimizer step. Returns (loss, the nft term, the
     kl term before kl_beta), each [B]; v_ref=None (kl_beta = 0) drops the KL term."""
     nft = nft_loss(v_theta, v_old, x_t, x0, t, r, beta) * (adv_clip / beta)
-    kl = ((v_theta - v_ref) ** 2).mean(dim=tuple(range(1, v_theta.dim()))) if v_ref is not None else torch.zeros_like(nft)
+    kl = (((v_theta - v_ref) ** 2).mean(dim=tuple(range(1, v_theta.dim()))) if v_ref is not None
+          else torch.zeros_like(nft))
     return nft + kl_beta * kl, nft, kl
 
 
@@ -164,10 +174,11 @@ def ema_decay(step, cap=0.9):
     return min((1 + step) / (10 + step), cap)
 
 
-# ----------------------------------------------------------------------------- LoRA adapters on the SD3 transformer
+# ----------------------------------------------------------------------- LoRA adapters on the SD3 transformer
 def add_adapters(transformer, rank, alpha):
-    """Three LoRA adapters with one config (DiffusionNFT's: r 32, alpha 64, gaussian init): "default" (theta) is trained, "old" samples,
-    "ema" evaluates. All start as copies of theta; lora_B = 0 at init, so all equal the base model."""
+    """Three LoRA adapters with one config (DiffusionNFT's: r 32, alpha 64, gaussian init): "default"
+    (theta) is trained, "old" samples, "ema" evaluates. All start as copies of theta; lora_B = 0 at init,
+    so all equal the base model."""
     from peft import LoraConfig
     import warnings
     cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
@@ -200,7 +211,8 @@ def lora_layers(transformer):
     the model-level set_adapter does, cost ~30 ms a switch on SD3.5-M's 24 blocks (~6 ms this way)."""
     if "_lora_layers" not in transformer.__dict__:
         from peft.tuners.tuners_utils import BaseTunerLayer
-        transformer.__dict__["_lora_layers"] = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        transformer.__dict__["_lora_layers"] = [m for m in transformer.modules()
+                                                if isinstance(m, BaseTunerLayer)]
     return transformer.__dict__["_lora_layers"]
 
 
@@ -220,15 +232,18 @@ def use_adapter(transformer, name):
 
 def adapter_state(transformer, name):
     from peft.utils import get_peft_model_state_dict
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+    return {k: v.detach().float().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
 
 
 def save_lora(transformer, name, path):
     """diffusers format: StableDiffusion3Pipeline.load_lora_weights(path) loads it in plain diffusers."""
     from diffusers import StableDiffusion3Pipeline
-    # the adapter's LoraConfig travels as metadata: without it diffusers assumes lora_alpha = r (scale 1, not alpha/r)
-    StableDiffusion3Pipeline.save_lora_weights(path, transformer_lora_layers=adapter_state(transformer, name),
-                                               transformer_lora_adapter_metadata=transformer.peft_config[name].to_dict())
+    # the adapter's LoraConfig travels as metadata: without it diffusers assumes lora_alpha = r
+    # (scale 1, not alpha/r)
+    StableDiffusion3Pipeline.save_lora_weights(
+        path, transformer_lora_layers=adapter_state(transformer, name),
+        transformer_lora_adapter_metadata=transformer.peft_config[name].to_dict())
 
 
 def load_lora_into(transformer, name, path):
@@ -238,7 +253,8 @@ def load_lora_into(transformer, name, path):
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     res = set_peft_model_state_dict(transformer, sd, adapter_name=name)
     if getattr(res, "unexpected_keys", None):
-        raise SystemExit(f"LoRA in {path} does not match this model (unexpected keys like {res.unexpected_keys[0]})")
+        raise SystemExit(f"LoRA in {path} does not match this model "
+                         f"(unexpected keys like {res.unexpected_keys[0]})")
 
 
 def policy_velocities(transformer, x_t, t, c, with_ref=True, theta_model=None):
@@ -286,7 +302,8 @@ def group_conditions(text, pert, prompt_list, idx, ks):
         return c_orig, c_orig
     km1 = pert["K"] - 1  # perturbed_conditions gives K-1 rows per prompt
     opt = [torch.cat(c) for c in zip(*(S.perturbed_conditions(text, pert, prompt_list, [i]) for i in uniq))]
-    c_opt = tuple(torch.stack([o[n] if k == 0 else p[row[i] * km1 + k - 1] for n, (i, k) in enumerate(zip(idx, ks))])
+    c_opt = tuple(torch.stack([o[n] if k == 0 else p[row[i] * km1 + k - 1]
+                               for n, (i, k) in enumerate(zip(idx, ks))])
                   for o, p in zip(c_orig, opt))
     return c_orig, c_opt
 
@@ -309,12 +326,13 @@ def samples_per_rank(n_prompts, K, G, world, train_batch, opt_steps):
     per_prompt = unit // math.gcd(K * G, unit)  # prompts_per_epoch must be a multiple of this
     per_step = N // world // opt_steps if N % (world * opt_steps) == 0 else 0
     fits = [b for b in range(train_batch, 0, -1) if per_step and per_step % b == 0]
-    hint = f"prompts_per_epoch={per_prompt * max(1, round(n_prompts / per_prompt))} (any multiple of {per_prompt})"
+    hint = (f"prompts_per_epoch={per_prompt * max(1, round(n_prompts / per_prompt))} "
+            f"(any multiple of {per_prompt})")
     if fits:
         hint += f" or train_batch={fits[0]}"
-    raise SystemExit(f"prompts_per_epoch*K*G = {n_prompts}*{K}*{G} = {N} samples do not split over {world} ranks x "
-                     f"opt_steps_per_epoch={opt_steps} optimizer steps into train_batch={train_batch} micro-batches: "
-                     f"use {hint}")
+    raise SystemExit(f"prompts_per_epoch*K*G = {n_prompts}*{K}*{G} = {N} samples do not split "
+                     f"over {world} ranks x opt_steps_per_epoch={opt_steps} optimizer steps "
+                     f"into train_batch={train_batch} micro-batches: use {hint}")
 
 
 def sample_seed(*parts):
@@ -340,7 +358,8 @@ def step_assignment(N, opt_steps, seed, epoch):
 
 
 def any_rank(flag, world, device):
-    """True on every rank if `flag` is True on any rank (one tiny all-reduce): ranks decide to stop together."""
+    """True on every rank if `flag` is True on any rank (one tiny all-reduce): ranks decide to stop
+    together."""
     if world == 1:
         return bool(flag)
     t = torch.tensor([float(flag)], device=device)
@@ -396,7 +415,8 @@ def save_checkpoint(out, transformer, opt, state, cfg):
     for name, sub in CKPT_DIRS.items():
         save_lora(transformer, name, os.path.join(tmp, sub))
     S.write_json_atomic(os.path.join(tmp, "config.json"), cfg)
-    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), **state}, os.path.join(tmp, "state.pt"))
+    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), **state},
+               os.path.join(tmp, "state.pt"))
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(ck):
         os.replace(ck, old)
@@ -436,13 +456,14 @@ def load_checkpoint(ck, transformer, opt):
     try:
         for name, sub in CKPT_DIRS.items():
             load_lora_into(transformer, name, os.path.join(ck, sub))
-        st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=False)  # load_state_dict moves it
+        # load_state_dict moves it
+        st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=False)
         opt.load_state_dict(st["optimizer"])
     except SystemExit:
         raise
     except Exception as err:
-        raise SystemExit(f"checkpoint {ck} cannot be read ({type(err).__name__}: {str(err)[:200]}): it is damaged; "
-                         "restore it or start a new run with --overwrite=True")
+        raise SystemExit(f"checkpoint {ck} cannot be read ({type(err).__name__}: {str(err)[:200]}): "
+                         "it is damaged; restore it or start a new run with --overwrite=True")
     return st
 
 
@@ -476,8 +497,8 @@ def last_good(out):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(transformer, vae, text, sigmas, prompt_list, metadata, reward_fn, shape, dev, autocast, rank, world,
-             seed, G=1, batch=16, solver="euler", guidance=1.0, offload_text=False):
+def evaluate(transformer, vae, text, sigmas, prompt_list, metadata, reward_fn, shape, dev, autocast, rank,
+             world, seed, G=1, batch=16, solver="euler", guidance=1.0, offload_text=False):
     """Mean reward of held-out prompts sampled with the EMA adapter from fixed noises (C^orig only),
     G noises per prompt, `batch` images per forward; the prompts are spread over ranks."""
     use_adapter(transformer, "ema")
@@ -511,17 +532,20 @@ def main(argv=None):
         raise SystemExit(f"K={K}, G={G}: both must be at least 1")
     S.check_rho(rho)
     if not beta > 0 or solver not in ("euler", "dpm2") or eval_solver not in ("euler", "dpm2"):
-        raise SystemExit(f"beta={beta} must be > 0 and solver={solver!r}, eval_solver={eval_solver!r} one of 'euler', 'dpm2'")
+        raise SystemExit(f"beta={beta} must be > 0 and solver={solver!r}, eval_solver={eval_solver!r} "
+                         f"one of 'euler', 'dpm2'")
     n_train_t = math.floor(steps * timestep_fraction)
     if n_train_t < 1:
         raise SystemExit(f"steps={steps} x timestep_fraction={timestep_fraction} leaves no training timestep")
     world_env = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group starts
     N = prompts_per_epoch * K * G  # samples per epoch over all ranks
     n_local = samples_per_rank(prompts_per_epoch, K, G, world_env, train_batch, opt_steps_per_epoch)
-    needs_meta = [n for n in RW.parse_spec(reward) if n in ("geneval", "shapes")]  # unknown reward names stop here
+    # unknown reward names stop here
+    needs_meta = [n for n in RW.parse_spec(reward) if n in ("geneval", "shapes")]
     if needs_meta and not all(m.get("tag") for m in metadata):
-        raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata (.jsonl with 'tag' and 'include'); {prompts} "
-                         "has none: make it with data/geneval/prepare.py (or data/shapes/prepare.py)")
+        raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata "
+                         f"(.jsonl with 'tag' and 'include'); {prompts} has none: "
+                         "make it with data/geneval/prepare.py (or data/shapes/prepare.py)")
     check_run_folder(out_dir, resume, overwrite)
     S.quiet()
     rank, world, dev, dt = S.setup_distributed(device, dtype)
@@ -533,7 +557,8 @@ def main(argv=None):
         f"{opt_steps_per_epoch} optimizer step(s) of {n_step} samples, micro-batches of {train_batch}, "
         f"{n_train_t} training timesteps each")
     if prompts_per_epoch > len(prompt_list):
-        log(f"note: prompts_per_epoch={prompts_per_epoch} > {len(prompt_list)} prompts: each epoch draws prompts with replacement")
+        log(f"note: prompts_per_epoch={prompts_per_epoch} > {len(prompt_list)} prompts: "
+            f"each epoch draws prompts with replacement")
     reward_fn = RW.build_reward(reward, dev, dt, tiny=model == "tiny", opts=reward_opts)
 
     # ---- models: frozen SD3, three LoRA adapters on the transformer
@@ -541,7 +566,8 @@ def main(argv=None):
     pipe = S.load_pipeline(model, dev, dt)
     text = S.load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = S.load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None
-    encoding = lambda: S.text_on(text, dev, offload=text_offload)  # where the text encoders are while they encode
+    # where the text encoders are while they encode
+    encoding = lambda: S.text_on(text, dev, offload=text_offload)
     if text_offload:
         text["encoders"] = {n: e.to("cpu") for n, e in text["encoders"].items()}
     transformer, vae = pipe.transformer, pipe.vae
@@ -573,19 +599,22 @@ def main(argv=None):
         log(f"resumed from {ck}: epoch {start_epoch}, step {step}")
     # DDP averages theta's gradients over ranks in its backward, and starts every rank from rank 0's
     # weights (all three adapters included). peft's adapter switches go to the wrapped module directly.
-    theta_model = transformer if world == 1 else DDP(transformer, device_ids=[dev.index] if dev.type == "cuda" else None)
+    theta_model = (transformer if world == 1
+                   else DDP(transformer, device_ids=[dev.index] if dev.type == "cuda" else None))
     torch.manual_seed(seed + rank)
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        if not resume:  # --overwrite=True: the earlier run's checkpoint goes now that the new one is ready to start
+        # --overwrite=True: the earlier run's checkpoint goes now that the new one is ready to start
+        if not resume:
             for d in checkpoint_dirs(out_dir):
                 shutil.rmtree(d, ignore_errors=True)
         S.write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
     logf = open(log_path, "a" if resume else "w") if master else None
-    run_eval = lambda: evaluate(transformer, vae, text, eval_sigmas, eval_list, eval_meta, reward_fn, shape, dev, autocast,
-                                rank, world, seed, G=eval_G, batch=sample_batch, solver=eval_solver, guidance=guidance,
-                                offload_text=text_offload)
-    if eval_list and not resume:  # the held-out reward of the starting model (as DiffusionNFT evaluates at step 0)
+    run_eval = lambda: evaluate(transformer, vae, text, eval_sigmas, eval_list, eval_meta, reward_fn, shape,
+                                dev, autocast, rank, world, seed, G=eval_G, batch=sample_batch,
+                                solver=eval_solver, guidance=guidance, offload_text=text_offload)
+    # the held-out reward of the starting model (as DiffusionNFT evaluates at step 0)
+    if eval_list and not resume:
         rec = {"epoch": -1, "step": 0, "eval_reward": run_eval()}
         log(f"before training | eval {rec['eval_reward']:.4f}")
         if master:
@@ -593,9 +622,11 @@ def main(argv=None):
 
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        # ---- the epoch's groups: prompts_per_epoch prompts x K conditions x G noises, one flat list over ranks
+        # ---- the epoch's groups: prompts_per_epoch prompts x K conditions x G noises, one flat list
+        # over ranks
         g = torch.Generator().manual_seed(sample_seed(seed, epoch))
-        draw = (torch.randperm(len(prompt_list), generator=g)[:prompts_per_epoch] if prompts_per_epoch <= len(prompt_list)
+        draw = (torch.randperm(len(prompt_list), generator=g)[:prompts_per_epoch]
+                if prompts_per_epoch <= len(prompt_list)
                 else torch.randint(len(prompt_list), (prompts_per_epoch,), generator=g)).tolist()
         js, idx, ks = epoch_samples(prompts_per_epoch, K, G, rank, n_local, draw)
         with encoding():
@@ -604,7 +635,8 @@ def main(argv=None):
         # ---- E²PO change 1, the noise-aware schedule: variant k is sampled on
         #      C_k(t) = gamma(sigma_t) * C^opt_k + (1 - gamma(sigma_t)) * C^orig,
         # so the perturbation shapes the layout while sigma > 1 - rho and is gone before details are drawn
-        # (use_schedule=False: a static C^opt_k, the paper's ablation). k = 0 rows mix C^orig with itself: exact.
+        # (use_schedule=False: a static C^opt_k, the paper's ablation).
+        # k = 0 rows mix C^orig with itself: exact.
         def condition_at(sigma, b):
             opt_b, orig_b = tuple(c[b] for c in c_opt), tuple(c[b] for c in c_orig)
             return S.mix_condition(opt_b, orig_b, sigma, rho) if use_schedule else opt_b
@@ -615,10 +647,12 @@ def main(argv=None):
         noise_ids = [(j // (K * G)) * K * G + j % G if shared_noise else j for j in js]
         noise = S.image_noise([sample_seed(seed, epoch, j, STREAM_NOISE) for j in noise_ids], shape, dev)
         x0 = []
-        for a in tqdm(range(0, n_local, sample_batch), desc=f"epoch {epoch} sample", disable=not S.bars(rank), leave=False):
+        for a in tqdm(range(0, n_local, sample_batch), desc=f"epoch {epoch} sample", disable=not S.bars(rank),
+                      leave=False):
             b = slice(a, a + sample_batch)
             with autocast():
-                x0.append(S.sample(transformer, sigmas, noise[b], cond_fn=lambda sigma: condition_at(sigma, b),
+                x0.append(S.sample(transformer, sigmas, noise[b],
+                                   cond_fn=lambda sigma: condition_at(sigma, b),
                                    guidance=guidance, solver=solver))
         x0 = torch.cat(x0).float()
         use_adapter(transformer, "default")
@@ -629,12 +663,14 @@ def main(argv=None):
         R_local, parts = [], {}
         for a in range(0, n_local, sample_batch):
             sel = idx[a:a + sample_batch]
-            total, per = reward_fn(S.decode(vae, x0[a:a + sample_batch]), [prompt_list[i] for i in sel], [metadata[i] for i in sel])
+            total, per = reward_fn(S.decode(vae, x0[a:a + sample_batch]), [prompt_list[i] for i in sel],
+                                   [metadata[i] for i in sel])
             R_local.append(total.float().to(dev))
             for n_, v_ in per.items():
                 parts.setdefault(n_, []).append(v_.float().to(dev))
         R = all_gather_cat(torch.cat(R_local), world)
-        parts = {f"reward_{n}": all_gather_cat(torch.cat(v), world).mean().item() for n, v in parts.items()} if len(parts) > 1 else {}
+        parts = ({f"reward_{n}": all_gather_cat(torch.cat(v), world).mean().item()
+                  for n, v in parts.items()} if len(parts) > 1 else {})
         gid = torch.arange(N, device=dev) // (K * G)  # the group (prompt slot) of every sample of the epoch
         if not torch.isfinite(R).all():  # R is the same on every rank: all stop here
             raise SystemExit(f"non-finite reward at epoch {epoch}; {last_good(out_dir)}" if master else 1)
@@ -652,28 +688,37 @@ def main(argv=None):
         grad_norms = []
         transformer.train()
         for s in range(opt_steps_per_epoch):
-            mine = [i for i in torch.argsort(key).tolist() if step_of[i] == s]  # local indices, in the step's order
+            # local indices, in the step's order
+            mine = [i for i in torch.argsort(key).tolist() if step_of[i] == s]
             micro = [mine[a:a + train_batch] for a in range(0, len(mine), train_batch)]
-            for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not S.bars(rank), leave=False)):
+            for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not S.bars(rank),
+                                           leave=False)):
                 b = torch.tensor(chunk)
                 jb = [js[i] for i in b.tolist()]
                 x0_b, r_b = x0[b.to(dev)], r[b.to(dev)]
-                perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, STREAM_TIMES)))
+                perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(
+                                         sample_seed(seed, epoch, j, STREAM_TIMES)))
                                      for j in jb])[:, :n_train_t]
                 for ti in range(n_train_t):
                     t = sigmas[perms[:, ti]].to(dev)
-                    eps = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, j, STREAM_EPS, ti)))
+                    eps = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                                           sample_seed(seed, epoch, j, STREAM_EPS, ti)))
                                        for j in jb]).to(dev)
                     x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * eps
                     # ---- E²PO change 2, reference-anchored training: every sample is trained on C^orig,
-                    # whatever condition sampled it (use_anchor=False: on that condition at this t, the ablation)
-                    c = tuple(q[b.to(q.device)] for q in c_orig) if use_anchor else condition_at(t, b.to(c_orig[0].device))
+                    # whatever condition sampled it
+                    # (use_anchor=False: on that condition at this t, the ablation)
+                    c = (tuple(q[b.to(q.device)] for q in c_orig) if use_anchor
+                         else condition_at(t, b.to(c_orig[0].device)))
                     # gradients accumulate over the step's micro-batches and times; DDP averages them over
                     # ranks in the step's last backward only (no_sync before it)
                     last = m == len(micro) - 1 and ti == n_train_t - 1
-                    with autocast(), (contextlib.nullcontext() if world == 1 or last else theta_model.no_sync()):
-                        v_old, v_ref, v_theta = policy_velocities(transformer, x_t, t, c, with_ref=kl_beta > 0, theta_model=theta_model)
-                        loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b, beta, adv_clip, kl_beta)
+                    with autocast(), (contextlib.nullcontext() if world == 1 or last
+                                      else theta_model.no_sync()):
+                        v_old, v_ref, v_theta = policy_velocities(
+                            transformer, x_t, t, c, with_ref=kl_beta > 0, theta_model=theta_model)
+                        loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b,
+                                                      beta, adv_clip, kl_beta)
                         # each sample weighs 1/len(mine) in its rank's step (the same count on every rank);
                         # averaged over ranks, this is DiffusionNFT's mean over the step's samples and times
                         (loss.sum() / (len(mine) * n_train_t)).backward()
@@ -681,15 +726,18 @@ def main(argv=None):
                         sums[k_] += v_.detach().sum() / (n_local * n_train_t)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             if not torch.isfinite(grad_norm):  # the gradients are averaged over ranks: every rank sees it
-                raise SystemExit(f"non-finite loss or gradient at epoch {epoch}, step {step + 1}; {last_good(out_dir)}" if master else 1)
+                raise SystemExit(f"non-finite loss or gradient at epoch {epoch}, step {step + 1}; "
+                                 f"{last_good(out_dir)}" if master else 1)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             grad_norms.append(grad_norm.item())
-            blend_adapter(transformer, "ema", "default", ema_decay(step, ema_max))  # EMA of theta, for eval and checkpoints
+            # EMA of theta, for eval and checkpoints
+            blend_adapter(transformer, "ema", "default", ema_decay(step, ema_max))
         transformer.eval()
         # ---- the sampling policy follows theta once per epoch: old <- d*old + (1-d)*theta
-        blend_adapter(transformer, "old", "default", old_decay(step, old_decay_rate, old_decay_max, old_decay_flat))
+        blend_adapter(transformer, "old", "default",
+                      old_decay(step, old_decay_rate, old_decay_max, old_decay_flat))
         t3 = time.time()
 
         # ---- log: rank 0 prints one line and appends to log.jsonl
@@ -697,10 +745,13 @@ def main(argv=None):
         if world > 1:
             dist.all_reduce(tot)
             tot /= world
-        rec = {"epoch": epoch, "step": step, "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
+        rec = {"epoch": epoch, "step": step,
+               "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
                "group_std": grp_std, "collapsed_groups": collapsed, **parts,
-               **dict(zip(("loss", "nft", "kl"), tot.tolist())), "grad_norm": sum(grad_norms) / len(grad_norms),
-               "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2, "img_per_s": N / (t3 - t0)}
+               **dict(zip(("loss", "nft", "kl"), tot.tolist())),
+               "grad_norm": sum(grad_norms) / len(grad_norms),
+               "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
+               "img_per_s": N / (t3 - t0)}
         if eval_list and (epoch + 1) % eval_every == 0:
             rec["eval_reward"] = run_eval()
         log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
@@ -712,18 +763,22 @@ def main(argv=None):
             logf.flush()
         if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
             # a checkpoint must be one that can resume: every adapter finite and giving finite outputs
-            if any_rank(not adapters_finite(transformer, x_t[:1], t[:1], tuple(q[:1] for q in c)), world, dev):
-                raise SystemExit(f"the weights after epoch {epoch} (step {step}) give non-finite outputs: training diverged "
-                                 f"(try a lower --lr); not saved, {last_good(out_dir)}" if master else 1)
+            if any_rank(not adapters_finite(transformer, x_t[:1], t[:1], tuple(q[:1] for q in c)),
+                        world, dev):
+                raise SystemExit(f"the weights after epoch {epoch} (step {step}) give non-finite outputs: "
+                                 f"training diverged (try a lower --lr); "
+                                 f"not saved, {last_good(out_dir)}" if master else 1)
             if not same_on_all_ranks([p for a in ADAPTERS for p in adapter_params(transformer, a)], world):
-                raise SystemExit(f"the LoRA adapters differ between ranks at epoch {epoch}: a bug; not saved" if master else 1)
+                raise SystemExit(f"the LoRA adapters differ between ranks at epoch {epoch}: a bug; not saved"
+                                 if master else 1)
             if master:
                 save_checkpoint(out_dir, transformer, opt, {"step": step, "epoch": epoch}, cfg)
         if world > 1:
             dist.barrier()
     if master:
         logf.close()
-        log(f"done: LoRA (theta, old, EMA) in {out_dir}/checkpoint/lora, lora_old, lora_ema; log in {log_path}")
+        log(f"done: LoRA (theta, old, EMA) in {out_dir}/checkpoint/lora, lora_old, lora_ema; "
+            f"log in {log_path}")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ out_dir = "out/samples"  # PNGs, a grid per prompt, index.jsonl (eval_diversity.
 device = "auto"  # "auto" = cuda if available else cpu
 dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 ENCODERS = ("clip_l", "clip_g", "t5")  # the order of SD3's text encoders 1, 2, 3
 CLIP_LEN = 77
@@ -56,7 +57,8 @@ CLIP_LEN = 77
 def read_prompts(path):
     """Prompts and per-prompt metadata from a .txt (one a line) or .jsonl (GenEval style) file."""
     if not path or not os.path.isfile(path):
-        raise SystemExit(f"prompt file '{path}' not found: pass --prompts=FILE (.txt, one prompt a line, or .jsonl with a 'prompt' field)")
+        raise SystemExit(f"prompt file '{path}' not found: pass --prompts=FILE "
+                         f"(.txt, one prompt a line, or .jsonl with a 'prompt' field)")
     with open(path, encoding="utf-8") as f:
         lines = [ln.strip() for ln in f if ln.strip()]
     if path.endswith(".jsonl"):
@@ -65,7 +67,8 @@ def read_prompts(path):
             try:
                 obj = json.loads(ln)
             except json.JSONDecodeError:
-                raise SystemExit(f"{path} line {i + 1} is not valid JSON: each line must be an object with a 'prompt' field")
+                raise SystemExit(f"{path} line {i + 1} is not valid JSON: "
+                                 f"each line must be an object with a 'prompt' field")
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise SystemExit(f"{path} line {i + 1} has no 'prompt' string field")
             metadata.append(obj)
@@ -132,7 +135,8 @@ def setup_distributed(device_name="auto", dtype_name="auto"):
     if "RANK" not in os.environ:
         return (0, 1) + pick_device(device_name, dtype_name)
     import torch.distributed as dist
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                          int(os.environ.get("LOCAL_RANK", 0)))
     dev, dtype = pick_device(device_name, dtype_name)
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
@@ -145,8 +149,10 @@ def setup_distributed(device_name="auto", dtype_name="auto"):
 
 def _offline_error(model_id, err):
     if model_id.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
-        return SystemExit(f"model folder '{model_id}' does not exist: pass a diffusers folder of SD3.5, a hub id, or --model=tiny")
-    return SystemExit(f"could not load '{model_id}' ({type(err).__name__}): download it first on a machine with internet "
+        return SystemExit(f"model folder '{model_id}' does not exist: "
+                          f"pass a diffusers folder of SD3.5, a hub id, or --model=tiny")
+    return SystemExit(f"could not load '{model_id}' ({type(err).__name__}): "
+                      f"download it first on a machine with internet "
                       f"(hf download {model_id}) or pass --model=/path/to/local/folder, or --model=tiny")
 
 
@@ -157,7 +163,8 @@ def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
     else:
         from diffusers import StableDiffusion3Pipeline
         try:  # the VAE in fp32: decoding costs little next to the transformer (DiffusionNFT does the same)
-            pipe = StableDiffusion3Pipeline.from_pretrained(model_id, dtype={"default": dtype, "vae": torch.float32})
+            pipe = StableDiffusion3Pipeline.from_pretrained(model_id,
+                                                            dtype={"default": dtype, "vae": torch.float32})
         except (OSError, ValueError) as err:
             raise _offline_error(model_id, err)
     pipe.to(device)
@@ -180,15 +187,19 @@ def load_text(model_id, device="cpu", dtype=torch.float32, t5_len=128, seed=0, p
     else:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
         try:
-            toks = tuple(AutoTokenizer.from_pretrained(model_id, subfolder=s) for s in ("tokenizer", "tokenizer_2", "tokenizer_3"))
-            encs = (CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder", dtype=dtype),
-                    CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2", dtype=dtype),
+            toks = tuple(AutoTokenizer.from_pretrained(model_id, subfolder=s)
+                         for s in ("tokenizer", "tokenizer_2", "tokenizer_3"))
+            encs = (CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder",
+                                                                dtype=dtype),
+                    CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2",
+                                                                dtype=dtype),
                     T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_3", dtype=dtype))
         except (OSError, ValueError) as err:
             raise _offline_error(model_id, err)
     for e in encs:
         e.to(device, dtype).requires_grad_(False).eval()
-    return {"model": model_id, "t5_len": t5_len, "tokenizers": dict(zip(ENCODERS, toks)), "encoders": dict(zip(ENCODERS, encs))}
+    return {"model": model_id, "t5_len": t5_len, "tokenizers": dict(zip(ENCODERS, toks)),
+            "encoders": dict(zip(ENCODERS, encs))}
 
 
 @contextlib.contextmanager
@@ -230,7 +241,8 @@ def token_embedding(enc):
     transformers 5's T5EncoderModel keeps `shared` (what get_input_embeddings() returns) and
     `encoder.embed_tokens` as two modules tying one weight, and only the latter runs."""
     stack = getattr(enc, "encoder", None)
-    return stack.embed_tokens if isinstance(getattr(stack, "embed_tokens", None), torch.nn.Embedding) else enc.get_input_embeddings()
+    return (stack.embed_tokens if isinstance(getattr(stack, "embed_tokens", None), torch.nn.Embedding)
+            else enc.get_input_embeddings())
 
 
 def run_encoders(text, prompt_list, deltas=None, names=ENCODERS, tokens=None):
@@ -252,7 +264,8 @@ def run_encoders(text, prompt_list, deltas=None, names=ENCODERS, tokens=None):
             # inputs_embeds and needs the real input_ids to find EOS for pooling. x + 0 is exact, so
             # δ = 0 gives a bit-identical forward.
             d = deltas[name].to(enc.device) * content.unsqueeze(-1)
-            hook = token_embedding(enc).register_forward_hook(lambda mod, inp, emb, d=d: emb + d.to(emb.dtype))
+            hook = token_embedding(enc).register_forward_hook(
+                lambda mod, inp, emb, d=d: emb + d.to(emb.dtype))
         try:
             if name == "t5":
                 hidden = enc(ids)[0]
@@ -296,7 +309,8 @@ def _shard_stem(path):
 
 
 def shard_name(path, rank, world):
-    """The file rank r of W writes for perturbation file `path` under torchrun: {stem}-{r:05d}-of-{W:05d}.safetensors."""
+    """The file rank r of W writes for perturbation file `path` under torchrun:
+    {stem}-{r:05d}-of-{W:05d}.safetensors."""
     return f"{_shard_stem(path)}-{rank:05d}-of-{world:05d}.safetensors"
 
 
@@ -327,8 +341,9 @@ def load_perturbations(path, text, prompt_list, K=None):
             h = safe_open(f, framework="pt")
             m = json.loads(h.metadata()["e2po"])
         except Exception as err:  # truncated by a crash, or not a Phase I file
-            raise SystemExit(f"perturbation file {f} cannot be read ({type(err).__name__}): it is truncated or was not "
-                             "written by phase1_perturb.py; rerun phase1_perturb.py")
+            raise SystemExit(f"perturbation file {f} cannot be read ({type(err).__name__}): "
+                             "it is truncated or was not written by phase1_perturb.py; "
+                             "rerun phase1_perturb.py")
         common = {k: v for k, v in m.items() if k != "summary"}
         if meta is not None and common != meta:
             raise SystemExit(f"perturbation shard {f} was written with other settings than its siblings")
@@ -336,24 +351,30 @@ def load_perturbations(path, text, prompt_list, K=None):
         handles.append(h)
         where.update({key: h for key in h.keys()})
     if not same_model(meta["model"], text["model"]):
-        raise SystemExit(f"perturbation file {path} was learned on model '{meta['model']}', not '{text['model']}': rerun phase1_perturb.py")
+        raise SystemExit(f"perturbation file {path} was learned on model '{meta['model']}', "
+                         f"not '{text['model']}': rerun phase1_perturb.py")
     if meta["prompts_sha256"] != prompts_hash(prompt_list):
-        raise SystemExit(f"perturbation file {path} was learned on other prompts ({meta['n_prompts']} from {meta['prompts_path']}): "
+        raise SystemExit(f"perturbation file {path} was learned on other prompts "
+                         f"({meta['n_prompts']} from {meta['prompts_path']}): "
                          "rerun phase1_perturb.py on this prompt file")
     if K is not None and meta["K"] != K:
-        raise SystemExit(f"perturbation file {path} holds K={meta['K']} conditions per prompt, but K={K} was asked: rerun phase1 or set --K={meta['K']}")
+        raise SystemExit(f"perturbation file {path} holds K={meta['K']} conditions per prompt, "
+                         f"but K={K} was asked: rerun phase1 or set --K={meta['K']}")
     if meta["t5_len"] != text["t5_len"]:
-        raise SystemExit(f"perturbation file {path} was learned with t5_len={meta['t5_len']}, not {text['t5_len']}")
+        raise SystemExit(f"perturbation file {path} was learned with t5_len={meta['t5_len']}, "
+                         f"not {text['t5_len']}")
     tokens = tokenize(text, prompt_list)
     for name in meta["encoders"]:
         lengths = tokens[name][1].sum(1).tolist()
         for i, L in enumerate(lengths):
             key = f"{i}.{name}"
             if key not in where:
-                raise SystemExit(f"perturbation file {path} has no entry {key}: a shard is missing or phase1 did not finish")
+                raise SystemExit(f"perturbation file {path} has no entry {key}: "
+                                 f"a shard is missing or phase1 did not finish")
             shape = where[key].get_slice(key).get_shape()
             if shape[1] != L:
-                raise SystemExit(f"perturbation {key} covers {shape[1]} content tokens but the tokenizer gives {L}: "
+                raise SystemExit(f"perturbation {key} covers {shape[1]} content tokens "
+                                 f"but the tokenizer gives {L}: "
                                  "the file was made with another tokenizer; rerun phase1_perturb.py")
     return {"meta": meta, "K": meta["K"], "encoders": meta["encoders"],
             "rows": lambda i: {n: where[f"{i}.{n}"].get_tensor(f"{i}.{n}") for n in meta["encoders"]}}
@@ -381,7 +402,7 @@ def perturbed_conditions(text, pert, prompt_list, indices):
     return encode(text, rep, deltas)
 
 
-# ----------------------------------------------------------------------------- the noise-aware schedule (the paper's gamma)
+# --------------------------------------------------------------- the noise-aware schedule (the paper's gamma)
 def gamma(sigma, rho):
     """gamma(sigma) = clip((sigma - (1 - rho)) / rho, 0, 1): 1 at pure noise, 0 once sigma <= 1 - rho."""
     if not 0 < rho <= 1:
@@ -406,7 +427,8 @@ def mix_condition(c_opt, c_orig, sigma, rho):
     out = []
     for opt, orig in zip(c_opt, c_orig):
         gg = torch.as_tensor(g, dtype=orig.dtype, device=orig.device)
-        gg = gg.reshape(-1, *([1] * (orig.dim() - 1))) if gg.dim() else gg  # per-sample sigma broadcasts over features
+        # per-sample sigma broadcasts over features
+        gg = gg.reshape(-1, *([1] * (orig.dim() - 1))) if gg.dim() else gg
         out.append(torch.lerp(orig, opt.to(orig.dtype), gg.expand_as(orig) if gg.dim() else gg))
     return tuple(out)
 
@@ -431,14 +453,15 @@ def velocity(transformer, x, sigma, cond):
 
 
 @torch.no_grad()
-def sample(transformer, sigmas, noise, c_orig=None, c_opt=None, rho=0.4, guidance=1.0, c_neg=None, solver="dpm2",
-           batch_size=None, return_traj=False, cond_fn=None):
+def sample(transformer, sigmas, noise, c_orig=None, c_opt=None, rho=0.4, guidance=1.0, c_neg=None,
+           solver="dpm2", batch_size=None, return_traj=False, cond_fn=None):
     """Integrate the flow ODE from `noise` (sigma=1) to x0 over `sigmas`.
 
     c_orig, c_opt: per-sample conditions (prompt_embeds [B, S, D], pooled [B, P]). Sample i is conditioned
     on mix_condition(c_opt[i], c_orig[i], sigma) at each step; c_opt=None (or a row equal to c_orig)
     is the plain original condition. cond_fn: instead of both, a function sigma -> the condition at that
-    step (phase2_align.py writes the schedule this way). c_neg: the negative/empty condition for CFG (guidance > 1).
+    step (phase2_align.py writes the schedule this way). c_neg: the negative/empty condition for CFG
+    (guidance > 1).
     solver: "euler", or "dpm2" = DPM-Solver++(2M) in x0 form on alpha=1-t, sigma=t (2nd order, no extra
     forward passes; first order on the first and the last step, the same scheme as DiffusionNFT's).
     Returns x0 latents [B, C, h, w], and with return_traj the list of x at every sigma."""
@@ -450,14 +473,16 @@ def sample(transformer, sigmas, noise, c_orig=None, c_opt=None, rho=0.4, guidanc
     traj, x0_prev = [x], None
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        cond = cond_fn(s) if cond_fn is not None else c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho)
+        cond = (cond_fn(s) if cond_fn is not None
+                else c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho))
         v = []
         for j in range(0, B, batch_size):  # chunk the batch to bound memory
             sl = slice(j, j + batch_size)
             cj = (cond[0][sl], cond[1][sl])
             if guidance > 1.0:
                 neg = (c_neg[0].expand_as(cj[0]), c_neg[1].expand_as(cj[1]))
-                vu, vc = velocity(transformer, torch.cat([x[sl]] * 2), s, (torch.cat([neg[0], cj[0]]), torch.cat([neg[1], cj[1]]))).chunk(2)
+                vu, vc = velocity(transformer, torch.cat([x[sl]] * 2), s,
+                                  (torch.cat([neg[0], cj[0]]), torch.cat([neg[1], cj[1]]))).chunk(2)
                 v.append(vu + guidance * (vc - vu))
             else:
                 v.append(velocity(transformer, x[sl], s, cj))
@@ -487,14 +512,17 @@ def decode(vae, latents):
 
 
 def image_noise(seeds, shape, device):
-    """Initial noise (fp32), one seeded generator per image, so each image is reproducible from its seed alone."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+    """Initial noise (fp32), one seeded generator per image, so each image is reproducible from its seed
+    alone."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(device)
 
 
 def latent_shape(pipe, resolution):
     f = pipe.vae_scale_factor
     if resolution % (f * pipe.transformer.config.patch_size):
-        raise SystemExit(f"resolution {resolution} must be a multiple of {f * pipe.transformer.config.patch_size}")
+        raise SystemExit(f"resolution {resolution} must be a multiple of "
+                         f"{f * pipe.transformer.config.patch_size}")
     return (pipe.transformer.config.in_channels, resolution // f, resolution // f)
 
 
@@ -557,35 +585,43 @@ def tiny_text_components(seed=0):
     text side alone gives the same weights as the full pipeline."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     tok_l, tok_g, tok_t5 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
-    clip = dict(vocab_size=len(tok_l), max_position_embeddings=CLIP_LEN, num_hidden_layers=2, num_attention_heads=2,
-                hidden_act="gelu", bos_token_id=tok_l.bos_token_id, eos_token_id=2)  # eos 2 = legacy argmax pooling, as SD3's configs
+    clip = dict(vocab_size=len(tok_l), max_position_embeddings=CLIP_LEN, num_hidden_layers=2,
+                num_attention_heads=2, hidden_act="gelu", bos_token_id=tok_l.bos_token_id,
+                eos_token_id=2)  # eos 2 = legacy argmax pooling, as SD3's configs
     torch.manual_seed(seed + 1)
-    enc_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=64, projection_dim=32, **clip))  # 768, proj 768
+    enc_l = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, projection_dim=32, **clip))  # 768, proj 768
     torch.manual_seed(seed + 2)
-    enc_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=48, **clip))  # 1280, proj 1280
+    enc_g = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=48, **clip))  # 1280, proj 1280
     torch.manual_seed(seed + 3)
-    enc_t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=96, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                                     feed_forward_proj="gated-gelu", is_encoder_decoder=False))  # T5-XXL: 4096
+    enc_t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=96, d_kv=16, d_ff=64, num_layers=2,
+                                     num_heads=2, feed_forward_proj="gated-gelu",
+                                     is_encoder_decoder=False))  # T5-XXL: 4096
     return (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5)
 
 
 def tiny_pipeline(seed=0):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5) = tiny_text_components(seed)
     torch.manual_seed(seed + 4)
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,  # SD3.5-M: 128, 2, 16, 16, 24
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16,  # SD3.5-M: 128, 2, 16, 16
+        num_layers=2,  # 24
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=96,  # 64, 24, 4096
         caption_projection_dim=16, pooled_projection_dim=80, pos_embed_max_size=16,  # 1536, 2048, 384
         dual_attention_layers=(0,), qk_norm="rms_norm")  # (0..12), rms_norm
     torch.manual_seed(seed + 5)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
+                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(8, 16, 16, 16), scaling_factor=1.5305, shift_factor=0.0609,
                         use_quant_conv=False, use_post_quant_conv=False)  # 4 blocks: 8x down, as the real VAE
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
-                                    text_encoder=enc_l, tokenizer=tok_l, text_encoder_2=enc_g, tokenizer_2=tok_g,
+                                    text_encoder=enc_l, tokenizer=tok_l,
+                                    text_encoder_2=enc_g, tokenizer_2=tok_g,
                                     text_encoder_3=enc_t5, tokenizer_3=tok_t5)
 
 
@@ -606,7 +642,8 @@ def main(argv=None):
     text = load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None  # K=1: C^orig only
     shape = latent_shape(pipe, resolution)
-    if lora:  # ours train only the transformer: diffusers' notes on the text encoders' missing keys are silenced
+    # ours train only the transformer: diffusers' notes on the text encoders' missing keys are silenced
+    if lora:
         with diffusers_notes_off():
             pipe.load_lora_weights(lora)
     c_neg = encode(text, [""]) if guidance > 1.0 else None
@@ -627,14 +664,16 @@ def main(argv=None):
             conds[pi] = orig, tuple(torch.cat([o, p]) for o, p in zip(orig, opt)) if opt is not None else None
         padded = chunk + chunk[-1:] * (batch_size - len(chunk))
         c_orig = tuple(torch.cat([conds[pi][0][n] for pi, _, _ in padded]) for n in range(2))
-        c_opt = tuple(torch.stack([conds[pi][1][n][k] for pi, k, _ in padded]) for n in range(2)) if pert is not None else None
+        c_opt = (tuple(torch.stack([conds[pi][1][n][k] for pi, k, _ in padded]) for n in range(2))
+                 if pert is not None else None)
         seeds = [seed + (pi * K + k) * G + g for pi, k, g in padded]
-        x0 = sample(pipe.transformer, sigmas, image_noise(seeds, shape, dev), c_orig, c_opt, rho, guidance, c_neg, solver)
+        x0 = sample(pipe.transformer, sigmas, image_noise(seeds, shape, dev), c_orig, c_opt,
+                    rho, guidance, c_neg, solver)
         for (pi, k, g), s_, img in zip(chunk, seeds, decode(pipe.vae, x0)):
             fname = f"{pi:05d}_k{k:02d}_g{g:02d}.png"
             to_pil(img).save(os.path.join(out_dir, fname))
-            index.append({"prompt_index": pi, "prompt": prompt_list[pi], "k": k, "g": g, "seed": s_, "file": fname,
-                          "metadata": metadata[pi]})
+            index.append({"prompt_index": pi, "prompt": prompt_list[pi], "k": k, "g": g, "seed": s_,
+                          "file": fname, "metadata": metadata[pi]})
     if world > 1:  # one index for the folder, written by rank 0
         import torch.distributed as dist
         parts = [None] * world
@@ -644,8 +683,10 @@ def main(argv=None):
         index.sort(key=lambda r: (r["prompt_index"], r["k"], r["g"]))
         from PIL import Image
         import numpy as np
-        for pi in range(len(prompt_list)):  # a K x G grid per prompt, from the files (a prompt may span ranks)
-            ims = [np.asarray(Image.open(os.path.join(out_dir, r["file"]))) for r in index[pi * K * G:(pi + 1) * K * G]]
+        # a K x G grid per prompt, from the files (a prompt may span ranks)
+        for pi in range(len(prompt_list)):
+            ims = [np.asarray(Image.open(os.path.join(out_dir, r["file"])))
+                   for r in index[pi * K * G:(pi + 1) * K * G]]
             to_pil(grid(torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255, G)).save(
                 os.path.join(out_dir, f"{pi:05d}_grid.png"))
         write_json_atomic(os.path.join(out_dir, "config.json"), cfg)

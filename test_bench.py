@@ -14,8 +14,9 @@ import sample as S
 # A small SD3 transformer with what SD3.5-M has and the tiny one lacks: several dual-attention blocks, a
 # plain block between them and the context_pre_only last block, qk rms-norm, in_channels != out_channels.
 SMALL = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=4, attention_head_dim=8,
-             num_attention_heads=3, joint_attention_dim=20, caption_projection_dim=24, pooled_projection_dim=12,
-             pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+             num_attention_heads=3, joint_attention_dim=20, caption_projection_dim=24,
+             pooled_projection_dim=12, pos_embed_max_size=16, dual_attention_layers=(0, 1),
+             qk_norm="rms_norm")
 
 
 def counted(tr, x, c, train):
@@ -41,7 +42,8 @@ def test_flops_match_flop_counter(which):
         if which == "tiny":
             tr, H, Lt = S.tiny_pipeline(0).transformer, 8, 77 + 16
         else:
-            tr, H, Lt = (SD3Transformer2DModel(**SMALL), 12, 10) if which.startswith("small") else (SD3Transformer2DModel(**bench.SD35M), 64, 77 + 128)
+            tr, H, Lt = ((SD3Transformer2DModel(**SMALL), 12, 10) if which.startswith("small")
+                         else (SD3Transformer2DModel(**bench.SD35M), 64, 77 + 128))
         c = tr.config
         x = torch.randn(2, c.in_channels, H, H)
         cond = (torch.randn(2, Lt, c.joint_attention_dim), torch.randn(2, c.pooled_projection_dim))
@@ -56,8 +58,8 @@ def test_flops_match_flop_counter(which):
 
 
 def test_flops_sd35m_convention():
-    """At 512 px the LoRA step's forward + backward is ~2x a forward (input gradients through the frozen base),
-    not the 3x of full fine-tuning."""
+    """At 512 px the LoRA step's forward + backward is ~2x a forward (input gradients through the frozen
+    base), not the 3x of full fine-tuning."""
     f = bench.transformer_flops(bench.SD35M, 1024, 205, 32)
     assert 2.0 < bench.transformer_flops(bench.SD35M, 1024, 205, 32, train=True) / f < 2.2
 
@@ -68,7 +70,8 @@ def counts():
 
 
 def test_meta_counts_against_public_figures(counts):
-    print(f"SD3.5-M transformer: {counts['transformer']:,} parameters; LoRA r=32: {counts['lora']:,} per adapter")
+    print(f"SD3.5-M transformer: {counts['transformer']:,} parameters; "
+          f"LoRA r=32: {counts['lora']:,} per adapter")
     assert 2.24e9 <= counts["transformer"] <= 2.5e9
     for name, public in (("clip_l", 123e6), ("clip_g", 695e6), ("t5", 4.76e9)):
         assert abs(counts[name] / public - 1) < 0.02, (name, counts[name])
@@ -78,7 +81,8 @@ def test_meta_counts_against_public_figures(counts):
 
 
 def test_meta_counts_equal_a_real_instantiation(monkeypatch):
-    """The meta device builds the same modules: on a config cheap enough to build for real, the counts agree."""
+    """The meta device builds the same modules: on a config cheap enough to build for real, the counts
+    agree."""
     monkeypatch.setattr(bench, "SD35M", SMALL)
     meta = bench.meta_param_counts(4)
     from diffusers import SD3Transformer2DModel
@@ -90,10 +94,12 @@ def test_meta_counts_equal_a_real_instantiation(monkeypatch):
 
 def test_epoch_cost_by_hand():
     b = bench.read_budget("config/geneval_g4k12.py")
-    assert (b["G"], b["K"], b["prompts_per_epoch"], b["steps"], b["timestep_fraction"]) == (4, 12, 24, 10, 0.99)
+    assert ((b["G"], b["K"], b["prompts_per_epoch"], b["steps"], b["timestep_fraction"])
+            == (4, 12, 24, 10, 0.99))
     cost = dict(sample=0.01, decode=0.02, train=0.03, tail=0.5)
     per_gpu, parts, total = bench.epoch_cost(b, 8, cost)
-    # 24 prompts x 12 x 4 = 1152 samples / 8 GPUs = 144; 10 sampler steps; floor(10 * 0.99) = 9 training timesteps
+    # 24 prompts x 12 x 4 = 1152 samples / 8 GPUs = 144; 10 sampler steps;
+    # floor(10 * 0.99) = 9 training timesteps
     assert per_gpu == 144
     assert parts["sample"] == pytest.approx(144 * 10 * 0.01)
     assert parts["decode"] == pytest.approx(144 * 0.02)
@@ -115,9 +121,9 @@ def test_peak_lookup():
 def test_tiny_run_prints_every_section(capsys):
     bench.main(["--shape=tiny", "--repeats=1", "--epoch_prompts=1"])
     out = capsys.readouterr().out
-    for heading in ("== model FLOPs", "== resident weights", "== sampling", "ours / diffusers", "== VAE decode",
-                    "== training step", "checkpointing off", "== epoch at equal N", "== per GPU per epoch",
-                    "config/pickscore_g8k3.py"):
+    for heading in ("== model FLOPs", "== resident weights", "== sampling", "ours / diffusers",
+                    "== VAE decode", "== training step", "checkpointing off", "== epoch at equal N",
+                    "== per GPU per epoch", "config/pickscore_g8k3.py"):
         assert heading in out, heading
     assert "MFU n/a" in out and "n/a (CPU)" in out
 

@@ -36,7 +36,7 @@ def prompt_file(tmp_path):
     return str(p)
 
 
-# ----------------------------------------------------------------------------- gamma and mix_condition (the paper's noise-aware schedule)
+# ------------------------------------------------- gamma and mix_condition (the paper's noise-aware schedule)
 def test_gamma_edges():
     rho = 0.4
     assert sample.gamma(1.0, rho) == pytest.approx(1.0)
@@ -69,7 +69,8 @@ def test_embedding_loss_by_hand():
     # two orthogonal variants, anchor halfway: cos_anc = 0.7071 each, pairwise cos = 0
     e, e_anc = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, 1.0])
     expected = 2 * (abs(s - 0.85) - 0.05)  # L_div = 0; L_anc = 2 * 0.0929
-    assert phase1_perturb.embedding_loss(e, e_anc, 0.85, 0.05, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    assert (phase1_perturb.embedding_loss(e, e_anc, 0.85, 0.05, 1.0).item()
+            == pytest.approx(expected, abs=1e-6))
     # three variants at 0, 90 and 45 degrees: pairwise cos (0, 0.7071, 0.7071) -> mean 0.4714
     e3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     anc = torch.tensor([1.0, 0.0])  # cos_anc = 1, 0, 0.7071
@@ -91,17 +92,20 @@ def test_embedding_loss_dead_zone_and_batch():
     # just outside the ring the hinge is linear: |0.79 - 0.85| - 0.05 = 0.01
     c = 0.79
     e = torch.tensor([[c, math.sqrt(1 - c * c)]])
-    assert phase1_perturb.embedding_loss(e, torch.tensor([1.0, 0.0]), 0.85, 0.05, 1.0).item() == pytest.approx(0.01, abs=1e-6)
+    assert (phase1_perturb.embedding_loss(e, torch.tensor([1.0, 0.0]), 0.85, 0.05, 1.0).item()
+            == pytest.approx(0.01, abs=1e-6))
     # a batch of prompts is the sum of the prompts alone
     torch.manual_seed(0)
     eb, ab = torch.randn(3, 4, 8), torch.randn(3, 8)
     single = sum(phase1_perturb.embedding_loss(eb[i], ab[i], 0.85, 0.05, 0.7) for i in range(3))
-    assert phase1_perturb.embedding_loss(eb, ab, 0.85, 0.05, 0.7).item() == pytest.approx(single.item(), rel=1e-6)
+    assert (phase1_perturb.embedding_loss(eb, ab, 0.85, 0.05, 0.7).item()
+            == pytest.approx(single.item(), rel=1e-6))
 
 
-# ----------------------------------------------------------------------------- encoding (Phase I, the schedule)
+# --------------------------------------------------------------------------- encoding (Phase I, the schedule)
 def test_encode_equals_diffusers_encode_prompt(pipe, text):
-    ref = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False, max_sequence_length=16)
+    ref = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False,
+                             max_sequence_length=16)
     pe, pooled = sample.encode(text, PROMPTS)
     assert pe.shape == (4, 77 + 16, 96) and pooled.shape == (4, 80)
     assert torch.equal(pe, ref[0]) and torch.equal(pooled, ref[2])
@@ -120,14 +124,17 @@ def test_content_positions(text):
         assert content[0].tolist() == [False] + [True] * 8 + [False] * 68  # BOS, 8 content, EOS + padding
         assert content[1].sum() == 7  # "a red cat": spaces are not tokens
     ids, content = tok["clip_g"]
-    assert ids[0, 8] == 0 and ids[0, 20] == 0 and content[0, 8] and not content[0, 20]  # '!' in prompt vs '!' padding
+    # '!' in prompt vs '!' padding
+    assert ids[0, 8] == 0 and ids[0, 20] == 0 and content[0, 8] and not content[0, 20]
     ids, content = tok["t5"]  # T5: no BOS; content then </s> then <pad>
-    assert content[0].tolist() == [True] * ids[0].ne(0).sum().sub(1).item() + [False] * (16 - ids[0].ne(0).sum().item() + 1)
+    assert (content[0].tolist()
+            == [True] * ids[0].ne(0).sum().sub(1).item() + [False] * (16 - ids[0].ne(0).sum().item() + 1))
     assert ids[0, content[0].sum()] == 1  # the </s> right after the content
 
 
 def _first_layer(enc):
-    return enc.encoder.block[0] if hasattr(enc, "encoder") and hasattr(enc.encoder, "block") else enc.text_model.encoder.layers[0]
+    return (enc.encoder.block[0] if hasattr(enc, "encoder") and hasattr(enc.encoder, "block")
+            else enc.text_model.encoder.layers[0])
 
 
 def test_delta_touches_only_content_positions(text):
@@ -160,7 +167,8 @@ def test_hook_removed_on_error(text):
 
 def test_scatter_content():
     content = torch.tensor([[False, True, True, False], [False, True, False, False]])
-    rows = [torch.tensor([[[1.0], [2.0]], [[3.0], [4.0]]]), torch.tensor([[[5.0]]])]  # prompt 0: 2 variants x 2 tokens
+    # prompt 0: 2 variants x 2 tokens
+    rows = [torch.tensor([[[1.0], [2.0]], [[3.0], [4.0]]]), torch.tensor([[[5.0]]])]
     dense = sample.scatter_content(rows, content)
     assert dense.squeeze(-1).tolist() == [[0, 1, 2, 0], [0, 3, 4, 0], [0, 5, 0, 0]]
 
@@ -199,11 +207,13 @@ class GaussianFlow(torch.nn.Module):
 
 
 def test_solvers_converge_at_their_order(pipe):
-    """Error against the exact ODE solution when steps double: Euler halves (1st order), dpm2 quarters (2nd)."""
+    """Error against the exact ODE solution when steps double: Euler halves (1st order), dpm2 quarters
+    (2nd)."""
     torch.manual_seed(0)
     noise, cond = torch.randn(4, 16, 4, 4), (torch.zeros(4, 3, 2), torch.zeros(4, 2))
     exact = 0.5 + 1.0 * noise
-    err = {(s, n): (sample.sample(GaussianFlow(0.5, 1.0), sample.sigma_grid(pipe.scheduler, n), noise, cond, solver=s) - exact).abs().max().item()
+    err = {(s, n): (sample.sample(GaussianFlow(0.5, 1.0), sample.sigma_grid(pipe.scheduler, n), noise, cond,
+                                  solver=s) - exact).abs().max().item()
            for s in ("euler", "dpm2") for n in (80, 160)}
     assert 1.7 < err["euler", 80] / err["euler", 160] < 2.3
     assert err["dpm2", 80] / err["dpm2", 160] > 3.5 and err["dpm2", 160] < 0.01
@@ -222,29 +232,33 @@ def test_sampler_mixes_conditions_per_step(pipe):
     for (t, pe, pooled), s in zip(flow.calls, sig[:-1].tolist()):
         assert t == pytest.approx(s, abs=1e-5)
         assert torch.all(pe[0] == 0) and torch.all(pooled[0] == 0)
-        assert torch.allclose(pe[1], torch.full((3, 2), sample.gamma(s, 0.4))) and torch.allclose(pooled[1], torch.full((2,), sample.gamma(s, 0.4)))
+        assert (torch.allclose(pe[1], torch.full((3, 2), sample.gamma(s, 0.4)))
+                and torch.allclose(pooled[1], torch.full((2,), sample.gamma(s, 0.4))))
     gammas = [sample.gamma(s, 0.4) for s in sig[:-1].tolist()]
-    assert gammas[0] == 1.0 and gammas[-1] == 0.0 and sum(g > 0 for g in gammas) == sum(s > 0.6 for s in sig[:-1].tolist())
+    assert (gammas[0] == 1.0 and gammas[-1] == 0.0
+            and sum(g > 0 for g in gammas) == sum(s > 0.6 for s in sig[:-1].tolist()))
 
 
 def test_sampling_is_deterministic_under_seed(pipe, text):
     cond = tuple(c.repeat_interleave(2, 0) for c in sample.encode(text, PROMPTS[:1]))
     shape = sample.latent_shape(pipe, 64)
-    runs = [sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, 3), sample.image_noise([7, 8], shape, "cpu"), cond)
+    runs = [sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, 3),
+                          sample.image_noise([7, 8], shape, "cpu"), cond)
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0][0], runs[0][1])
     img = sample.decode(pipe.vae, runs[0])
     assert img.shape == (2, 3, 64, 64) and img.min() >= 0 and img.max() <= 1
 
 
-# ----------------------------------------------------------------------------- Phase I and the perturbation file
+# -------------------------------------------------------------------------- Phase I and the perturbation file
 @pytest.fixture(scope="module")
 def phase1_file(tmp_path_factory):
     d = tmp_path_factory.mktemp("p1")
     pf = d / "prompts.txt"
     pf.write_text("\n".join(PROMPTS[:3]) + "\n")
     out = str(d / "pert.safetensors")
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--iters=100", "--t5_len=16"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}",
+                         "--K=4", "--iters=100", "--t5_len=16"])
     return str(pf), out
 
 
@@ -254,7 +268,8 @@ def test_phase1_reaches_the_ring_and_spreads(phase1_file):
     meta = json.loads(safe_open(out, "pt").metadata()["e2po"])
     assert meta["K"] == 4 and meta["encoders"] == ["clip_l", "clip_g", "t5"] and meta["n_prompts"] == 3
     for name, s in meta["summary"].items():
-        assert abs(s["cos_anchor_final"] - meta["mu"]) <= meta["eps"] + 0.01, name  # inside [mu-eps, mu+eps] up to 0.01
+        # inside [mu-eps, mu+eps] up to 0.01
+        assert abs(s["cos_anchor_final"] - meta["mu"]) <= meta["eps"] + 0.01, name
         assert s["cos_anchor_init"] > 0.95  # sigma_init is small: variants start near the anchor
         assert s["pairwise_final"] < s["pairwise_init"] - 0.2, name  # L_div spread them apart
 
@@ -266,7 +281,8 @@ def test_phase1_every_variant_ends_strictly_inside_the_ring(K, tmp_path, capsys)
     pf = tmp_path / "p.txt"
     pf.write_text(PROMPTS[3] + "\n")
     out = tmp_path / "p.safetensors"
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", f"--K={K}", "--t5_len=16"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", f"--K={K}",
+                         "--t5_len=16"])
     from safetensors import safe_open
     meta = json.loads(safe_open(str(out), "pt").metadata()["e2po"])
     assert meta["lambda_div"] == (K - 2) / 2
@@ -279,12 +295,14 @@ def test_phase1_every_variant_ends_strictly_inside_the_ring(K, tmp_path, capsys)
 def test_phase1_ring_report_is_strict_and_warns(tmp_path, capsys):
     """A variant at 0.7995 is outside [0.80, 0.90] (no hidden slack); a run that ends outside says so."""
     cos = torch.tensor([[0.7995, 0.801, 0.899, 0.9005]])
-    summary, _ = phase1_perturb.summarize({"t5": {"init": (cos, torch.zeros(1)), "final": (cos, torch.zeros(1))}}, 0.85, 0.05)
+    summary, _ = phase1_perturb.summarize(
+        {"t5": {"init": (cos, torch.zeros(1)), "final": (cos, torch.zeros(1))}}, 0.85, 0.05)
     assert summary["t5"]["in_ring"] == 0.5
     pf = tmp_path / "p.txt"
     pf.write_text(PROMPTS[3] + "\n")
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={tmp_path / 'p.safetensors'}", "--K=3",
-                         "--t5_len=16", "--iters=2"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}",
+                         f"--perturbations={tmp_path / 'p.safetensors'}", "--K=3", "--t5_len=16",
+                         "--iters=2"])
     assert "WARNING" in capsys.readouterr().out
 
 
@@ -296,11 +314,13 @@ def test_stages_share_only_keys_that_mean_the_same():
     assert shared == {"K", "device", "dtype", "model", "perturbations", "prompts", "seed", "t5_len"}
     assert shared == set(phase1_perturb.config_keys) & set(sample.config_keys)
     for mod in (phase1_perturb, phase2_align, sample):  # constants (upper case) are not settings
-        assert not [k for k in mod.config_keys if k.isupper() and len(k) > 1]  # K and G are the paper's symbols
+        # K and G are the paper's symbols
+        assert not [k for k in mod.config_keys if k.isupper() and len(k) > 1]
 
 
 def test_phase1_deterministic_and_batch_independent(text):
-    kw = dict(names=("clip_l",), K=3, mu=0.85, eps=0.05, lambda_div=1.0, sigma_init=0.1, delta_lr=0.05, iters=5, seed=1)
+    kw = dict(names=("clip_l",), K=3, mu=0.85, eps=0.05, lambda_div=1.0,
+              sigma_init=0.1, delta_lr=0.05, iters=5, seed=1)
     a, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [0, 1], **kw)
     b, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [0, 1], **kw)
     c, _ = phase1_perturb.learn_perturbations(text, PROMPTS, [1], **kw)  # prompt 1 alone
@@ -337,7 +357,8 @@ def test_mismatched_perturbation_file_is_refused(phase1_file, tmp_path):
     with pytest.raises(SystemExit, match="t5_len"):
         sample.load_perturbations(out, sample.load_text("tiny", t5_len=32), prompt_list)
     with pytest.raises(SystemExit, match="learned on model 'tiny'"):
-        sample.load_perturbations(out, dict(text, model="stabilityai/stable-diffusion-3.5-medium"), prompt_list)
+        sample.load_perturbations(out, dict(text, model="stabilityai/stable-diffusion-3.5-medium"),
+                                  prompt_list)
     # same prompts, but rows of another token length (another tokenizer)
     from safetensors import safe_open
     h = safe_open(out, "pt")
@@ -362,7 +383,8 @@ def test_sample_cli_with_and_without_perturbations(phase1_file, tmp_path):
         d = tmp_path / sub
         index = [json.loads(ln) for ln in (d / "index.jsonl").read_text().splitlines()]
         assert len(index) == 3 * K * 2
-        assert {(r["prompt_index"], r["k"], r["g"]) for r in index} == {(p, k, g) for p in range(3) for k in range(K) for g in range(2)}
+        assert ({(r["prompt_index"], r["k"], r["g"]) for r in index}
+                == {(p, k, g) for p in range(3) for k in range(K) for g in range(2)})
         assert all((d / r["file"]).is_file() for r in index) and len(list(d.glob("*_grid.png"))) == 3
         assert json.loads((d / "config.json").read_text())["K"] == K
     import numpy as np
@@ -378,20 +400,22 @@ def test_sample_cli_under_torchrun_writes_what_one_process_writes(phase1_file, t
     """torchrun --nproc_per_node=2 sample.py: prompts shared out over ranks, batches across prompts (of
     other compositions than one process makes), the same PNG files byte for byte and one index.jsonl."""
     pf, out = phase1_file
-    args = ["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--G=2", "--t5_len=16",
-            "--steps=3", "--batch_size=5"]
+    args = ["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--G=2",
+            "--t5_len=16", "--steps=3", "--batch_size=5"]
     _torchrun("sample.py", [*args, f"--out_dir={tmp_path / 'one'}"], 1)
     _torchrun("sample.py", [*args, f"--out_dir={tmp_path / 'two'}"], 2)
     one, two = tmp_path / "one", tmp_path / "two"
     assert (one / "index.jsonl").read_text() == (two / "index.jsonl").read_text()
     names = sorted(p.name for p in one.iterdir() if p.suffix == ".png")
-    assert len(names) == 3 * 4 * 2 + 3 and names == sorted(p.name for p in two.iterdir() if p.suffix == ".png")
+    assert (len(names) == 3 * 4 * 2 + 3
+            and names == sorted(p.name for p in two.iterdir() if p.suffix == ".png"))
     assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
 
 
 def test_sample_cli_refuses_k_without_file(prompt_file, tmp_path):
     with pytest.raises(SystemExit, match="needs --perturbations"):
-        sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--perturbations=None", f"--out_dir={tmp_path / 'x'}"])
+        sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--perturbations=None",
+                     f"--out_dir={tmp_path / 'x'}"])
     assert not (tmp_path / "x").exists()
 
 
@@ -406,7 +430,8 @@ def test_bad_prompt_files(tmp_path):
     with pytest.raises(SystemExit, match="line 2 has no 'prompt'"):
         sample.read_prompts(str(tmp_path / "bad.jsonl"))
     (tmp_path / "ok.jsonl").write_text('{"prompt": "a cat", "tag": "single_object"}\n')
-    assert sample.read_prompts(str(tmp_path / "ok.jsonl")) == (["a cat"], [{"prompt": "a cat", "tag": "single_object"}])
+    assert (sample.read_prompts(str(tmp_path / "ok.jsonl"))
+            == (["a cat"], [{"prompt": "a cat", "tag": "single_object"}]))
 
 
 def test_phase1_removes_the_temp_files_of_killed_runs(prompt_file, tmp_path):
@@ -415,18 +440,21 @@ def test_phase1_removes_the_temp_files_of_killed_runs(prompt_file, tmp_path):
     keep = tmp_path / "p2.safetensors.tmp5"  # another output's: not ours to remove
     for f in stale + [keep]:
         f.write_bytes(b"half a file")
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={out}", "--K=3", "--iters=2", "--t5_len=16"])
-    assert sorted(p.name for p in tmp_path.iterdir() if "safetensors" in p.name) == ["p.safetensors", "p2.safetensors.tmp5"]
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={out}", "--K=3",
+                         "--iters=2", "--t5_len=16"])
+    assert (sorted(p.name for p in tmp_path.iterdir() if "safetensors" in p.name)
+            == ["p.safetensors", "p2.safetensors.tmp5"])
 
 
 def test_phase1_config_keys_are_only_its_settings():
     assert "ENCODERS" not in phase1_perturb.config_keys and "encoders" in phase1_perturb.config_keys
 
 
-def test_perturbation_file_accepts_the_same_model_folder_spelled_differently(tiny_folder, prompt_file, tmp_path):
+def test_perturbation_file_accepts_the_same_model_folder_spelled_differently(
+        tiny_folder, prompt_file, tmp_path):
     out = str(tmp_path / "p.safetensors")
-    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}/", f"--prompts={prompt_file}", f"--perturbations={out}",
-                         "--K=3", "--iters=2", "--t5_len=16"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}/", f"--prompts={prompt_file}",
+                         f"--perturbations={out}", "--K=3", "--iters=2", "--t5_len=16"])
     prompt_list, _ = sample.read_prompts(prompt_file)
     text = sample.load_text(tiny_folder, t5_len=16)  # "/path/model" vs the "/path/model/" it was learned with
     assert sample.load_perturbations(out, text, prompt_list, K=3)["K"] == 3
@@ -437,7 +465,8 @@ def test_perturbation_file_accepts_the_same_model_folder_spelled_differently(tin
 def test_phase1_bad_input_writes_nothing(tmp_path):
     out = tmp_path / "p.safetensors"
     with pytest.raises(SystemExit, match="not found"):
-        phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={tmp_path / 'none.txt'}", f"--perturbations={out}"])
+        phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={tmp_path / 'none.txt'}",
+                             f"--perturbations={out}"])
     with pytest.raises(SystemExit, match="at least 2"):
         phase1_perturb.main(["config/tiny_cpu.py", "--K=1", f"--perturbations={out}"])
     with pytest.raises(SystemExit, match="non-empty subset"):
@@ -448,8 +477,10 @@ def test_phase1_bad_input_writes_nothing(tmp_path):
 def test_configurator(tmp_path):
     g = {"lr": 1e-3, "K": 2, "name": "x", "path": None, "encoders": ("a", "b"), "flag": False}
     keys = list(g)
-    cfg = configure(g, keys, ["--lr=1", "--path=out/p.safetensors", "--name=123", "--encoders=['a']", "--flag=True"])
-    assert cfg == {"K": 2, "encoders": ("a",), "flag": True, "lr": 1.0, "name": "123", "path": "out/p.safetensors"}
+    cfg = configure(g, keys, ["--lr=1", "--path=out/p.safetensors", "--name=123", "--encoders=['a']",
+                              "--flag=True"])
+    assert cfg == {"K": 2, "encoders": ("a",), "flag": True, "lr": 1.0, "name": "123",
+                   "path": "out/p.safetensors"}
     assert isinstance(g["lr"], float)
     with pytest.raises(SystemExit, match="unknown config key 'lrr'"):
         configure(g, keys, ["--lrr=1"])
@@ -468,7 +499,7 @@ def test_configurator(tmp_path):
         configure(g, keys, [str(tmp_path / "none.py")])
 
 
-# ----------------------------------------------------------------------------- Phase II formulas (DiffusionNFT's objective)
+# --------------------------------------------------------------- Phase II formulas (DiffusionNFT's objective)
 import phase2_align  # noqa: E402
 
 
@@ -479,9 +510,11 @@ def test_advantages_by_hand():
     std = math.sqrt(129.5 / 6)  # population std of all six rewards (mean 6.5)
     assert torch.allclose(phase2_align.advantages(R, gid), dev / (std + 1e-4) / 10 + 0.5, atol=1e-6)
     per = torch.tensor([math.sqrt(2 / 3)] * 3 + [math.sqrt(2)] * 3)  # ddof 0 within each group
-    assert torch.allclose(phase2_align.advantages(R, gid, global_std=False), dev / (per + 1e-4) / 10 + 0.5, atol=1e-6)
+    assert torch.allclose(phase2_align.advantages(R, gid, global_std=False), dev / (per + 1e-4) / 10 + 0.5,
+                          atol=1e-6)
     # group ids need not be contiguous or sorted
-    assert torch.allclose(phase2_align.advantages(R, torch.tensor([7, 7, 7, 3, 3, 3])), phase2_align.advantages(R, gid))
+    assert torch.allclose(phase2_align.advantages(R, torch.tensor([7, 7, 7, 3, 3, 3])),
+                          phase2_align.advantages(R, gid))
 
 
 def test_advantages_clip_and_range():
@@ -491,8 +524,8 @@ def test_advantages_clip_and_range():
     assert r[-1].item() == 1.0  # clipped at A = 5 -> 5/10 + 0.5
     assert r[0].item() == pytest.approx(-(1 / 30) / (std + 1e-4) / 10 + 0.5, abs=1e-6)
     # clip = 10 leaves A = 5.38 alone and maps it by A / 20 + 0.5
-    assert phase2_align.advantages(R, torch.zeros(30, dtype=torch.long), clip=10.0)[-1].item() == pytest.approx(
-        (29 / 30) / (std + 1e-4) / 20 + 0.5, abs=1e-6)
+    assert (phase2_align.advantages(R, torch.zeros(30, dtype=torch.long), clip=10.0)[-1].item()
+            == pytest.approx((29 / 30) / (std + 1e-4) / 20 + 0.5, abs=1e-6))
     same = phase2_align.advantages(torch.full((4,), 3.0), torch.tensor([0, 0, 1, 1]))
     assert torch.all(same == 0.5)  # a collapsed group carries no signal: r = 1/2 for all
     rnd = phase2_align.advantages(torch.randn(64) * 100, torch.arange(64) // 8)
@@ -505,28 +538,31 @@ def _scalar(v):
 
 def test_nft_loss_by_hand():
     # v_theta = 1, v_old = 0.5, x_t = 2, x0 = 1, t = 0.5, r = 0.75
-    args = lambda: (_scalar(1.0), _scalar(0.5), _scalar(2.0), _scalar(1.0), torch.tensor([0.5], dtype=torch.float64),
-                    torch.tensor([0.75], dtype=torch.float64))
+    args = lambda: (_scalar(1.0), _scalar(0.5), _scalar(2.0), _scalar(1.0),
+                    torch.tensor([0.5], dtype=torch.float64), torch.tensor([0.75], dtype=torch.float64))
     # beta = 1: v+ = 1, v- = 0 -> x0+ = 1.5 (L+ = 0.25/0.5), x0- = 2 (L- = 1/1)
     assert phase2_align.nft_loss(*args(), beta=1.0).item() == pytest.approx(0.75 * 0.5 + 0.25 * 1.0)
     # beta = 0.5: v+ = 0.75, v- = 0.25 -> errors 0.625 and 0.875, L = |err|
     assert phase2_align.nft_loss(*args(), beta=0.5).item() == pytest.approx(0.75 * 0.625 + 0.25 * 0.875)
     # self-normalisation over CHW: errors (1, 3) -> mean(err^2) / mean|err| = 5 / 2
     x0 = torch.tensor([[[[0.0, 0.0]]]])
-    got = phase2_align.nft_loss(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), torch.tensor([[[[1.0, 3.0]]]]), x0,
+    got = phase2_align.nft_loss(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2),
+                                torch.tensor([[[[1.0, 3.0]]]]), x0,
                                 torch.tensor([0.5]), torch.tensor([1.0]), 1.0)
     assert got.item() == pytest.approx(2.5)
 
 
 def test_nft_objective_by_hand():
     """The whole per-sample objective: nft_loss * adv_clip / beta + kl_beta * mean (v_theta - v_ref)^2."""
-    args = (_scalar(1.0), _scalar(0.5), _scalar(0.25), _scalar(2.0), _scalar(1.0), torch.tensor([0.5], dtype=torch.float64),
-            torch.tensor([0.75], dtype=torch.float64))
+    args = (_scalar(1.0), _scalar(0.5), _scalar(0.25), _scalar(2.0), _scalar(1.0),
+            torch.tensor([0.5], dtype=torch.float64), torch.tensor([0.75], dtype=torch.float64))
     loss, nft, kl = phase2_align.nft_objective(*args, beta=0.5, adv_clip=5.0, kl_beta=0.1)
-    nft_by_hand = (0.75 * 0.625 + 0.25 * 0.875) * 5.0 / 0.5  # nft_loss at beta 0.5 (above), times adv_clip / beta
+    # nft_loss at beta 0.5 (above), times adv_clip / beta
+    nft_by_hand = (0.75 * 0.625 + 0.25 * 0.875) * 5.0 / 0.5
     assert nft.item() == pytest.approx(nft_by_hand) and kl.item() == pytest.approx(0.75 ** 2)
     assert loss.item() == pytest.approx(nft_by_hand + 0.1 * 0.5625)
-    no_ref = phase2_align.nft_objective(args[0], args[1], None, *args[3:], beta=0.5, adv_clip=5.0, kl_beta=0.1)
+    no_ref = phase2_align.nft_objective(args[0], args[1], None, *args[3:], beta=0.5, adv_clip=5.0,
+                                        kl_beta=0.1)
     assert no_ref[0].item() == pytest.approx(nft_by_hand) and no_ref[2].item() == 0
 
 
@@ -536,14 +572,16 @@ def test_epoch_samples_layout():
     js, idx, ks = phase2_align.epoch_samples(2, 3, 2, rank=1, n_local=6, draw=draw)
     assert list(js) == [6, 7, 8, 9, 10, 11]  # rank 1 holds the second prompt's group whole
     assert idx == [4] * 6 and ks == [0, 0, 1, 1, 2, 2]
-    js, idx, ks = phase2_align.epoch_samples(2, 3, 2, rank=0, n_local=4, draw=draw)  # 3 ranks: a group spans two
+    # 3 ranks: a group spans two
+    js, idx, ks = phase2_align.epoch_samples(2, 3, 2, rank=0, n_local=4, draw=draw)
     assert idx == [7, 7, 7, 7] and ks == [0, 0, 1, 1]
 
 
 def test_nft_loss_gradients_only_into_v_theta():
     v_theta, v_old = _scalar(1.0).requires_grad_(), _scalar(0.5).requires_grad_()
     x_t = _scalar(2.0).requires_grad_()
-    loss = phase2_align.nft_loss(v_theta, v_old, x_t, _scalar(1.0), torch.tensor([0.5]), torch.tensor([1.0]), 1.0)
+    loss = phase2_align.nft_loss(v_theta, v_old, x_t, _scalar(1.0),
+                                 torch.tensor([0.5]), torch.tensor([1.0]), 1.0)
     loss.backward()
     assert v_old.grad is None and x_t.grad is None
     # r = 1: L = err^2 / stopgrad|err| with err = x_t - t v - x0 = 0.5 -> dL/dv = -2 t sign(err) = -1
@@ -568,9 +606,12 @@ def test_nft_loss_beta_one_positive_branch_ignores_v_old():
 def test_group_stats_and_decays():
     std, collapsed = phase2_align.group_stats(torch.tensor([1.0, 3.0, 5.0, 5.0]), torch.tensor([0, 0, 1, 1]))
     assert std == pytest.approx(0.5) and collapsed == 0.5  # group stds 1 and 0
-    assert phase2_align.old_decay(0) == 0.0 and phase2_align.old_decay(100) == pytest.approx(0.1) and phase2_align.old_decay(10 ** 4) == 0.5
-    assert phase2_align.old_decay(74, 0.0075, 0.999, 75) == 0.0 and phase2_align.old_decay(175, 0.0075, 0.999, 75) == pytest.approx(0.75)
-    assert phase2_align.ema_decay(0) == pytest.approx(0.1) and phase2_align.ema_decay(10) == pytest.approx(11 / 20)
+    assert (phase2_align.old_decay(0) == 0.0 and phase2_align.old_decay(100) == pytest.approx(0.1)
+            and phase2_align.old_decay(10 ** 4) == 0.5)
+    assert (phase2_align.old_decay(74, 0.0075, 0.999, 75) == 0.0
+            and phase2_align.old_decay(175, 0.0075, 0.999, 75) == pytest.approx(0.75))
+    assert (phase2_align.ema_decay(0) == pytest.approx(0.1)
+            and phase2_align.ema_decay(10) == pytest.approx(11 / 20))
     assert phase2_align.ema_decay(10 ** 4) == 0.9
 
 
@@ -587,7 +628,8 @@ def test_adapters_start_equal_and_save_loads_in_plain_diffusers(tmp_path):
         assert torch.allclose(sample.velocity(tr, x, 0.7, cond), base, atol=1e-6)
     phase2_align.use_adapter(tr, "default")
     trainable = [n for n, p in tr.named_parameters() if p.requires_grad]
-    assert trainable and all(".default." in n and "lora_" in n for n in trainable)  # theta only, once "default" is active
+    # theta only, once "default" is active
+    assert trainable and all(".default." in n and "lora_" in n for n in trainable)
     with torch.no_grad():
         for p in phase2_align.adapter_params(tr, "default"):
             p.add_(torch.randn_like(p) * 0.1)
@@ -595,7 +637,8 @@ def test_adapters_start_equal_and_save_loads_in_plain_diffusers(tmp_path):
     v_theta = sample.velocity(tr, x, 0.7, cond)
     phase2_align.blend_adapter(tr, "old", "default", 0.25)  # old = 0.25 old + 0.75 theta
     p_old, p_th = phase2_align.adapter_params(tr, "old"), phase2_align.adapter_params(tr, "default")
-    assert all(torch.allclose(a, b) for a, b in zip(p_old[1::2], [0.75 * q for q in p_th[1::2]]))  # lora_B started at 0
+    # lora_B started at 0
+    assert all(torch.allclose(a, b) for a, b in zip(p_old[1::2], [0.75 * q for q in p_th[1::2]]))
     phase2_align.save_lora(tr, "default", str(tmp_path / "lora"))
     fresh = sample.tiny_pipeline(0)
     fresh.load_lora_weights(str(tmp_path / "lora"))
@@ -603,10 +646,10 @@ def test_adapters_start_equal_and_save_loads_in_plain_diffusers(tmp_path):
     assert not torch.allclose(v_theta, base, atol=1e-3)
 
 
-# ----------------------------------------------------------------------------- Phase II end to end on the tiny model
+# ---------------------------------------------------------------------- Phase II end to end on the tiny model
 def _phase2(tmp, pert_file, prompt_file, *extra):
-    return ["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={pert_file}", "--t5_len=16", "--steps=4",
-            f"--out_dir={tmp}", "--eval_prompts=None", *extra]
+    return ["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={pert_file}", "--t5_len=16",
+            "--steps=4", f"--out_dir={tmp}", "--eval_prompts=None", *extra]
 
 
 def _log(d):
@@ -632,7 +675,8 @@ def test_phase2_trains_on_c_orig_for_every_sample(phase1_file, tmp_path, monkeyp
     for anchor in (True, False):
         calls.clear()
         phase2_align.main(_phase2(tmp_path / str(anchor), out, pf, "--epochs=1", f"--use_anchor={anchor}"))
-        sampling = [c for g, c in calls if not g][:1]  # the first sampler call: sigma = 1, pure C^opt for k > 0
+        # the first sampler call: sigma = 1, pure C^opt for k > 0
+        sampling = [c for g, c in calls if not g][:1]
         train = [c for g, c in calls if g]  # the v_theta forwards
         assert sum(is_orig(sampling[0])) == 2 * 2  # per prompt: G=2 samples of k = 0 out of K*G = 8
         assert len(train) == 2 * 3  # 2 micro-batches x floor(4 * 0.99) = 3 timesteps
@@ -646,16 +690,20 @@ def test_phase2_trains_on_c_orig_for_every_sample(phase1_file, tmp_path, monkeyp
 def test_phase2_end_to_end_log_and_lora(phase1_file, tmp_path):
     pf, out = phase1_file
     d = tmp_path / "run"
-    phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--ckpt_every=1", f"--eval_prompts={pf}", "--eval_every=2"))
+    phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--ckpt_every=1", f"--eval_prompts={pf}",
+                              "--eval_every=2"))
     start, *log = _log(d)  # the first line is the held-out reward before training
-    assert start == {"epoch": -1, "step": 0, "eval_reward": start["eval_reward"]} and math.isfinite(start["eval_reward"])
+    assert (start == {"epoch": -1, "step": 0, "eval_reward": start["eval_reward"]}
+            and math.isfinite(start["eval_reward"]))
     assert [r["epoch"] for r in log] == [0, 1] and [r["step"] for r in log] == [1, 2]
-    for key in ("reward_mean", "group_std", "collapsed_groups", "loss", "nft", "kl", "time_sample", "time_train", "img_per_s"):
+    for key in ("reward_mean", "group_std", "collapsed_groups", "loss", "nft", "kl",
+                "time_sample", "time_train", "img_per_s"):
         assert all(math.isfinite(r[key]) for r in log), key
     assert "eval_reward" in log[1] and "eval_reward" not in log[0]
     assert log[0]["group_std"] > 0
     ck = d / "checkpoint"
-    assert all((ck / s / "pytorch_lora_weights.safetensors").is_file() for s in ("lora", "lora_old", "lora_ema"))
+    assert all((ck / s / "pytorch_lora_weights.safetensors").is_file()
+               for s in ("lora", "lora_old", "lora_ema"))
     assert json.loads((ck / "config.json").read_text())["K"] == 4
     fresh = sample.tiny_pipeline(0)
     x, cond = torch.randn(1, 16, 8, 8), (torch.randn(1, 20, 96), torch.randn(1, 80))
@@ -693,9 +741,11 @@ def test_phase2_resume_after_a_kill_inside_save_checkpoint(phase1_file, tmp_path
     real_replace, calls = os.replace, []
 
     def dying_replace(src, dst):
-        if os.path.dirname(str(src)) == str(cut) and os.path.basename(str(src)) in ("checkpoint", "checkpoint.tmp"):
+        if (os.path.dirname(str(src)) == str(cut)
+                and os.path.basename(str(src)) in ("checkpoint", "checkpoint.tmp")):
             calls.append(src)
-            if len(calls) == 1 + kill_at:  # epoch 0's save renames once (no checkpoint to move yet), epoch 1's twice
+            # epoch 0's save renames once (no checkpoint to move yet), epoch 1's twice
+            if len(calls) == 1 + kill_at:
                 raise Killed()
         return real_replace(src, dst)
 
@@ -736,7 +786,8 @@ def test_phase2_refuses_to_overwrite_a_run(phase1_file, tmp_path):
     d = tmp_path / "run"
     phase2_align.main(_phase2(d, out, pf, "--epochs=1"))
     files = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
-    for extra, says in (((), "holds a run"), (("--rho=1.5",), "rho=1.5 must lie in"), (("--lr=1e-3",), "holds a run")):
+    for extra, says in (((), "holds a run"), (("--rho=1.5",), "rho=1.5 must lie in"),
+                        (("--lr=1e-3",), "holds a run")):
         with pytest.raises(SystemExit, match=says):
             phase2_align.main(_phase2(d, out, pf, "--epochs=1", *extra))
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == files  # nothing touched
@@ -747,7 +798,8 @@ def test_phase2_refuses_to_overwrite_a_run(phase1_file, tmp_path):
 def test_phase2_checks_settings_before_loading(phase1_file, tmp_path, monkeypatch):
     """Bad settings stop with one sentence before any model is loaded or anything written."""
     pf, out = phase1_file
-    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model for bad settings"))
+    monkeypatch.setattr(sample, "load_pipeline",
+                        lambda *a, **k: pytest.fail("loaded a model for bad settings"))
     (tmp_path / "file").write_text("x")
     for extra, msg in ((("--rho=0.0",), "rho=0.0 must lie in"), (("--rho=1.5",), "rho=1.5 must lie in"),
                        ((f"--out_dir={tmp_path / 'file' / 'run'}",), "not a writable folder"),
@@ -793,8 +845,10 @@ def test_phase2_text_offload_changes_nothing_but_where_the_encoders_wait(phase1_
         inside.append(True)
         return real_on(*a, **kw)
     monkeypatch.setattr(sample, "text_on", tracked_on)
-    phase2_align.main(_phase2(tmp_path / "a", out, pf, "--epochs=1", f"--eval_prompts={pf}", "--eval_every=1"))
-    phase2_align.main(_phase2(tmp_path / "b", out, pf, "--epochs=1", f"--eval_prompts={pf}", "--eval_every=1", "--text_offload=True"))
+    phase2_align.main(_phase2(tmp_path / "a", out, pf, "--epochs=1", f"--eval_prompts={pf}",
+                              "--eval_every=1"))
+    phase2_align.main(_phase2(tmp_path / "b", out, pf, "--epochs=1", f"--eval_prompts={pf}",
+                              "--eval_every=1", "--text_offload=True"))
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
     assert [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in a] == \
            [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in b]
@@ -803,7 +857,8 @@ def test_phase2_text_offload_changes_nothing_but_where_the_encoders_wait(phase1_
 
 def test_phase2_k1_is_plain_diffusionnft_without_a_file(prompt_file, tmp_path):
     d = tmp_path / "k1"
-    phase2_align.main(_phase2(d, str(tmp_path / "none.safetensors"), prompt_file, "--epochs=1", "--K=1", "--G=4"))
+    phase2_align.main(_phase2(d, str(tmp_path / "none.safetensors"), prompt_file,
+                              "--epochs=1", "--K=1", "--G=4"))
     assert _log(d)[0]["step"] == 1
 
 
@@ -818,23 +873,26 @@ def test_phase2_bad_input(phase1_file, tmp_path, monkeypatch):
         phase2_align.main(_phase2(d, out, pf, "--train_batch=5"))
     assert not d.exists()  # nothing written for bad settings
     import rewards
-    monkeypatch.setitem(rewards.REWARDS, "nan_reward", lambda device="cpu", dtype=None, **kw: (lambda im, p, m: torch.full((len(im),), float("nan"))))
+    monkeypatch.setitem(rewards.REWARDS, "nan_reward", lambda device="cpu", dtype=None, **kw:
+                        (lambda im, p, m: torch.full((len(im),), float("nan"))))
     with pytest.raises(SystemExit, match="non-finite reward"):
         phase2_align.main(_phase2(d, out, pf, "--reward={'nan_reward': 1.0}"))
 
 
 def _torchrun(script, args, nproc):
-    """`torchrun --nproc_per_node=nproc script args` on CPU (gloo), one thread per process, as users run it."""
+    """`torchrun --nproc_per_node=nproc script args` on CPU (gloo), one thread per process, as users run
+    it."""
     import socket
     import subprocess
     import sys
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", script, *args]
-    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), capture_output=True,
-                         text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", script, *args]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res
 
@@ -856,14 +914,15 @@ def test_phase2_two_processes_match_one(tiny_folder, tmp_path):
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(PROMPTS[:3]) + "\n")
     pert = str(tmp_path / "p.safetensors")
-    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}", f"--prompts={pf}", f"--perturbations={pert}",
-                         "--K=4", "--iters=10", "--t5_len=16"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}", f"--prompts={pf}",
+                         f"--perturbations={pert}", "--K=4", "--iters=10", "--t5_len=16"])
     lr = 3e-4
     args = [*_phase2("X", pert, pf, "--epochs=2", "--ckpt_every=1", f"--model={tiny_folder}", f"--lr={lr}",
                      "--reward={'clipscore': 1.0}", "--reward_opts={'clipscore': {'model': 'tiny'}}",
                      "--sample_batch=8", "--train_batch=4", "--opt_steps_per_epoch=2")]
     for n in (1, 2):
-        _torchrun("phase2_align.py", [a if a != "--out_dir=X" else f"--out_dir={tmp_path / str(n)}" for a in args], n)
+        _torchrun("phase2_align.py",
+                  [a if a != "--out_dir=X" else f"--out_dir={tmp_path / str(n)}" for a in args], n)
     a, b = _log(tmp_path / "1"), _log(tmp_path / "2")
     # epoch 0 samples with the initial adapters: every image and reward is computed on the same inputs
     # in batches of the same shape, so they are bit-identical; the loss and gradient are sums of the
@@ -878,7 +937,8 @@ def test_phase2_two_processes_match_one(tiny_folder, tmp_path):
     from safetensors.torch import load_file
     bound = 2 * 3.17 * lr * b[-1]["step"]
     for sub in ("lora", "lora_old", "lora_ema"):
-        A, B = (load_file(str(d / "checkpoint" / sub / "pytorch_lora_weights.safetensors")) for d in (tmp_path / "1", tmp_path / "2"))
+        A, B = (load_file(str(d / "checkpoint" / sub / "pytorch_lora_weights.safetensors"))
+                for d in (tmp_path / "1", tmp_path / "2"))
         assert max((A[k] - B[k]).abs().max().item() for k in A) < bound, sub
 
 
@@ -889,8 +949,8 @@ def test_phase2_a_nan_on_one_rank_stops_every_rank_with_one_sentence(tiny_folder
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(PROMPTS[:3]) + "\n")
     pert = tmp_path / "p.safetensors"
-    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}", f"--prompts={pf}", f"--perturbations={pert}",
-                         "--K=4", "--iters=2", "--t5_len=16"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--model={tiny_folder}", f"--prompts={pf}",
+                         f"--perturbations={pert}", "--K=4", "--iters=2", "--t5_len=16"])
     from safetensors import safe_open
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(phase2_align.sample_seed(0, 0))
@@ -930,20 +990,25 @@ def test_phase1_two_processes_write_shards_read_as_one_file(phase1_file, tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-           "phase1_perturb.py", "config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--iters=100", "--t5_len=16"]
-    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "phase1_perturb.py", "config/tiny_cpu.py", f"--prompts={pf}",
+           f"--perturbations={out}", "--K=4", "--iters=100", "--t5_len=16"]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pert-00000-of-00002.safetensors", "pert-00001-of-00002.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pert-00000-of-00002.safetensors",
+                                                          "pert-00001-of-00002.safetensors"]
     prompt_list, _ = sample.read_prompts(pf)
     text = sample.load_text("tiny", t5_len=16)
-    a, b = sample.load_perturbations(single, text, prompt_list, K=4), sample.load_perturbations(str(out), text, prompt_list, K=4)
+    a, b = (sample.load_perturbations(single, text, prompt_list, K=4),
+            sample.load_perturbations(str(out), text, prompt_list, K=4))
     for i in range(3):
         for name in ("clip_l", "clip_g", "t5"):
-            assert torch.allclose(a["rows"](i)[name].float(), b["rows"](i)[name].float(), atol=2e-3), (i, name)
+            assert torch.allclose(a["rows"](i)[name].float(), b["rows"](i)[name].float(),
+                                  atol=2e-3), (i, name)
     # a later single-process run replaces the shards instead of leaving them to shadow or mix
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--iters=2", "--t5_len=16"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}",
+                         "--K=4", "--iters=2", "--t5_len=16"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pert.safetensors"]
 
 
@@ -954,7 +1019,8 @@ def test_paper_configs_share_the_sample_budget():
         g = {k: getattr(phase2_align, k) for k in phase2_align.config_keys}
         cfg = configure(g, phase2_align.config_keys, [f"config/{name}.py"])
         n = cfg["prompts_per_epoch"] * cfg["K"] * cfg["G"]
-        phase2_align.samples_per_rank(cfg["prompts_per_epoch"], cfg["K"], cfg["G"], 8, cfg["train_batch"], cfg["opt_steps_per_epoch"])
+        phase2_align.samples_per_rank(cfg["prompts_per_epoch"], cfg["K"], cfg["G"], 8, cfg["train_batch"],
+                                      cfg["opt_steps_per_epoch"])
         return n, cfg
     n, nft = n_and_split("geneval_nft_g24")
     assert (n, nft["K"], nft["G"], nft["prompts_per_epoch"]) == (1152, 1, 24, 48)
@@ -1003,7 +1069,8 @@ def test_phase2_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phase1_
         return loss if len(calls) <= 6 else loss * float("nan")
 
     monkeypatch.setattr(phase2_align, "nft_loss", nan_after_first_epoch)
-    with pytest.raises(SystemExit, match="non-finite loss or gradient at epoch 1, step 2; the last good checkpoint is .*checkpoint$"):
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at epoch 1, step 2; "
+                                         "the last good checkpoint is .*checkpoint$"):
         phase2_align.main(_phase2(d, out, pf, "--epochs=3", "--ckpt_every=1"))
     state = torch.load(d / "checkpoint" / "state.pt", weights_only=False)
     assert state["epoch"] == 0 and state["step"] == 1
@@ -1046,12 +1113,14 @@ def test_phase2_shared_noise_pairs_the_k_conditions(phase1_file, tmp_path, monke
 def test_sampler_cfg_and_trajectory():
     """guidance g: v = v_neg + g (v_cond - v_neg); one Euler step from sigma 1 to 0 is x - v."""
     class PooledFlow(torch.nn.Module):  # v = the first pooled feature, everywhere
-        def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict=False):
+        def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections,
+                    return_dict=False):
             return (pooled_projections[:, :1, None, None].expand_as(hidden_states),)
 
     noise = torch.zeros(2, 4, 2, 2)
     cond, neg = (torch.zeros(2, 3, 2), torch.ones(2, 2)), (torch.zeros(1, 3, 2), torch.zeros(1, 2))
-    x, traj = sample.sample(PooledFlow(), torch.tensor([1.0, 0.0]), noise, cond, guidance=3.0, c_neg=neg, return_traj=True)
+    x, traj = sample.sample(PooledFlow(), torch.tensor([1.0, 0.0]), noise, cond, guidance=3.0, c_neg=neg,
+                            return_traj=True)
     assert torch.allclose(x, torch.full_like(x, -3.0)) and len(traj) == 2 and torch.equal(traj[0], noise)
     x1 = sample.sample(PooledFlow(), torch.tensor([1.0, 0.5, 0.0]), noise, cond)  # no CFG: v = 1
     assert torch.allclose(x1, torch.full_like(x1, -1.0))
@@ -1061,8 +1130,8 @@ def test_bf16_path_runs_on_cpu(phase1_file, tmp_path):
     """--dtype=bfloat16 runs the precision path of a GPU (bf16 models, fp32 LoRA, fp32 ODE state) on CPU."""
     pf, out = phase1_file
     pert = str(tmp_path / "p.safetensors")
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={pert}", "--K=4", "--iters=3",
-                         "--t5_len=16", "--dtype=bfloat16"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={pert}", "--K=4",
+                         "--iters=3", "--t5_len=16", "--dtype=bfloat16"])
     from safetensors import safe_open
     assert safe_open(pert, "pt").get_tensor("0.t5").dtype == torch.float16
     d = tmp_path / "bf16"
@@ -1080,14 +1149,15 @@ def test_bf16_path_runs_on_cpu(phase1_file, tmp_path):
 
 def test_perturbing_one_encoder_leaves_the_others_alone(prompt_file, tmp_path):
     out = str(tmp_path / "clip_l_only.safetensors")
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={out}", "--K=3", "--iters=5",
-                         "--t5_len=16", "--encoders=('clip_l',)"])
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={out}", "--K=3",
+                         "--iters=5", "--t5_len=16", "--encoders=('clip_l',)"])
     prompt_list, _ = sample.read_prompts(prompt_file)
     text = sample.load_text("tiny", t5_len=16)
     pert = sample.load_perturbations(out, text, prompt_list, K=3)
     pe, pooled = sample.perturbed_conditions(text, pert, prompt_list, [0])
     pe0, pooled0 = sample.encode(text, prompt_list[:1])
-    # prompt_embeds = [CLIP-L 32 | CLIP-G 48 | zero pad 16] x 77 tokens, then T5 x 16 tokens; pooled = [L 32 | G 48]
+    # prompt_embeds = [CLIP-L 32 | CLIP-G 48 | zero pad 16] x 77 tokens, then T5 x 16 tokens;
+    # pooled = [L 32 | G 48]
     assert not torch.allclose(pe[:, :77, :32], pe0[:, :77, :32].expand(2, -1, -1))
     assert torch.allclose(pe[:, :77, 32:], pe0[:, :77, 32:].expand(2, -1, -1), atol=1e-6)
     assert torch.allclose(pe[:, 77:], pe0[:, 77:].expand(2, -1, -1), atol=1e-6)
@@ -1122,7 +1192,8 @@ def test_use_adapter_equals_peft_model_switching():
 def test_policy_velocities_use_old_base_and_trained_models():
     tr = sample.tiny_pipeline(0).transformer
     torch.manual_seed(0)
-    x, t, cond = torch.randn(2, 16, 8, 8), torch.tensor([0.9, 0.4]), (torch.randn(2, 20, 96), torch.randn(2, 80))
+    x, t, cond = (torch.randn(2, 16, 8, 8), torch.tensor([0.9, 0.4]),
+                  (torch.randn(2, 20, 96), torch.randn(2, 80)))
     base = sample.velocity(tr, x, t, cond)
     phase2_align.add_adapters(tr, 4, 8)
     with torch.no_grad():  # make theta and old differ from each other and from the base model
@@ -1150,7 +1221,8 @@ def _write_run(d, std, evals):
     d.mkdir(parents=True)
     lines = [{"epoch": -1, "step": 0, "eval_reward": evals[0]}]
     for i, s in enumerate(std):
-        rec = {"epoch": i, "step": i + 1, "reward_mean": 0.5, "group_std": s, "collapsed_groups": 0.25 * (s < 0.01)}
+        rec = {"epoch": i, "step": i + 1, "reward_mean": 0.5, "group_std": s,
+               "collapsed_groups": 0.25 * (s < 0.01)}
         if i + 1 < len(evals):
             rec["eval_reward"] = evals[i + 1]
         lines.append(rec)
@@ -1164,9 +1236,12 @@ def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
     _write_run(tmp_path / "e2po" / "seed0", [0.3, 0.3, 0.3], [0.3, 0.5])
     compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}"])
     out = capsys.readouterr().out
-    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in out.splitlines() if ln.startswith("| ")}
-    # nft: last std (0.005, 0.007) -> 0.006 ± 0.001; mean std per seed 0.101667 and 0.102333 -> 0.1020 ± 0.0003;
-    # held-out last (0.6, 0.8) -> 0.7 ± 0.1, mean over evaluations after the start (0.5, 0.5667) -> 0.5333 ± 0.0333
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in out.splitlines() if ln.startswith("| ")}
+    # nft: last std (0.005, 0.007) -> 0.006 ± 0.001;
+    # mean std per seed 0.101667 and 0.102333 -> 0.1020 ± 0.0003;
+    # held-out last (0.6, 0.8) -> 0.7 ± 0.1,
+    # mean over evaluations after the start (0.5, 0.5667) -> 0.5333 ± 0.0333
     assert rows["nft"][:2] == ["2", "3"]
     assert rows["nft"][3] == "0.0060 ± 0.0010" and rows["nft"][4] == "0.1020 ± 0.0003"
     assert rows["nft"][5] == "0.2500 ± 0.0000" and rows["nft"][6] == "0.3000 ± 0.0000"
@@ -1183,6 +1258,7 @@ def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
                         if name.startswith("matplotlib") else real_import(name, *a, **k))
     compare_runs.main([f"--runs={tmp_path / 'nft' / 'seed0'}", f"--plot={tmp_path / 'd.png'}"])
     out = capsys.readouterr().out
-    assert "| nft | 1 | 3 |" in out and "matplotlib is not installed" in out and not (tmp_path / "d.png").exists()
+    assert ("| nft | 1 | 3 |" in out and "matplotlib is not installed" in out
+            and not (tmp_path / "d.png").exists())
     with pytest.raises(SystemExit, match="no log.jsonl"):
         compare_runs.main([f"--runs={tmp_path / 'none'}"])

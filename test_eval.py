@@ -35,7 +35,8 @@ def write_index(folder, rows):
 
 # ----------------------------------------------------------------------------- cosine, IDS, Vendi
 def test_identical_features_give_ids_1_and_vendi_1():
-    f = np.tile([[0.3, -1.2, 2.0, 0.5]], (5, 1)) * np.array([[1], [2], [0.5], [3], [7]])  # same direction, any length
+    # same direction, any length
+    f = np.tile([[0.3, -1.2, 2.0, 0.5]], (5, 1)) * np.array([[1], [2], [0.5], [3], [7]])
     assert ed.mean_pairwise_cosine(f) == pytest.approx(1.0, abs=1e-12)
     assert ed.vendi_score(f) == pytest.approx(1.0, abs=1e-9)
 
@@ -51,7 +52,8 @@ def test_cosine_and_vendi_hand_cases():
     # two unit vectors at 60 degrees: cos 0.5; K/2 has eigenvalues 0.75 and 0.25
     f = np.array([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])
     assert ed.mean_pairwise_cosine(f) == pytest.approx(0.5)
-    assert ed.vendi_score(f) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))  # 1.7548
+    # 1.7548
+    assert ed.vendi_score(f) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
     # three vectors: e0, e0, e1 -> pair cosines 1, 0, 0 -> mean 1/3
     assert ed.mean_pairwise_cosine([[1, 0], [2, 0], [0, 1]]) == pytest.approx(1 / 3)
     assert math.isnan(ed.mean_pairwise_cosine([[1.0, 2.0]]))  # one image: no pair
@@ -180,20 +182,23 @@ def test_image_retrieval_score_hand_case():
 # ----------------------------------------------------------------------------- GenEval summary
 def test_geneval_summary_hand_case():
     res = [{"tag": t, "correct": c, "score": float(c)} for t, c in
-           [("single_object", 1), ("single_object", 1), ("two_object", 1), ("two_object", 0), ("counting", 0),
-            ("counting", 0), ("colors", 1), ("colors", 1), ("position", 0), ("position", 1), ("color_attr", 0), ("color_attr", 0)]]
+           [("single_object", 1), ("single_object", 1), ("two_object", 1), ("two_object", 0),
+            ("counting", 0), ("counting", 0), ("colors", 1), ("colors", 1),
+            ("position", 0), ("position", 1), ("color_attr", 0), ("color_attr", 0)]]
     prompts = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     s = ed.geneval_summary(res, prompts)
-    acc = {"single_object": 1.0, "two_object": 0.5, "counting": 0.0, "colors": 1.0, "position": 0.5, "color_attr": 0.0}
+    acc = {"single_object": 1.0, "two_object": 0.5, "counting": 0.0, "colors": 1.0, "position": 0.5,
+           "color_attr": 0.0}
     assert {t: v["accuracy"] for t, v in s["tags"].items()} == acc
     assert s["overall"] == pytest.approx(3.0 / 6)
     assert s["image_accuracy"] == pytest.approx(6 / 12) and s["prompt_accuracy"] == pytest.approx(4 / 6)
     assert s["missing_tags"] == []
     part = ed.geneval_summary(res[:4], prompts[:4])  # two tags only: their mean, the rest listed
-    assert part["overall"] == pytest.approx(0.75) and set(part["missing_tags"]) == {"counting", "colors", "position", "color_attr"}
+    assert (part["overall"] == pytest.approx(0.75)
+            and set(part["missing_tags"]) == {"counting", "colors", "position", "color_attr"})
 
 
-# ----------------------------------------------------------------------------- ArcFace path (stand-in face app)
+# --------------------------------------------------------------------------- ArcFace path (stand-in face app)
 class FakeFace:
     def __init__(self, bbox, emb):
         self.bbox, self.normed_embedding = np.array(bbox, np.float32), np.array(emb, np.float32)
@@ -251,7 +256,8 @@ class RefBlock(torch.nn.Module):
         super().__init__()
         self.attn = torch.nn.MultiheadAttention(w, heads, batch_first=True)
         self.ln_1, self.ln_2 = torch.nn.LayerNorm(w), torch.nn.LayerNorm(w)
-        self.mlp = torch.nn.Sequential(OrderedDict(c_fc=torch.nn.Linear(w, 4 * w), gelu=QuickGELU(), c_proj=torch.nn.Linear(4 * w, w)))
+        self.mlp = torch.nn.Sequential(OrderedDict(c_fc=torch.nn.Linear(w, 4 * w), gelu=QuickGELU(),
+                                                   c_proj=torch.nn.Linear(4 * w, w)))
 
     def forward(self, x):
         y = self.ln_1(x)
@@ -260,7 +266,8 @@ class RefBlock(torch.nn.Module):
 
 
 class RefViT(torch.nn.Module):
-    """OpenAI CLIP's VisionTransformer without `proj` (as CSD's backbone), written independently of transformers."""
+    """OpenAI CLIP's VisionTransformer without `proj` (as CSD's backbone), written independently of
+    transformers."""
     def __init__(self, width=128, layers=2, patch=8, res=32):
         super().__init__()
         self.conv1 = torch.nn.Conv2d(3, width, patch, patch, bias=False)
@@ -268,7 +275,8 @@ class RefViT(torch.nn.Module):
         self.positional_embedding = torch.nn.Parameter(torch.randn((res // patch) ** 2 + 1, width))
         self.ln_pre, self.ln_post = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
         self.transformer = torch.nn.Module()
-        self.transformer.resblocks = torch.nn.ModuleList([RefBlock(width, width // 64) for _ in range(layers)])
+        self.transformer.resblocks = torch.nn.ModuleList([RefBlock(width, width // 64)
+                                                          for _ in range(layers)])
 
     def forward(self, x):
         x = self.conv1(x).flatten(2).transpose(1, 2)
@@ -301,8 +309,8 @@ def test_csd_conversion_matches_the_openai_layout_forward(tmp_path):
     ref, style = make_csd_checkpoint(tmp_path / "csd.pth")
     sd = torch.load(tmp_path / "csd.pth", weights_only=False)["model_state_dict"]
     cfg, hf_sd = ed.csd_state_dict_to_hf(sd)
-    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["patch_size"], cfg["image_size"],
-            cfg["projection_dim"]) == (128, 2, 2, 8, 32, 24)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["patch_size"],
+            cfg["image_size"], cfg["projection_dim"]) == (128, 2, 2, 8, 32, 24)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg)).eval()
     model.load_state_dict(hf_sd, strict=True)
     x = torch.randn(3, 3, 32, 32)
@@ -310,13 +318,14 @@ def test_csd_conversion_matches_the_openai_layout_forward(tmp_path):
         want = torch.nn.functional.normalize(ref(x) @ style, dim=1)
         got = torch.nn.functional.normalize(model(pixel_values=x).image_embeds, dim=1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    # the full loader (pickled args in the file -> falls back to a full unpickle) gives unit-comparable features
+    # the full loader (pickled args in the file -> falls back to a full unpickle) gives unit-comparable
+    # features
     embed = ed.csd_embedder(str(tmp_path / "csd.pth"), "cpu")
     f = embed([Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (40, 40), (10, 10, 240))])
     assert f.shape == (2, 24) and np.isfinite(f).all()
 
 
-# ----------------------------------------------------------------------------- CLI on a synthetic folder (hand values)
+# -------------------------------------------------------------------- CLI on a synthetic folder (hand values)
 R, D, K, W = (255, 0, 0), (128, 0, 0), (0, 0, 0), (255, 255, 255)
 BOXES = {R: [[0, 0, 10, 10]], D: [[5, 0, 15, 10]], K: [], W: [[0, 0, 10, 10], [20, 20, 30, 30]]}
 
@@ -335,13 +344,15 @@ class FakeGenEval:
 
     def evaluate(self, images, metadata):
         assert images.dtype == torch.float32 and images.dim() == 4 and float(images.max()) <= 1.0
-        return [{"tag": m["tag"], "correct": self.colour(im) in (R, D), "score": 0.5, "reason": ""} for im, m in zip(images, metadata)]
+        return [{"tag": m["tag"], "correct": self.colour(im) in (R, D), "score": 0.5, "reason": ""}
+                for im, m in zip(images, metadata)]
 
     calls = []
 
     def detect(self, images, class_names=None):
         FakeGenEval.calls.append(class_names)  # rewards.py's detect: one flat class list for the call
-        return [[{"class": class_names[0], "box": b, "score": 0.9} for b in BOXES[self.colour(im)]] for im in images]
+        return [[{"class": class_names[0], "box": b, "score": 0.9} for b in BOXES[self.colour(im)]]
+                for im in images]
 
 
 @pytest.fixture
@@ -357,8 +368,8 @@ def synthetic_folder(tmp_path):
         for g, c in enumerate(cs):
             f = f"{p:05d}_k{k:02d}_g{g:02d}.png"
             save_png(d / f, c)
-            rows.append({"prompt_index": p, "prompt": meta[p]["prompt"], "k": k, "g": g, "seed": 4 * p + 2 * k + g, "file": f,
-                         "metadata": meta[p]})
+            rows.append({"prompt_index": p, "prompt": meta[p]["prompt"], "k": k, "g": g,
+                         "seed": 4 * p + 2 * k + g, "file": f, "metadata": meta[p]})
     write_index(d, rows)
     return d
 
@@ -371,9 +382,11 @@ def test_cli_on_synthetic_folder_matches_hand_values(synthetic_folder, monkeypat
     FakeGenEval.calls.clear()
     out = synthetic_folder / "eval.json"
     rep = ed.main([f"--samples={synthetic_folder}", "--metrics=ids,sdi,pvs,geneval", "--detector=geneval",
-                   "--face_model=/packs/buffalo_l", '--geneval_opts={"detector": "tiny"}', f"--out={out}", "--batch_size=3"])
+                   "--face_model=/packs/buffalo_l", '--geneval_opts={"detector": "tiny"}', f"--out={out}",
+                   "--batch_size=3"])
     assert FakeGenEval.made == [{"detector": "tiny"}]
-    # batches of 3 over rows p0 x4, p1 x4: the middle batch mixes the prompts -> one detect call per class list
+    # batches of 3 over rows p0 x4, p1 x4: the middle batch mixes the prompts -> one detect call per
+    # class list
     assert FakeGenEval.calls == [["cat"], ["cat"], ["dog"], ["dog"]]
     on_disk = json.loads(out.read_text())
     assert on_disk["groups"]["all"]["sdi"] == pytest.approx(rep["groups"]["all"]["sdi"])
@@ -389,22 +402,27 @@ def test_cli_on_synthetic_folder_matches_hand_values(synthetic_folder, monkeypat
     assert g["k>0"]["sdi"] == pytest.approx(((1 - 1 / 3) + (1 - 1 / 6)) / 2)  # p0 D,R; p1 D,W
     assert g["all"]["sdi"] == pytest.approx(((1 - 5 / 18) + (1 - 2 / 9)) / 2)  # p0 R,K,D,R; p1 W,K,D,W
     assert g["all"]["sdi_no_boxes"] == 2
-    # PVS of constant images: contrast 0, so std(S) + std(V); (S, V) of R (1, 1), K (0, 0), W (0, 1), D (1, 128/255)
+    # PVS of constant images: contrast 0, so std(S) + std(V); (S, V) of R (1, 1), K (0, 0), W (0, 1),
+    # D (1, 128/255)
     vd = 128 / 255
-    # the published PVS, over the whole set: k=0 is R, K, W, K: S [1, 0, 0, 0] -> sqrt(3)/4; V [1, 0, 1, 0] -> 1/2
+    # the published PVS, over the whole set: k=0 is R, K, W, K: S [1, 0, 0, 0] -> sqrt(3)/4;
+    # V [1, 0, 1, 0] -> 1/2
     assert g["k=0"]["pvs"] == pytest.approx(math.sqrt(3) / 4 + 0.5)
     # k>0 is D, R, D, W: S [1, 1, 1, 0] -> sqrt(3)/4; V [vd, 1, vd, 1] -> (1 - vd)/2
     assert g["k>0"]["pvs"] == pytest.approx(math.sqrt(3) / 4 + (1 - vd) / 2)
     # all eight: S [1, 0, 1, 1, 0, 0, 1, 0] -> 1/2; V four 1, two 0, two vd: mean (4 + 2 vd)/8
     m = (4 + 2 * vd) / 8
-    assert g["all"]["pvs"] == pytest.approx(0.5 + math.sqrt((4 * (1 - m) ** 2 + 2 * m ** 2 + 2 * (vd - m) ** 2) / 8))
-    # per prompt, averaged: k=0 p0 {R, K}: 1/2 + 1/2, p1 {W, K}: 0 + 1/2; k>0 p0 {D, R}: 0 + (1 - vd)/2, p1 {D, W}
+    assert g["all"]["pvs"] == pytest.approx(
+        0.5 + math.sqrt((4 * (1 - m) ** 2 + 2 * m ** 2 + 2 * (vd - m) ** 2) / 8))
+    # per prompt, averaged: k=0 p0 {R, K}: 1/2 + 1/2, p1 {W, K}: 0 + 1/2; k>0 p0 {D, R}: 0 + (1 - vd)/2,
+    # p1 {D, W}
     assert g["k=0"]["pvs_per_prompt"] == pytest.approx((1.0 + 0.5) / 2)
     assert g["k>0"]["pvs_per_prompt"] == pytest.approx(((1 - vd) / 2 + (0.5 + (1 - vd) / 2)) / 2)
     # IDS[arcface]: R and D are faces (identities e0, e1), K and W have none and are counted
     # over the set: all = R, D, R (p0) and D (p1): of 6 pairs, R-R and D-D are the same identity -> 2/6
     assert g["all"]["ids"] == pytest.approx(1 / 3) and g["all"]["ids_faces"] == 4
-    assert g["all"]["ids_per_prompt"] == pytest.approx(1 / 3) and g["all"]["ids_prompts"] == 1  # p1 has one face
+    # p1 has one face
+    assert g["all"]["ids_per_prompt"] == pytest.approx(1 / 3) and g["all"]["ids_prompts"] == 1
     assert g["all"]["ids_no_face"] == 4 and len(g["all"]["ids_no_face_files"]) == 4
     assert g["k=0"]["ids"] is None and g["k=0"]["ids_per_prompt"] is None  # one face at k=0: undefined, null
     # k>0 = D, R (p0) and D (p1): over the set 1/3 (the two Ds of different prompts); per prompt 0 (p0's D-R)
@@ -425,8 +443,10 @@ def test_cli_skips_what_the_inputs_cannot_support(synthetic_folder):
     rep = ed.main([f"--samples={synthetic_folder}", "--metrics=pvs,geneval,asc"])
     assert rep["metrics"] == ["pvs"] and set(rep["skipped"]) == {"geneval", "asc"}
     assert "GenEval tags" in rep["skipped"]["geneval"] and "--reference" in rep["skipped"]["asc"]
-    assert rep["groups"]["k=0"]["pvs"] == pytest.approx(math.sqrt(3) / 4 + 0.5)  # over the set (hand case above)
-    assert rep["groups"]["k=0"]["pvs_per_prompt"] == pytest.approx(0.75) and "geneval" not in rep["groups"]["all"]
+    # over the set (hand case above)
+    assert rep["groups"]["k=0"]["pvs"] == pytest.approx(math.sqrt(3) / 4 + 0.5)
+    assert (rep["groups"]["k=0"]["pvs_per_prompt"] == pytest.approx(0.75)
+            and "geneval" not in rep["groups"]["all"])
 
 
 def test_cli_errors_are_one_clear_sentence(synthetic_folder, tmp_path, monkeypatch):
@@ -446,7 +466,7 @@ def test_cli_errors_are_one_clear_sentence(synthetic_folder, tmp_path, monkeypat
     assert not os.path.exists(synthetic_folder / "diversity.json")  # nothing half-written
 
 
-# ----------------------------------------------------------------------------- CLI end to end on sample.py --model=tiny
+# ------------------------------------------------------------------- CLI end to end on sample.py --model=tiny
 @pytest.fixture(scope="module")
 def tiny_samples(tmp_path_factory):
     import sample
@@ -454,10 +474,12 @@ def tiny_samples(tmp_path_factory):
     prompts = d / "prompts.jsonl"  # GenEval-style: the metadata lands in index.jsonl
     prompts.write_text("".join(json.dumps(m) + "\n" for m in [
         {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
-        {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "green"}], "prompt": "a photo of a green dog"},
+        {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "green"}],
+         "prompt": "a photo of a green dog"},
         {"tag": "two_object", "include": [{"class": "bicycle", "count": 1}, {"class": "bench", "count": 1}],
          "prompt": "a photo of a bicycle and a bench"}]))
-    sample.main(["--model=tiny", f"--prompts={prompts}", f"--out_dir={d / 'samples'}", "--G=2", "--resolution=64", "--steps=2"])
+    sample.main(["--model=tiny", f"--prompts={prompts}", f"--out_dir={d / 'samples'}",
+                 "--G=2", "--resolution=64", "--steps=2"])
     return d
 
 
@@ -469,22 +491,26 @@ def test_cli_end_to_end_on_tiny_samples(tiny_samples, capsys):
     for i in range(10):
         save_png(ref / f"art{i}.png", rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
     make_csd_checkpoint(d / "csd.pth")
-    rep = ed.main([f"--samples={d / 'samples'}", "--clip_model=tiny", "--detector_model=tiny", "--box_threshold=0.0",
-                   f"--reference={ref}", f"--style_model={d / 'csd.pth'}", "--batch_size=4",
-                   '--geneval_opts={"detector": "tiny", "clip": "tiny"}'])
+    rep = ed.main([f"--samples={d / 'samples'}", "--clip_model=tiny", "--detector_model=tiny",
+                   "--box_threshold=0.0", f"--reference={ref}", f"--style_model={d / 'csd.pth'}",
+                   "--batch_size=4", '--geneval_opts={"detector": "tiny", "clip": "tiny"}'])
     path = d / "samples" / "diversity.json"
     on_disk = json.loads(path.read_text())
     assert on_disk == json.loads(json.dumps(rep))
     assert on_disk["metrics"] == ["ids", "asc", "sdi", "pvs", "vendi", "geneval"] and on_disk["skipped"] == {}
-    assert on_disk["backbones"]["ids"] == "clip:tiny" and on_disk["backbones"]["asc"] == f"csd:{d / 'csd.pth'}"
+    assert (on_disk["backbones"]["ids"] == "clip:tiny"
+            and on_disk["backbones"]["asc"] == f"csd:{d / 'csd.pth'}")
     assert on_disk["backbones"]["sdi"] == "grounding_dino:tiny"
-    assert on_disk["labels"] == {"ids": "IDS[clip]", "ids_per_prompt": "IDS_per_prompt[clip]", "asc": "ASC[csd]",
-                                 "sdi": "SDI[gdino]", "pvs": "PVS", "pvs_per_prompt": "PVS_per_prompt",
+    assert on_disk["labels"] == {"ids": "IDS[clip]", "ids_per_prompt": "IDS_per_prompt[clip]",
+                                 "asc": "ASC[csd]", "sdi": "SDI[gdino]",
+                                 "pvs": "PVS", "pvs_per_prompt": "PVS_per_prompt",
                                  "vendi": "Vendi[clip]", "cos": "cos[clip]", "geneval": "GenEval"}
-    assert (on_disk["images"], on_disk["prompts"]) == (6, 3) and list(on_disk["groups"]) == ["all"]  # K=1: no k>0 group
+    # K=1: no k>0 group
+    assert (on_disk["images"], on_disk["prompts"]) == (6, 3) and list(on_disk["groups"]) == ["all"]
     g = on_disk["groups"]["all"]
     assert g["ids_no_face"] is None  # CLIP embeds whole images: faces are not checked, and the JSON says so
-    assert g["ids_per_prompt"] == pytest.approx(g["cos"])  # IDS[clip] per prompt is the CLIP mean pairwise cosine
+    # IDS[clip] per prompt is the CLIP mean pairwise cosine
+    assert g["ids_per_prompt"] == pytest.approx(g["cos"])
     assert -1 <= g["ids"] <= 1 and 1 <= g["vendi"] <= 2 and 0 <= g["sdi"] <= 1 and g["pvs"] >= 0
     assert g["sdi_mean_boxes"] == 10  # threshold 0: every query of the tiny detector is kept
     a = g["asc_detail"]
@@ -494,14 +520,18 @@ def test_cli_end_to_end_on_tiny_samples(tiny_samples, capsys):
     clip = ed.clip_embedder("tiny", "cpu")
     rows = ed.read_index(str(d / "samples"))
     f = clip([ed.load_rgb(os.path.join(d / "samples", r["file"])) for r in rows])
-    per_prompt = [ed.mean_pairwise_cosine(f[[i for i, r in enumerate(rows) if r["prompt_index"] == p]]) for p in range(3)]
+    per_prompt = [ed.mean_pairwise_cosine(f[[i for i, r in enumerate(rows) if r["prompt_index"] == p]])
+                  for p in range(3)]
     assert g["ids_per_prompt"] == pytest.approx(np.mean(per_prompt), rel=1e-6)
-    assert g["ids"] == pytest.approx(ed.mean_pairwise_cosine(f), rel=1e-6) and g["ids_faces"] == 6  # all 15 pairs
+    # all 15 pairs
+    assert g["ids"] == pytest.approx(ed.mean_pairwise_cosine(f), rel=1e-6) and g["ids_faces"] == 6
     assert g["pvs"] == pytest.approx(ed.photographic_variance(
-        [ed.photo_stats(np.asarray(ed.load_rgb(os.path.join(d / "samples", r["file"])), np.float64) / 255) for r in rows]))
+        [ed.photo_stats(np.asarray(ed.load_rgb(os.path.join(d / "samples", r["file"])), np.float64) / 255)
+         for r in rows]))
     # GenEval from rewards.py's scorer (tiny Mask2Former + tiny CLIP): every image judged, per tag
     ge = g["geneval"]
-    assert {t: v["images"] for t, v in ge["tags"].items()} == {"single_object": 2, "colors": 2, "two_object": 2}
+    assert ({t: v["images"] for t, v in ge["tags"].items()}
+            == {"single_object": 2, "colors": 2, "two_object": 2})
     assert set(ge["missing_tags"]) == {"counting", "position", "color_attr"}
     assert ge["overall"] == pytest.approx(np.mean([v["accuracy"] for v in ge["tags"].values()]))
     assert "IDS[clip]" in capsys.readouterr().out
@@ -509,8 +539,10 @@ def test_cli_end_to_end_on_tiny_samples(tiny_samples, capsys):
 
 def test_cli_sdi_with_the_geneval_detector(tiny_samples):
     rep = ed.main([f"--samples={tiny_samples / 'samples'}", "--metrics=sdi", "--detector=geneval",
-                   '--geneval_opts={"detector": "tiny", "clip": "tiny"}', f"--out={tiny_samples / 'sdi.json'}"])
+                   '--geneval_opts={"detector": "tiny", "clip": "tiny"}',
+                   f"--out={tiny_samples / 'sdi.json'}"])
     g = rep["groups"]["all"]
     assert rep["backbones"] == {"sdi": "geneval_detector"} and rep["labels"] == {"sdi": "SDI[geneval]"}
     assert g["sdi_prompts"] == 3 and 0 <= g["sdi"] <= 1
-    assert json.loads((tiny_samples / "sdi.json").read_text())["groups"]["all"]["sdi"] == pytest.approx(g["sdi"])
+    assert (json.loads((tiny_samples / "sdi.json").read_text())["groups"]["all"]["sdi"]
+            == pytest.approx(g["sdi"]))

@@ -23,7 +23,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_script(rel):
-    spec = importlib.util.spec_from_file_location(rel.replace("/", "_").replace(".py", ""), os.path.join(REPO, rel))
+    spec = importlib.util.spec_from_file_location(rel.replace("/", "_").replace(".py", ""),
+                                                  os.path.join(REPO, rel))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -91,16 +92,19 @@ def test_aesthetic_loads_the_head_file_and_scores_normalised_embeddings(images, 
     model, proc, _ = clip_ref
     torch.manual_seed(1)
     head = rewards.aesthetic_head(model.config.projection_dim)
-    assert [k for k in head.state_dict() if k.endswith("weight")] == [f"layers.{i}.weight" for i in (0, 2, 4, 6, 7)]
+    assert ([k for k in head.state_dict() if k.endswith("weight")]
+            == [f"layers.{i}.weight" for i in (0, 2, 4, 6, 7)])
     path = tmp_path / "head.pth"
     torch.save(head.state_dict(), path)
     s = rewards.REWARDS["aesthetic"](clip="tiny", head=str(path))(images, PROMPTS, [{}] * 3)
     with torch.no_grad():
-        emb = model.get_image_features(**proc(images=rewards._to_pil(images), return_tensors="pt")).pooler_output
+        emb = model.get_image_features(**proc(images=rewards._to_pil(images),
+                                              return_tensors="pt")).pooler_output
         ref = head.eval().layers(F.normalize(emb, dim=-1)).squeeze(-1)
     assert s.shape == (3,) and torch.isfinite(s).all()
     torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-5)
-    with pytest.raises(SystemExit, match=r"improved-aesthetic-predictor.*--reward_opts=\"\{'aesthetic': \{'head': 'PATH'\}\}\""):
+    with pytest.raises(SystemExit, match=r"improved-aesthetic-predictor.*"
+                                         r"--reward_opts=\"\{'aesthetic': \{'head': 'PATH'\}\}\""):
         rewards.REWARDS["aesthetic"](clip="tiny", head=str(tmp_path / "missing.pth"))
 
 
@@ -124,7 +128,8 @@ def test_hpsv2_scoring_path_on_a_standin(images, clip_ref):
     model, proc, logits = clip_ref
     standin = types.SimpleNamespace(
         parameters=model.parameters,
-        encode_image=lambda pix: model.get_image_features(pixel_values=pix).pooler_output * 3.0,  # unnormalised
+        # unnormalised
+        encode_image=lambda pix: model.get_image_features(pixel_values=pix).pooler_output * 3.0,
         encode_text=lambda ids: model.get_text_features(input_ids=ids).pooler_output)
     preprocess = lambda pil: proc(images=pil, return_tensors="pt")["pixel_values"][0]  # noqa: E731
     tokenizer = lambda texts: proc.tokenizer(texts, padding="max_length", max_length=77,  # noqa: E731
@@ -132,7 +137,8 @@ def test_hpsv2_scoring_path_on_a_standin(images, clip_ref):
     s = rewards._hps_fn(standin, preprocess, tokenizer, "cpu")(images, PROMPTS, [{}] * 3)
     assert s.shape == (3,) and torch.isfinite(s).all()
     # padding to 77 changes nothing for CLIP (causal mask, pooled at EOS): same cosine as the reference
-    torch.testing.assert_close(s, (logits(images, PROMPTS) / model.logit_scale.exp()).diagonal(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s, (logits(images, PROMPTS) / model.logit_scale.exp()).diagonal(),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_hpsv2_tiny_with_open_clip(images):
@@ -155,7 +161,8 @@ def test_imagereward_scoring_path_on_a_standin(images):
     blip = types.SimpleNamespace(tokenizer=tok, visual_encoder=lambda x: patch(x).flatten(2).transpose(1, 2),
                                  text_encoder=text_encoder)
     params = list(emb.parameters()) + list(patch.parameters()) + list(mlp.parameters())
-    preprocess = lambda pil: torch.from_numpy(np.array(pil.resize((32, 32)))).permute(2, 0, 1).float() / 255  # noqa: E731
+    preprocess = lambda pil: torch.from_numpy(  # noqa: E731
+        np.array(pil.resize((32, 32)))).permute(2, 0, 1).float() / 255
     standin = types.SimpleNamespace(blip=blip, mlp=mlp, mean=0.0, std=1.0, preprocess=preprocess,
                                     parameters=lambda: iter(params))
     fn = rewards._imagereward_fn(standin, "cpu")
@@ -181,7 +188,8 @@ def single(cls="dog"):
 
 
 def counting(n, cls="dog"):
-    return {"tag": "counting", "include": [{"class": cls, "count": n}], "exclude": [{"class": cls, "count": n + 1}]}
+    return {"tag": "counting", "include": [{"class": cls, "count": n}],
+            "exclude": [{"class": cls, "count": n + 1}]}
 
 
 def colors(color, cls="dog"):
@@ -202,20 +210,24 @@ def dogs(n, score=0.95):
     ({"dog": [(B0, 0.8, None)]}, single(), True, 1.0, 1.0),
     ({"dog": [(B0, 0.3, None)]}, single(), False, 0.0, 0.0),  # GenEval counts score > 0.3 only
     ({"cat": [(B0, 0.9, None)]}, single(), False, 0.0, 0.0),
-    ({"dog": dogs(2, 0.8)}, single(), True, 0.0, 0.0),  # benchmark: >= 1; training score wants exactly 1: 1 - 1/1
+    # benchmark: >= 1; training score wants exactly 1: 1 - 1/1
+    ({"dog": dogs(2, 0.8)}, single(), True, 0.0, 0.0),
     ({"dog": dogs(3, 0.8)}, single(), True, -1.0, 0.0),  # 1 - |1 - 3| / 1 = -1; fixed: clipped at 0
     ({"dog": dogs(20, 0.8)}, single(), True, -14.0, 0.0),  # 16 kept: 1 - 15 / 1
     ({"dog": [(B0, 0.8, None)], "cat": [(B0, 0.5, None)]},
-     {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]}, True, 1.0, 1.0),
+     {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]},
+     True, 1.0, 1.0),
     ({"dog": [(B0, 0.8, None)]},
-     {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]}, False, 0.5, 0.5),
+     {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]},
+     False, 0.5, 0.5),
 ])
 def test_geneval_rules_objects(dets, meta, correct, server, fixed):
     c, s, reason = geneval_rules(dets, meta)
     assert (c, s) == (correct, pytest.approx(server))
     assert (reason == "") == correct
     assert geneval_rules(dets, meta, credit="server") == (c, s, reason)
-    assert geneval_rules(dets, meta, credit="fixed") == (c, pytest.approx(fixed), reason)  # the verdict never changes
+    # the verdict never changes
+    assert geneval_rules(dets, meta, credit="fixed") == (c, pytest.approx(fixed), reason)
 
 
 @pytest.mark.parametrize("dets,n,correct,server,fixed", [
@@ -279,14 +291,17 @@ def test_geneval_rules_position(dog, rel):
         fixed = geneval_rules(dets, position(other), credit="fixed")[1]
         if other == rel:
             assert (c, s, reason) == (True, pytest.approx(1.0), "") and fixed == pytest.approx(1.0)
-        else:  # the server's loop appends 0, breaks, then appends 1: (1 + 1 + 0 + 1) / 4; fixed: (1 + 1 + 0) / 3
+        else:
+            # the server's loop appends 0, breaks, then appends 1: (1 + 1 + 0 + 1) / 4;
+            # fixed: (1 + 1 + 0) / 3
             assert (c, s) == (False, pytest.approx(0.75)) and f"dog {other}" in reason
             assert fixed == pytest.approx(2 / 3)
 
 
 def test_geneval_position_margins_and_diagonals():
     assert relative_position(box(0, 0, 10, 10), box(0, 0, 10, 10)) == set()  # same place: no relation
-    assert relative_position(box(0, 40, 20, 60), box(3, 40, 23, 60)) == set()  # offset 3 < margin 0.1 * (20 + 20)
+    # offset 3 < margin 0.1 * (20 + 20)
+    assert relative_position(box(0, 40, 20, 60), box(3, 40, 23, 60)) == set()
     # past the margin, what remains must exceed half the offset: 7 - 4 < 3.5, 9 - 4 > 4.5
     assert relative_position(box(0, 40, 20, 60), box(7, 40, 27, 60)) == set()
     assert relative_position(box(0, 40, 20, 60), box(9, 40, 29, 60)) == {"left of"}
@@ -294,12 +309,15 @@ def test_geneval_position_margins_and_diagonals():
     assert relative_position(box(0, 0, 10, 10), box(100, 30, 110, 40)) == {"left of"}  # mostly sideways
     # the relation to the target clause needs the target found
     c, s, reason = geneval_rules({"dog": [(B0, 0.9, None)]}, position("left of"))
-    assert (c, s) == (False, pytest.approx(1 / 3)) and "no target" in reason  # terms: cat 0, dog 1, position 0
-    assert geneval_rules({"dog": [(B0, 0.9, None)]}, position("left of"), credit="fixed")[1] == pytest.approx(1 / 3)
+    # terms: cat 0, dog 1, position 0
+    assert (c, s) == (False, pytest.approx(1 / 3)) and "no target" in reason
+    assert (geneval_rules({"dog": [(B0, 0.9, None)]}, position("left of"), credit="fixed")[1]
+            == pytest.approx(1 / 3))
 
 
 def test_geneval_rules_exclude_without_include_clause_of_that_class():
-    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "exclude": [{"class": "cat", "count": 1}]}
+    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}],
+            "exclude": [{"class": "cat", "count": 1}]}
     assert geneval_rules({"dog": [(B0, 0.9, None)]}, meta)[0] is True
     c, s, reason = geneval_rules({"dog": [(B0, 0.9, None)], "cat": [(B0, 0.4, None)]}, meta)
     assert c is False and s == pytest.approx(1.0) and "cat" in reason  # partial credit ignores exclude
@@ -309,9 +327,11 @@ CAT_DOG = {"cat": [(CAT, 0.9, None)]}
 LEFT, RIGHT = box(0, 40, 20, 60), box(80, 40, 100, 60)  # of CAT
 
 
-def dog_red_left():  # a clause asking a colour and a position (GenEval's prompts never do; a shapes world may)
-    return {"tag": "position", "include": [{"class": "cat", "count": 1},
-                                           {"class": "dog", "count": 1, "color": "red", "position": ["left of", 0]}]}
+# a clause asking a colour and a position (GenEval's prompts never do; a shapes world may)
+def dog_red_left():
+    return {"tag": "position",
+            "include": [{"class": "cat", "count": 1},
+                        {"class": "dog", "count": 1, "color": "red", "position": ["left of", 0]}]}
 
 
 @pytest.mark.parametrize("dets,meta,server,fixed", [
@@ -321,7 +341,8 @@ def dog_red_left():  # a clause asking a colour and a position (GenEval's prompt
     ({**CAT_DOG, "dog": [(LEFT, 0.9, None)] * 3}, position("left of"), 0.0, 1 / 3),
     # colour and position asked, count off: the server adds one 0 for both (1 + 0 + 0) / 3; fixed a 0 each
     ({**CAT_DOG, "dog": [(LEFT, 0.9, "red")] * 2}, dog_red_left(), 1 / 3, 1 / 4),
-    # colour wrong: the server skips the position check (1 + 1 + 0) / 3; fixed scores it 0: (1 + 1 + 0 + 0) / 4
+    # colour wrong: the server skips the position check (1 + 1 + 0) / 3; fixed scores it 0:
+    # (1 + 1 + 0 + 0) / 4
     ({**CAT_DOG, "dog": [(LEFT, 0.9, "blue")]}, dog_red_left(), 2 / 3, 1 / 2),
     # colour right, position wrong: server (1 + 1 + 1 + 0 + 1) / 5; fixed (1 + 1 + 1 + 0) / 4
     ({**CAT_DOG, "dog": [(RIGHT, 0.9, "red")]}, dog_red_left(), 4 / 5, 3 / 4),
@@ -341,7 +362,8 @@ def test_geneval_credit_is_checked():
     with pytest.raises(ValueError, match="unknown GenEval credit 'clipped'"):
         geneval_rules({}, single(), credit="clipped")
     with pytest.raises(SystemExit, match=r"unknown geneval credit 'clipped'.*--reward_opts=") as e:
-        rewards.REWARDS["geneval"](detector="/never/loaded", clip="/never/loaded", credit="clipped")  # before loading
+        # before loading
+        rewards.REWARDS["geneval"](detector="/never/loaded", clip="/never/loaded", credit="clipped")
     assert "\n" not in str(e.value)
 
 
@@ -355,7 +377,8 @@ def test_instances_box_label_and_score_from_mask2former_outputs():
     out = types.SimpleNamespace(class_queries_logits=cls, masks_queries_logits=masks)
     dets = rewards._instances(out, torch.ones(1, 32, 32, dtype=torch.long), [(32, 32)])[0]
     assert len(dets) == 1 and dets[0]["label"] == 1
-    assert dets[0]["box"] == (16.0, 8.0, 24.0, 16.0)  # bilinear x4 upsampling: low-res cell edges, x1/y1 exclusive
+    # bilinear x4 upsampling: low-res cell edges, x1/y1 exclusive
+    assert dets[0]["box"] == (16.0, 8.0, 24.0, 16.0)
     p = torch.softmax(cls[0, 0], -1)[1]
     assert 0.9 * p < dets[0]["score"] <= p  # class prob * mean mask prob inside the mask
     assert dets[0]["mask"].sum() == 64 - 4  # bilinear upsampling cuts the four corner pixels
@@ -397,7 +420,8 @@ def test_geneval_tiny_detect_and_evaluate_follow_the_rules(geneval_dogs):
         for r, d in zip(res, dets):
             c, s, reason = geneval_rules({"dog": [(x["box"], x["score"], None) for x in d]}, meta)
             assert r == {"tag": meta["tag"], "correct": c, "score": s, "reason": reason}
-    assert [r["correct"] for r in geneval_dogs.evaluate(imgs, [single("dog"), single("cat")])] == [True, False]
+    assert ([r["correct"] for r in geneval_dogs.evaluate(imgs, [single("dog"), single("cat")])]
+            == [True, False])
 
 
 def test_masked_crop_keeps_the_object_over_grey():
@@ -417,7 +441,8 @@ def test_geneval_colour_classifier_averages_three_templates(geneval_dogs, clip_r
     crops = rewards._to_pil(torch.rand(4, 3, 20, 16))
     got = geneval_dogs.classify_colors(crops, ["dog", "dog", "cup", "cup"])
     with torch.no_grad():
-        img = F.normalize(model.get_image_features(**proc(images=crops, return_tensors="pt")).pooler_output, dim=-1)
+        img = F.normalize(model.get_image_features(**proc(images=crops, return_tensors="pt")).pooler_output,
+                          dim=-1)
         for e, cls, color in zip(img, ["dog", "dog", "cup", "cup"], got):
             texts = [t.format(color=c, cls=cls) for c in GENEVAL_COLORS for t in rewards.COLOR_TEMPLATES]
             assert "a photo of a red dog" in texts or cls == "cup"
@@ -441,7 +466,8 @@ def test_geneval_reward_values_and_strict_mode(geneval_dogs):
     s = geneval_dogs(imgs, ["a", "b", "c"], metas)
     res = geneval_dogs.evaluate(imgs, metas)
     assert s.shape == (3,) and s.dtype == torch.float32 and torch.isfinite(s).all()
-    assert s.tolist() == pytest.approx([r["score"] for r in res]) and (s <= 1).all()  # server credit: may be < 0
+    # server credit: may be < 0
+    assert s.tolist() == pytest.approx([r["score"] for r in res]) and (s <= 1).all()
     strict = rewards.geneval(detector="tiny", clip="tiny", strict=True)
     strict.detector[0].load_state_dict(geneval_dogs.detector[0].state_dict())
     assert strict(imgs, ["a", "b", "c"], metas).tolist() == [float(r["correct"]) for r in res]
@@ -450,7 +476,8 @@ def test_geneval_reward_values_and_strict_mode(geneval_dogs):
 
 
 def test_geneval_reward_credit_option_reaches_the_rules(geneval_dogs):
-    """credit= through build_reward's opts (what --reward_opts carries) changes the reward, as the rules say."""
+    """credit= through build_reward's opts (what --reward_opts carries) changes the reward, as the rules
+    say."""
     fixed = rewards.build_reward({"geneval": 1.0}, tiny=True, opts={"geneval": {"credit": "fixed"}})
     fixed.fns["geneval"].detector[0].load_state_dict(geneval_dogs.detector[0].state_dict())
     torch.manual_seed(0)
@@ -467,11 +494,13 @@ def test_geneval_reward_credit_option_reaches_the_rules(geneval_dogs):
 
 # ----------------------------------------------------------------------------- registry and errors
 def test_build_reward_total_is_the_weighted_sum(images):
-    reward = rewards.build_reward({"jpeg_incompressibility": 0.5, "clipscore": 2.0, "aesthetic": -1.0}, tiny=True)
+    reward = rewards.build_reward({"jpeg_incompressibility": 0.5, "clipscore": 2.0, "aesthetic": -1.0},
+                                  tiny=True)
     total, per = reward(images, PROMPTS, [{}] * 3)
     assert set(per) == {"jpeg_incompressibility", "clipscore", "aesthetic"}
     assert total.shape == (3,) and all(v.shape == (3,) for v in per.values())
-    torch.testing.assert_close(total, 0.5 * per["jpeg_incompressibility"] + 2.0 * per["clipscore"] - per["aesthetic"])
+    torch.testing.assert_close(total, 0.5 * per["jpeg_incompressibility"] + 2.0 * per["clipscore"]
+                               - per["aesthetic"])
     torch.testing.assert_close(per["clipscore"], rewards.REWARDS["clipscore"](model="tiny")(images, PROMPTS))
     # a name, or "name:weight,..." as a command line carries it
     total1, per1 = rewards.build_reward("jpeg_compressibility")(images, PROMPTS, [{}] * 3)
@@ -517,11 +546,13 @@ def test_rewards_load_from_local_folders(images, tmp_path):
     det_proc.save_pretrained(tmp_path / "det")
     fn = rewards.REWARDS["geneval"](detector=str(tmp_path / "det"), clip=clip_dir, detector_size=64)
     loaded, loaded_proc = fn.detector
-    assert loaded_proc.size["shortest_edge"] == 64 and loaded_proc.size["longest_edge"] == 1333  # mmdet's test scale
+    # mmdet's test scale
+    assert loaded_proc.size["shortest_edge"] == 64 and loaded_proc.size["longest_edge"] == 1333
     for k, v in det.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     res = fn.evaluate(images[:1], [single("dog")])
-    assert res == [{"tag": "single_object", "correct": False, "score": 0.0, "reason": "expected 1 dog, found 0"}]
+    assert res == [{"tag": "single_object", "correct": False, "score": 0.0,
+                    "reason": "expected 1 dog, found 0"}]
 
 
 @pytest.mark.parametrize("name,opts", [
@@ -530,8 +561,8 @@ def test_rewards_load_from_local_folders(images, tmp_path):
     ("geneval", dict(detector="/nonexistent/mask2former", clip="tiny")),
 ])
 def test_missing_weights_say_what_to_download(name, opts):
-    with pytest.raises(SystemExit, match=r"could not load the .* from the local folder '/nonexistent/.*save_pretrained"
-                                         r".*hf download") as e:
+    with pytest.raises(SystemExit, match=r"could not load the .* from the local folder "
+                                         r"'/nonexistent/.*save_pretrained.*hf download") as e:
         rewards.REWARDS[name](**opts)
     assert "\n" not in str(e.value)
 
@@ -564,7 +595,8 @@ def test_error_hints_are_what_the_command_line_accepts(tmp_path):
         rewards.REWARDS["aesthetic"](clip="tiny", head=str(tmp_path / "missing.pth"))
     assert parse(_cli_arg(str(e.value), "reward_opts"))["reward_opts"] == {"aesthetic": {"head": "PATH"}}
     for reward, key in (("hpsv2", "checkpoint"), ("imagereward", "model"), ("geneval", "detector")):
-        assert parse(rewards.opts_hint(reward, key, "x/y").replace('"', ""))["reward_opts"] == {reward: {key: "x/y"}}
+        assert (parse(rewards.opts_hint(reward, key, "x/y").replace('"', ""))["reward_opts"]
+                == {reward: {key: "x/y"}})
 
 
 class _NotCached:
@@ -582,15 +614,19 @@ def test_hub_ids_load_from_the_cache_first_and_fail_fast_when_the_hub_is_unreach
     one short probe; else one sentence at once, never the hub client's ~50 s of retries."""
     calls = _NotCached.calls
     calls.clear()
-    monkeypatch.setattr(rewards, "hub_unreachable", lambda timeout=5.0: "https://hub cannot be reached (ConnectError)")
-    with pytest.raises(SystemExit, match=r"could not load the CLIP model 'org/clip': it is not in the local Hugging "
-                                         r"Face cache and https://hub cannot be reached .*hf download org/clip") as e:
+    monkeypatch.setattr(rewards, "hub_unreachable",
+                        lambda timeout=5.0: "https://hub cannot be reached (ConnectError)")
+    with pytest.raises(SystemExit, match=r"could not load the CLIP model 'org/clip': it is not in the local "
+                                         r"Hugging Face cache and https://hub cannot be reached "
+                                         r".*hf download org/clip") as e:
         rewards._from_pretrained(_NotCached, "org/clip", "CLIP model", dtype=torch.float32)
     assert "\n" not in str(e.value)
-    assert calls == [{"local_files_only": True, "dtype": torch.float32}]  # the cache only: no download attempted
+    # the cache only: no download attempted
+    assert calls == [{"local_files_only": True, "dtype": torch.float32}]
     calls.clear()
     monkeypatch.setattr(rewards, "hub_unreachable", lambda timeout=5.0: "")  # the hub answers: download
-    with pytest.raises(SystemExit, match=r"could not load the CLIP model 'org/clip' \(OSError: org/clip not found\)"):
+    with pytest.raises(SystemExit, match=r"could not load the CLIP model 'org/clip' "
+                                         r"\(OSError: org/clip not found\)"):
         rewards._from_pretrained(_NotCached, "org/clip", "CLIP model")
     assert calls == [{"local_files_only": True}, {}]
 
@@ -625,15 +661,18 @@ def test_offline_model_id_fails_within_seconds_end_to_end(tmp_path):
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
     code = "import rewards; rewards.REWARDS['clipscore'](model='e2po-test/not-a-cached-model')"
     try:
-        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=40)
+        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=40)
     except subprocess.TimeoutExpired:
         pytest.fail("loading an uncached model with no reachable hub did not stop within 40 s")
     assert res.returncode == 1, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]  # SystemExit's message, one line
-    assert re.fullmatch(r"could not load the CLIP model 'e2po-test/not-a-cached-model': it is not in the local Hugging "
-                        r"Face cache and http://127\.0\.0\.1:9 (cannot be reached \(\w+\)|did not answer within 5 s); "
-                        r"download it on a machine with internet \(hf download e2po-test/not-a-cached-model\) and copy "
-                        r"the cache \(~/\.cache/huggingface\), or pass a local folder", last), last
+    assert re.fullmatch(r"could not load the CLIP model 'e2po-test/not-a-cached-model': "
+                        r"it is not in the local Hugging Face cache and "
+                        r"http://127\.0\.0\.1:9 (cannot be reached \(\w+\)|did not answer within 5 s); "
+                        r"download it on a machine with internet "
+                        r"\(hf download e2po-test/not-a-cached-model\) "
+                        r"and copy the cache \(~/\.cache/huggingface\), or pass a local folder", last), last
 
 
 # ----------------------------------------------------------------------------- prompt sets
@@ -642,7 +681,8 @@ def geneval_prepare():
     return _load_script("data/geneval/prepare.py")
 
 
-BENCHMARK_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"  # djghosh13/geneval's file
+# djghosh13/geneval's file
+BENCHMARK_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"
 
 
 def test_geneval_benchmark_file_is_the_official_one():
@@ -657,8 +697,8 @@ def test_geneval_benchmark_file_is_the_official_one():
     assert len(lines) == 554 and lines[-1] == ""  # 553 lines, each ending in a newline
     rows = [json.loads(ln) for ln in lines[:-1]]
     assert rows == rewards.geneval_benchmark()
-    assert Counter(m["tag"] for m in rows) == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94,
-                                               "position": 100, "color_attr": 100}
+    assert Counter(m["tag"] for m in rows) == {"single_object": 80, "two_object": 99, "counting": 80,
+                                               "colors": 94, "position": 100, "color_attr": 100}
     assert len({geneval_task(m) for m in rows}) == 553  # no task twice
     for m in rows:
         for req in m["include"] + m.get("exclude", []):
@@ -673,7 +713,8 @@ def test_geneval_benchmark_sha256_is_checked(tmp_path, geneval_prepare):
         raw = f.read()
     edited = tmp_path / "evaluation_metadata.jsonl"
     edited.write_bytes(raw.replace(b"two sheeps", b"two sheep"))  # one letter less
-    with pytest.raises(SystemExit, match=r"is not GenEval's official prompt file \(sha256 [0-9a-f]{16}\.\.\., expected "
+    with pytest.raises(SystemExit, match=r"is not GenEval's official prompt file "
+                                         r"\(sha256 [0-9a-f]{16}\.\.\., expected "
                                          r"5c48e0813e812e3c.*git checkout") as e:
         rewards.geneval_benchmark(str(edited))
     assert "\n" not in str(e.value)
@@ -703,13 +744,14 @@ def test_default_prepare_shares_no_task_with_the_benchmark(default_geneval_split
     tr, te = [geneval_task(m) for m in train], [geneval_task(m) for m in test]
     assert len(set(tr)) == len(tr) and len(set(te)) == len(te) and not set(tr) & set(te)
     # GenEval's "two sheeps" is our "two sheep": that task is kept out, sheep's other counts are not
-    sheep = {m["prompt"] for m in train + test if m["tag"] == "counting" and m["include"][0]["class"] == "sheep"}
+    sheep = {m["prompt"] for m in train + test
+             if m["tag"] == "counting" and m["include"][0]["class"] == "sheep"}
     assert sheep == {"a photo of three sheep", "a photo of four sheep"}
     # all 80 single-object tasks are benchmark prompts; counting keeps the 160 of 240 outside it
-    assert Counter(m["tag"] for m in train) == {"two_object": 1000, "counting": 140, "colors": 596, "position": 1000,
-                                                "color_attr": 1000}
-    assert Counter(m["tag"] for m in test) == {"two_object": 100, "counting": 20, "colors": 100, "position": 100,
-                                               "color_attr": 100}
+    assert Counter(m["tag"] for m in train) == {"two_object": 1000, "counting": 140, "colors": 596,
+                                                "position": 1000, "color_attr": 1000}
+    assert Counter(m["tag"] for m in test) == {"two_object": 100, "counting": 20, "colors": 100,
+                                               "position": 100, "color_attr": 100}
 
 
 def test_a_benchmark_leak_is_caught_by_task_not_text(geneval_prepare, tmp_path, monkeypatch):
@@ -718,15 +760,18 @@ def test_a_benchmark_leak_is_caught_by_task_not_text(geneval_prepare, tmp_path, 
                  "exclude": [{"class": "sheep", "count": 3}], "prompt": "a photo of two sheep"}  # our plural
     pair = next(m for m in bench if m["tag"] == "two_object")
     (a, b) = (c["class"] for c in pair["include"])
-    swapped = {"tag": "two_object", "include": pair["include"][::-1],  # the same two objects, named the other way
+    # the same two objects, named the other way
+    swapped = {"tag": "two_object", "include": pair["include"][::-1],
                "prompt": f"a photo of {geneval_prepare.article(b)} and {geneval_prepare.article(a)}"}
-    three_sheep = dict(two_sheep, include=[{"class": "sheep", "count": 3}], exclude=[{"class": "sheep", "count": 4}],
-                       prompt="a photo of three sheep")
-    assert not {two_sheep["prompt"], swapped["prompt"]} & {m["prompt"] for m in bench}  # texts differ...
-    assert geneval_prepare.shared_tasks([two_sheep, three_sheep, swapped], bench) == [two_sheep, swapped]  # tasks not
+    three_sheep = dict(two_sheep, include=[{"class": "sheep", "count": 3}],
+                       exclude=[{"class": "sheep", "count": 4}], prompt="a photo of three sheep")
+    # texts differ... tasks not
+    assert not {two_sheep["prompt"], swapped["prompt"]} & {m["prompt"] for m in bench}
+    assert geneval_prepare.shared_tasks([two_sheep, three_sheep, swapped], bench) == [two_sheep, swapped]
     # main() checks what it is about to write: a generator that leaks is stopped, and nothing is written
     monkeypatch.setattr(geneval_prepare, "make_splits", lambda *args, **kw: ([three_sheep, two_sheep], []))
-    with pytest.raises(SystemExit, match=r"refusing to write: 1 generated prompts share a task .*'a photo of two sheep'"):
+    with pytest.raises(SystemExit, match=r"refusing to write: 1 generated prompts share a task "
+                                         r".*'a photo of two sheep'"):
         geneval_prepare.main([f"--out_dir={tmp_path}"])
     assert os.listdir(tmp_path) == []
 
@@ -736,25 +781,31 @@ def test_geneval_prompts_deterministic_disjoint_and_valid(geneval_prepare):
     assert (train, test) == geneval_prepare.make_splits(seed=3, n_train=30, n_test=10)
     assert test != geneval_prepare.make_splits(seed=4, n_train=30, n_test=10)[1]
     tr, te = [geneval_task(m) for m in train], [geneval_task(m) for m in test]
-    assert len(set(tr)) == len(train) and len(set(te)) == len(test) and not set(tr) & set(te)  # disjoint by task
-    assert not geneval_prepare.shared_tasks(train + test, rewards.geneval_benchmark())  # the default keeps it out
+    # disjoint by task
+    assert len(set(tr)) == len(train) and len(set(te)) == len(test) and not set(tr) & set(te)
+    # the default keeps it out
+    assert not geneval_prepare.shared_tasks(train + test, rewards.geneval_benchmark())
     for tag in rewards.GENEVAL_TAGS:
-        want = (0, 0) if tag == "single_object" else (10, 30)  # every single-object task is a benchmark prompt
+        # every single-object task is a benchmark prompt
+        want = (0, 0) if tag == "single_object" else (10, 30)
         assert (sum(m["tag"] == tag for m in test), sum(m["tag"] == tag for m in train)) == want
     for m in train + test:
         json.dumps(m)
         for req in m["include"]:
             assert req["class"] in rewards.GENEVAL_CLASSES and req["count"] >= 1
-            assert req.get("color", "red") in GENEVAL_COLORS and not ("color" in req and req["class"] == "person")
+            assert (req.get("color", "red") in GENEVAL_COLORS
+                    and not ("color" in req and req["class"] == "person"))
             if "position" in req:
                 assert req["position"][0] in rewards.GENEVAL_POSITIONS and req["position"][1] == 0
         if m["tag"] == "counting":
-            assert m["exclude"] == [{"class": m["include"][0]["class"], "count": m["include"][0]["count"] + 1}]
+            assert m["exclude"] == [{"class": m["include"][0]["class"],
+                                     "count": m["include"][0]["count"] + 1}]
             assert 2 <= m["include"][0]["count"] <= 4
         # a perfect detection of the prompt passes its own rules
         dets = {}
         for i, req in enumerate(m["include"]):
-            y = 100.0 * i if "position" not in req else {"above": -100.0, "below": 100.0}.get(req["position"][0], 0.0)
+            y = (100.0 * i if "position" not in req
+                 else {"above": -100.0, "below": 100.0}.get(req["position"][0], 0.0))
             x = {"left of": -100.0, "right of": 100.0}.get(req.get("position", [""])[0], 0.0)
             dets.setdefault(req["class"], [])
             dets[req["class"]] += [(box(x + 30 * k, y, x + 30 * k + 10, y + 10), 0.95, req.get("color"))
@@ -764,14 +815,17 @@ def test_geneval_prompts_deterministic_disjoint_and_valid(geneval_prepare):
 
 
 def test_geneval_prompt_pools_and_exclude(geneval_prepare):
-    train, test = geneval_prepare.make_splits(seed=0, n_train=10_000, n_test=5, exclude=())  # nothing kept out
+    # nothing kept out
+    train, test = geneval_prepare.make_splits(seed=0, n_train=10_000, n_test=5, exclude=())
     singles = [m for m in train + test if m["tag"] == "single_object"]
     assert len(singles) == 80  # every object once, across the two splits
-    assert sum(m["tag"] == "counting" for m in train + test) == 80 * 3  # the whole pool: 80 objects x (2, 3, 4)
+    # the whole pool: 80 objects x (2, 3, 4)
+    assert sum(m["tag"] == "counting" for m in train + test) == 80 * 3
     # excluded by task: neither the excluded tasks nor their reorderings are drawn; strings by text
     excluded = [m for m in test if m["tag"] in ("two_object", "color_attr", "counting")]
     reordered = [dict(m, include=m["include"][::-1]) for m in excluded if m["tag"] != "counting"]
-    train2, test2 = geneval_prepare.make_splits(seed=0, n_train=50, n_test=5, exclude=excluded + ["a photo of a bus"])
+    train2, test2 = geneval_prepare.make_splits(seed=0, n_train=50, n_test=5,
+                                                exclude=excluded + ["a photo of a bus"])
     assert not geneval_prepare.shared_tasks(train2 + test2, excluded + reordered)
     assert "a photo of a bus" not in {m["prompt"] for m in train2 + test2}
 

@@ -6,7 +6,8 @@ from a seed:
     python data/geneval/prepare.py --n_train=200 --n_test=20 --seed=1
     python data/geneval/prepare.py --exclude=more_metadata.jsonl     # keep these tasks out as well
     # the bundled tiny files (tests check they match this command):
-    python data/geneval/prepare.py --n_train=4 --n_test=2 --train_file=tiny_train.jsonl --test_file=tiny_test.jsonl
+    python data/geneval/prepare.py --n_train=4 --n_test=2 \
+        --train_file=tiny_train.jsonl --test_file=tiny_test.jsonl
 
 The benchmark itself is GenEval's own 553 prompts, data/geneval/evaluation_metadata.jsonl (shipped
 byte for byte and read here through its sha256 check; source and licence in data/geneval/README.md):
@@ -34,8 +35,8 @@ import random
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from rewards import (GENEVAL_BENCHMARK, GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS,  # noqa: E402
-                     geneval_benchmark, geneval_task)
+from rewards import (GENEVAL_BENCHMARK, GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_POSITIONS,  # noqa: E402
+                     GENEVAL_TAGS, geneval_benchmark, geneval_task)
 
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 IRREGULAR = {"person": "people", "sheep": "sheep", "skis": "skis", "scissors": "scissors", "knife": "knives",
@@ -72,15 +73,18 @@ def sample(tag, rng):
                     prompt=f"a photo of {NUMBERS[n]} {plural(a)}")
     if tag == "colors":
         a, c = rng.choice(COLORABLE), rng.choice(GENEVAL_COLORS)
-        return dict(tag=tag, include=[{"class": a, "count": 1, "color": c}], prompt=f"a photo of {article(c)} {a}")
+        return dict(tag=tag, include=[{"class": a, "count": 1, "color": c}],
+                    prompt=f"a photo of {article(c)} {a}")
     if tag == "position":
         a, b = rng.sample(GENEVAL_CLASSES, 2)  # "a photo of A <rel> B": clause 0 is B, the target
         rel = rng.choice(GENEVAL_POSITIONS)
-        return dict(tag=tag, include=[{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+        return dict(tag=tag,
+                    include=[{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
                     prompt=f"a photo of {article(a)} {rel} {article(b)}")
     if tag == "color_attr":
         (a, b), (ca, cb) = rng.sample(COLORABLE, 2), rng.sample(GENEVAL_COLORS, 2)
-        return dict(tag=tag, include=[{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+        return dict(tag=tag,
+                    include=[{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
                     prompt=f"a photo of {article(ca)} {a} and {article(cb)} {b}")
     raise ValueError(f"unknown GenEval tag '{tag}'")
 
@@ -132,10 +136,13 @@ def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n_train", type=int, default=1000, help="train prompts per tag (fewer where the tag runs out)")
-    p.add_argument("--n_test", type=int, default=100, help="test prompts per tag (single_object, counting: at most 20)")
-    p.add_argument("--exclude", default=None, help="a metadata .jsonl whose tasks must not be generated, on top of "
-                   "GenEval's benchmark prompts (always kept out)")
+    p.add_argument("--n_train", type=int, default=1000,
+                   help="train prompts per tag (fewer where the tag runs out)")
+    p.add_argument("--n_test", type=int, default=100,
+                   help="test prompts per tag (single_object, counting: at most 20)")
+    p.add_argument("--exclude", default=None,
+                   help="a metadata .jsonl whose tasks must not be generated, on top of "
+                        "GenEval's benchmark prompts (always kept out)")
     p.add_argument("--out_dir", default=here)
     p.add_argument("--train_file", default="train_metadata.jsonl")
     p.add_argument("--test_file", default="test_metadata.jsonl")
@@ -151,8 +158,9 @@ def main(argv=None):
     # checked again on the result, so no change to the generator can leak the benchmark into training
     leaks = shared_tasks(train + test, exclude) + shared_tasks(train, test)
     if leaks:
-        raise SystemExit(f"refusing to write: {len(leaks)} generated prompts share a task with the benchmark, the "
-                         f"--exclude file or the other split (e.g. '{leaks[0]['prompt']}'); nothing was written")
+        raise SystemExit(f"refusing to write: {len(leaks)} generated prompts share a task with the "
+                         f"benchmark, the --exclude file or the other split (e.g. '{leaks[0]['prompt']}'); "
+                         f"nothing was written")
     print(f"kept out: every task of the {len(benchmark)} GenEval benchmark prompts ({GENEVAL_BENCHMARK})"
           + (f" and of {a.exclude}" if a.exclude else ""))
     os.makedirs(a.out_dir, exist_ok=True)

@@ -29,8 +29,10 @@ def fetch(url, timeout=60):
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.read().decode("utf-8")
     except Exception as err:  # URLError, timeouts, HTTP errors
-        raise SystemExit(f"could not fetch {url} ({type(err).__name__}): run this on a machine with internet, "
-                         f"or copy train.txt and test.txt from Flow-GRPO's dataset/pickscore into data/pickscore/")
+        raise SystemExit(f"could not fetch {url} ({type(err).__name__}): "
+                         f"run this on a machine with internet, "
+                         f"or copy train.txt and test.txt from Flow-GRPO's dataset/pickscore "
+                         f"into data/pickscore/")
 
 
 def clean(lines):
@@ -48,11 +50,13 @@ def from_pickapic(seed, n_test):
     try:
         import datasets
     except ImportError:
-        raise SystemExit("--source=pickapic needs the datasets package: pip install datasets (or use --source=flow_grpo)")
+        raise SystemExit("--source=pickapic needs the datasets package: pip install datasets "
+                         "(or use --source=flow_grpo)")
     try:
         captions = datasets.load_dataset(PICKAPIC, split="train")["caption"]
     except Exception as err:
-        raise SystemExit(f"could not load {PICKAPIC} ({type(err).__name__}): run this on a machine with internet")
+        raise SystemExit(f"could not load {PICKAPIC} ({type(err).__name__}): "
+                         f"run this on a machine with internet")
     prompts = clean(captions)
     random.Random(seed).shuffle(prompts)
     return prompts[n_test:], prompts[:n_test]

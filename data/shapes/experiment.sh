@@ -17,14 +17,17 @@ CFG=config/shapes_cpu.py
 mkdir -p "$OUT"
 
 # Phase I once per K (its result depends on the prompts and K, not on the Phase II seed)
-python phase1_perturb.py $CFG --K=4 --perturbations=$OUT/perturbations_k4.safetensors > $OUT/phase1_k4.log 2>&1
-python phase1_perturb.py $CFG --K=16 --perturbations=$OUT/perturbations_k16.safetensors > $OUT/phase1_k16.log 2>&1
+python phase1_perturb.py $CFG --K=4 --perturbations=$OUT/perturbations_k4.safetensors \
+    > $OUT/phase1_k4.log 2>&1
+python phase1_perturb.py $CFG --K=16 --perturbations=$OUT/perturbations_k16.safetensors \
+    > $OUT/phase1_k16.log 2>&1
 
 run() {  # label seed args...: one Phase II run, its output in OUT/label/seedN.log
     local label=$1 seed=$2
     shift 2
     mkdir -p $OUT/$label
-    python phase2_align.py $CFG --seed=$seed --epochs=$EPOCHS --out_dir=$OUT/$label/seed$seed --overwrite=True "$@" \
+    python phase2_align.py $CFG --seed=$seed --epochs=$EPOCHS \
+        --out_dir=$OUT/$label/seed$seed --overwrite=True "$@" \
         > $OUT/$label/seed$seed.log 2>&1 || echo "FAILED: $OUT/$label/seed$seed.log"
 }
 K4="--perturbations=$OUT/perturbations_k4.safetensors"
@@ -44,6 +47,8 @@ python compare_runs.py --runs=$OUT --plot=$OUT/compare.png | tee $OUT/compare.md
 # grids: the prior, and the first seed's EMA weights of DiffusionNFT and of E²PO, on the same noises
 first=${SEEDS%% *}
 python sample.py $CFG $K4 --out_dir=$OUT/grids/prior > $OUT/grids_prior.log 2>&1
-python sample.py $CFG $K4 --lora=$OUT/a_nft_k1g16/seed$first/checkpoint/lora_ema --out_dir=$OUT/grids/a_nft_k1g16 > $OUT/grids_a.log 2>&1
-python sample.py $CFG $K4 --lora=$OUT/b_e2po_g4k4/seed$first/checkpoint/lora_ema --out_dir=$OUT/grids/b_e2po_g4k4 > $OUT/grids_b.log 2>&1
+python sample.py $CFG $K4 --lora=$OUT/a_nft_k1g16/seed$first/checkpoint/lora_ema \
+    --out_dir=$OUT/grids/a_nft_k1g16 > $OUT/grids_a.log 2>&1
+python sample.py $CFG $K4 --lora=$OUT/b_e2po_g4k4/seed$first/checkpoint/lora_ema \
+    --out_dir=$OUT/grids/b_e2po_g4k4 > $OUT/grids_b.log 2>&1
 echo "plot: $OUT/compare.png  table: $OUT/compare.md  grids: $OUT/grids/*/NNNNN_grid.png"

@@ -2,7 +2,8 @@
 The shapes world's data: GenEval-style prompt files over filled circles, squares and triangles, and a
 renderer that draws an image satisfying any such prompt exactly.
 
-    python data/shapes/prepare.py        # -> data/shapes/{train,test}_metadata.jsonl and the balanced {train,test}_small.jsonl
+    python data/shapes/prepare.py        # -> data/shapes/{train,test}_metadata.jsonl and the balanced
+                                         #    {train,test}_small.jsonl
     python data/shapes/prepare.py --seed=1 --test_fraction=0.3 --out_dir=out/shapes
     python data/shapes/prepare.py --preview=out/shapes_preview.png   # also a grid of rendered test prompts
 
@@ -34,13 +35,15 @@ import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
-from rewards import (GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, SHAPE_CLASSES, SHAPES_BACKGROUND,  # noqa: E402
-                     SHAPES_PALETTE, SHAPES_SIZE, geneval_task, relative_position, shape_mask)
+from rewards import (GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, SHAPE_CLASSES,  # noqa: E402
+                     SHAPES_BACKGROUND, SHAPES_PALETTE, SHAPES_SIZE, geneval_task, relative_position,
+                     shape_mask)
 
 
 def _geneval_prepare():
     # data/geneval/prepare.py is a script, not a package: load it by path for its wording helpers
-    spec = importlib.util.spec_from_file_location("geneval_prepare", os.path.join(ROOT, "data", "geneval", "prepare.py"))
+    spec = importlib.util.spec_from_file_location("geneval_prepare",
+                                                  os.path.join(ROOT, "data", "geneval", "prepare.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -86,7 +89,8 @@ def all_tasks():
             for a, b in itertools.combinations(SHAPE_CLASSES, 2)]
     out += [task("counting", [{"class": a, "count": n}], [{"class": a, "count": n + 1}])
             for a in SHAPE_CLASSES for n in sorted(NUMBERS)]
-    out += [task("colors", [{"class": a, "count": 1, "color": c}]) for a in SHAPE_CLASSES for c in GENEVAL_COLORS]
+    out += [task("colors", [{"class": a, "count": 1, "color": c}])
+            for a in SHAPE_CLASSES for c in GENEVAL_COLORS]
     out += [task("position", [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}])
             for a, b in itertools.permutations(SHAPE_CLASSES, 2) for rel in GENEVAL_POSITIONS]
     out += [task("color_attr", [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}])
@@ -199,17 +203,21 @@ def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test_fraction", type=float, default=0.25, help="share of each tag's tasks in the test file")
-    p.add_argument("--small", type=int, default=6, help="tasks per tag in the balanced {train,test}_small.jsonl")
+    p.add_argument("--test_fraction", type=float, default=0.25,
+                   help="share of each tag's tasks in the test file")
+    p.add_argument("--small", type=int, default=6,
+                   help="tasks per tag in the balanced {train,test}_small.jsonl")
     p.add_argument("--out_dir", default=here)
-    p.add_argument("--preview", default=None, help="also write a PNG grid of the test prompts rendered at 64 px")
+    p.add_argument("--preview", default=None,
+                   help="also write a PNG grid of the test prompts rendered at 64 px")
     a = p.parse_args(argv)
     if not 0 < a.test_fraction < 1:
         raise SystemExit(f"--test_fraction={a.test_fraction} must lie strictly between 0 and 1")
     train, test = split_tasks(all_tasks(), a.seed, a.test_fraction)
     os.makedirs(a.out_dir, exist_ok=True)
     for name, rows in (("train_metadata.jsonl", train), ("test_metadata.jsonl", test),
-                       ("train_small.jsonl", per_tag(train, a.small)), ("test_small.jsonl", per_tag(test, a.small))):
+                       ("train_small.jsonl", per_tag(train, a.small)),
+                       ("test_small.jsonl", per_tag(test, a.small))):
         write_jsonl(os.path.join(a.out_dir, name), rows)
         counts = {t: sum(r["tag"] == t for r in rows) for t in GENEVAL_TAGS}
         print(f"{os.path.join(a.out_dir, name)}: {len(rows)} prompts {counts}")

@@ -7,7 +7,8 @@ only tiny, saved as a diffusers folder that every script of this repository load
     python data/shapes/train_prior.py                       # ~65 min, 1 thread -> data/shapes/prior/
     python data/shapes/train_prior.py --eval_only=True      # re-evaluate the saved folder (2 min)
     # a smoke run of every stage in a minute:
-    python data/shapes/train_prior.py --out_dir=out/prior_smoke --n_images=512 --vae_steps=10 --steps=10 --eval_images=4
+    python data/shapes/train_prior.py --out_dir=out/prior_smoke --n_images=512 --vae_steps=10 --steps=10 \
+        --eval_images=4
 
 Stages, top to bottom:
 1. data: n_images captioned renders of data/shapes/prepare.py (tags equally likely, then a task of the
@@ -98,7 +99,8 @@ ema = 0.998
 caption_dropout = 0.1
 log_every = 100
 # saving and evaluation
-save_dtype = "float16"  # transformer and VAE weights on disk (halves the folder); text encoders stay fp32, see save()
+# transformer and VAE weights on disk (halves the folder); text encoders stay fp32, see save()
+save_dtype = "float16"
 test_prompts = os.path.relpath(os.path.join(HERE, "test_metadata.jsonl"), os.getcwd())
 eval_images = 64  # at least this many images per tag (prompts of a tag repeated over seeds)
 eval_steps = (10, 40)
@@ -135,8 +137,8 @@ def to_tensor(images):
 # ----------------------------------------------------------------------------- 2. VAE
 def build_vae(channels, res):
     from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
-                         down_block_types=("DownEncoderBlock2D",) * len(channels),
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
+                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * len(channels),
                          up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
                          use_quant_conv=False, use_post_quant_conv=False, sample_size=res)
 
@@ -166,7 +168,8 @@ def train_vae(images, g):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % log_every == 0 or step == vae_steps - 1:
-            log(f"vae step {step:5d}  mse {mse.item():.4f}  kl/elem {kl.item():.2f}  {(step + 1) / (time.time() - t0):.2f} steps/s")
+            log(f"vae step {step:5d}  mse {mse.item():.4f}  kl/elem {kl.item():.2f}  "
+                f"{(step + 1) / (time.time() - t0):.2f} steps/s")
     vae.eval().requires_grad_(False)
     return vae, time.time() - t0
 
@@ -174,7 +177,8 @@ def train_vae(images, g):
 @torch.no_grad()
 def encode_latents(vae, images, bs=256):
     """Posterior means, unscaled [N, 16, h, w]."""
-    return torch.cat([vae.encode(to_tensor(images[i:i + bs])).latent_dist.mode() for i in range(0, len(images), bs)])
+    return torch.cat([vae.encode(to_tensor(images[i:i + bs])).latent_dist.mode()
+                      for i in range(0, len(images), bs)])
 
 
 @torch.no_grad()
@@ -227,9 +231,11 @@ def word_t5_tokenizer(words):
     the single-character pieces that cover other text); <pad>=0, </s>=1, <unk>=2 as in T5."""
     from transformers import T5Tokenizer
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.!?'\"-:;()#&/"
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
+    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+              + [("\u2581" + w, -1.0) for w in words])
     seen = {p for p, _ in pieces}
-    pieces += [(p, s) for p, s in [(c, -3.0) for c in alphabet] + [("\u2581" + c, -2.5) for c in alphabet] if p not in seen]
+    pieces += [(p, s) for p, s in [(c, -3.0) for c in alphabet] + [("\u2581" + c, -2.5) for c in alphabet]
+               if p not in seen]
     tok = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
     bad = [w for w in words if len(tok.tokenize(w)) != 1]
     if bad:
@@ -243,13 +249,17 @@ def build_text(words):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     tok_l, tok_g = word_clip_tokenizer(words, clip_len), word_clip_tokenizer(words, clip_len, pad_token="!")
     tok_t5 = word_t5_tokenizer(words)
-    clip = dict(vocab_size=len(tok_l), max_position_embeddings=clip_len, num_hidden_layers=2, num_attention_heads=2,
-                hidden_act="gelu", bos_token_id=tok_l.bos_token_id, eos_token_id=2)  # 2: legacy argmax pooling
-    enc_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=64, projection_dim=32, **clip))
-    enc_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=48, **clip))
+    clip = dict(vocab_size=len(tok_l), max_position_embeddings=clip_len, num_hidden_layers=2,
+                num_attention_heads=2, hidden_act="gelu", bos_token_id=tok_l.bos_token_id,
+                eos_token_id=2)  # 2: legacy argmax pooling
+    enc_l = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, projection_dim=32, **clip))
+    enc_g = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=48, **clip))
     # no dropout (T5's default is 0.1): frozen encoders must give training and sampling the same condition
-    enc_t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=2,
-                                     feed_forward_proj="gated-gelu", is_encoder_decoder=False, dropout_rate=0.0))
+    enc_t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=96, d_kv=16, d_ff=128, num_layers=2,
+                                     num_heads=2, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                     dropout_rate=0.0))
     return (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5)
 
 
@@ -272,7 +282,8 @@ def train_transformer(transformer, text, latents, captions, g):
         m.train().requires_grad_(True)
     groups = [{"params": list(transformer.parameters()), "peak": lr}]
     if train_text:
-        groups.append({"params": [p for e in text["encoders"].values() for p in e.parameters()], "peak": text_lr})
+        groups.append({"params": [p for e in text["encoders"].values() for p in e.parameters()],
+                       "peak": text_lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     params = [p for m in mods for p in m.parameters()]
     shadow = [p.detach().clone() for p in params]
@@ -337,15 +348,21 @@ def save(pipe, folder, info):
     sample.write_json_atomic(os.path.join(tmp, "shapes_prior.json"), info)
     sample.write_text_atomic(os.path.join(tmp, "README.md"), (
         "# The shapes world's prior\n\n"
-        "A tiny SD3-shaped text-to-image model (StableDiffusion3Pipeline classes) trained from scratch on CPU by\n"
+        "A tiny SD3-shaped text-to-image model (StableDiffusion3Pipeline classes) trained from scratch "
+        "on CPU by\n"
         "`python data/shapes/train_prior.py` on renders of `data/shapes/prepare.py`. Load it with\n"
-        "`--model=data/shapes/prior` or `StableDiffusion3Pipeline.from_pretrained(\"data/shapes/prior\")`.\n\n"
-        f"Sample at resolution={info['resolution']} with t5_len={info['t5_len']} (CLIP: {info['clip_len']} tokens, the\n"
-        "tokenizers' model_max_length); both values are in shapes_prior.json. Score with the `shapes` reward\n"
+        "`--model=data/shapes/prior` or "
+        "`StableDiffusion3Pipeline.from_pretrained(\"data/shapes/prior\")`.\n\n"
+        f"Sample at resolution={info['resolution']} with t5_len={info['t5_len']} "
+        f"(CLIP: {info['clip_len']} tokens, the\n"
+        "tokenizers' model_max_length); both values are in shapes_prior.json. "
+        "Score with the `shapes` reward\n"
         "(rewards.py), on the prompt files data/shapes/{train,test}_metadata.jsonl:\n\n"
-        f"    python sample.py --model=data/shapes/prior --resolution={info['resolution']} --t5_len={info['t5_len']} \\\n"
+        f"    python sample.py --model=data/shapes/prior --resolution={info['resolution']} "
+        f"--t5_len={info['t5_len']} \\\n"
         "        --prompts=data/shapes/test_metadata.jsonl --out_dir=out/shapes/samples\n\n"
-        "The transformer and VAE weights are stored in fp16 (they load as fp32, or in the dtype asked), the text\n"
+        "The transformer and VAE weights are stored in fp16 (they load as fp32, or in the dtype asked), "
+        "the text\n"
         "encoders in fp32. TRAINING.txt holds the settings, figures and held-out accuracy of this copy, and\n"
         "samples.png a row of held-out samples per GenEval tag.\n"))
     if os.path.isdir(folder):
@@ -355,7 +372,8 @@ def save(pipe, folder, info):
 
 # ----------------------------------------------------------------------------- 6. evaluate
 def eval_plan(metadata, per_tag, seed0=1000):
-    """(prompt index, seed) pairs: each tag's prompts repeated over seeds until the tag has >= per_tag images."""
+    """(prompt index, seed) pairs: each tag's prompts repeated over seeds until the tag has >= per_tag
+    images."""
     plan = []
     for tag in GENEVAL_TAGS:
         idx = [i for i, m in enumerate(metadata) if m["tag"] == tag]
@@ -370,7 +388,8 @@ def summarise(results, metadata):
     for tag in GENEVAL_TAGS:
         rs = [r for r in results if r["tag"] == tag]
         if rs:
-            rows[tag] = (len(rs), float(np.mean([r["correct"] for r in rs])), float(np.mean([r["score"] for r in rs])))
+            rows[tag] = (len(rs), float(np.mean([r["correct"] for r in rs])),
+                         float(np.mean([r["score"] for r in rs])))
     rows["overall"] = (sum(v[0] for v in rows.values()), float(np.mean([v[1] for v in rows.values()])),
                        float(np.mean([v[2] for v in rows.values()])))
     return rows
@@ -390,12 +409,14 @@ def evaluate(folder, dtype=torch.float32, steps_list=None):
     cols = {}
     if dtype == torch.float32:
         gt = np.stack([prepare.render(metadata[i], resolution, seed=s) for i, s in plan])
-        cols["ground truth"] = summarise(judge.evaluate(torch.from_numpy(gt).permute(0, 3, 1, 2).float() / 255, metas), metas)
+        cols["ground truth"] = summarise(
+            judge.evaluate(torch.from_numpy(gt).permute(0, 3, 1, 2).float() / 255, metas), metas)
         cols["VAE recon"] = summarise(judge.evaluate(reconstruct(pipe.vae, gt), metas), metas)
     cond = sample.encode(text, [prompts[i] for i, _ in plan])
     noise = sample.image_noise([s * 1000 + i for i, s in plan], sample.latent_shape(pipe, resolution), "cpu")
     for n in steps_list:
-        x0 = sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, n), noise, cond, solver="dpm2", batch_size=64)
+        x0 = sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, n), noise, cond, solver="dpm2",
+                           batch_size=64)
         images = sample.decode(pipe.vae, x0)
         name = f"prior {n} steps" + ("" if dtype == torch.float32 else f" ({str(dtype).split('.')[-1]})")
         cols[name] = summarise(judge.evaluate(images, metas), metas)
@@ -411,12 +432,14 @@ def table(cols):
         if tag not in cols[names[0]]:
             continue
         n = cols[names[0]][tag][0]
-        lines.append(f"{tag:<14} {n:>4}  " + "  ".join(f"{cols[c][tag][1]:>9.2f} / {cols[c][tag][2]:<5.2f} " for c in names))
+        lines.append(f"{tag:<14} {n:>4}  "
+                     + "  ".join(f"{cols[c][tag][1]:>9.2f} / {cols[c][tag][2]:<5.2f} " for c in names))
     return "\n".join(lines)
 
 
 def machine():
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor()) \
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) \
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s)"
 
@@ -428,14 +451,17 @@ def main(argv=None):
     torch.set_num_threads(threads)
     sample.quiet()
     if resolution < 64 or resolution % 16:
-        raise SystemExit(f"resolution {resolution} must be at least 64 and a multiple of 16 (8x VAE, patch 2)")
+        raise SystemExit(f"resolution {resolution} must be at least 64 and a multiple of 16 "
+                         f"(8x VAE, patch 2)")
     if not os.path.isfile(test_prompts):
         raise SystemExit(f"test prompts '{test_prompts}' not found: run python data/shapes/prepare.py first")
     if vae_from and not os.path.isdir(os.path.join(vae_from, "vae")):
-        raise SystemExit(f"--vae_from={vae_from} holds no vae/ folder: pass a prior folder written by this script")
+        raise SystemExit(f"--vae_from={vae_from} holds no vae/ folder: "
+                         f"pass a prior folder written by this script")
     if eval_only:
         if not os.path.isfile(os.path.join(out_dir, "model_index.json")):
-            raise SystemExit(f"--eval_only: '{out_dir}' holds no saved prior (model_index.json): train one first")
+            raise SystemExit(f"--eval_only: '{out_dir}' holds no saved prior (model_index.json): "
+                             f"train one first")
         log(table({k: v for k, v in evaluate(out_dir).items()}))
         return
     T0 = time.time()
@@ -452,7 +478,8 @@ def main(argv=None):
 
     if vae_from:
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(os.path.join(vae_from, "vae"), dtype=torch.float32).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(os.path.join(vae_from, "vae"),
+                                            dtype=torch.float32).eval().requires_grad_(False)
         times["vae"] = 0.0
         log(f"vae: reused from {vae_from}")
     else:
@@ -466,15 +493,16 @@ def main(argv=None):
     vae.register_to_config(shift_factor=mean, scaling_factor=1 / std)
     latents = (raw - mean) / std
     times["encode"] = time.time() - t
-    log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, test MSE {vae_mse:.4f} on [-1, 1] "
-        f"(512 held-out renders), latent mean {mean:.3f} std {std:.3f} -> shift_factor, scaling_factor; "
-        f"{times['vae'] / 60:.1f} min")
+    log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, test MSE {vae_mse:.4f} "
+        f"on [-1, 1] (512 held-out renders), latent mean {mean:.3f} std {std:.3f} -> shift_factor, "
+        f"scaling_factor; {times['vae'] / 60:.1f} min")
 
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     torch.manual_seed(seed + 1)
     words = caption_words()
     (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5) = build_text(words)
-    text = {"model": out_dir, "t5_len": t5_len, "tokenizers": dict(zip(sample.ENCODERS, (tok_l, tok_g, tok_t5))),
+    text = {"model": out_dir, "t5_len": t5_len,
+            "tokenizers": dict(zip(sample.ENCODERS, (tok_l, tok_g, tok_t5))),
             "encoders": dict(zip(sample.ENCODERS, (enc_l, enc_g, enc_t5)))}
     ntok = max(len(tok_l(c).input_ids) for c in set(captions))
     torch.manual_seed(seed + 2)
@@ -482,15 +510,19 @@ def main(argv=None):
     n_tr = sum(p.numel() for p in transformer.parameters()) / 1e6
     n_tx = sum(p.numel() for e in (enc_l, enc_g, enc_t5) for p in e.parameters()) / 1e6
     log(f"text: {len(words)} words, captions <= {ntok} CLIP tokens (clip_len {clip_len}, t5_len {t5_len}), "
-        f"encoders {n_tx:.2f} M params ({'trained' if train_text else 'frozen'}); transformer {n_tr:.2f} M params")
+        f"encoders {n_tx:.2f} M params ({'trained' if train_text else 'frozen'}); "
+        f"transformer {n_tr:.2f} M params")
     times["transformer"], hist = train_transformer(transformer, text, latents, captions, g)
-    log(f"transformer: {steps} steps in {times['transformer'] / 60:.1f} min ({steps / times['transformer']:.2f} steps/s)")
+    log(f"transformer: {steps} steps in {times['transformer'] / 60:.1f} min "
+        f"({steps / times['transformer']:.2f} steps/s)")
 
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
-                                    text_encoder=enc_l, tokenizer=tok_l, text_encoder_2=enc_g, tokenizer_2=tok_g,
+    pipe = StableDiffusion3Pipeline(transformer=transformer,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+                                    text_encoder=enc_l, tokenizer=tok_l,
+                                    text_encoder_2=enc_g, tokenizer_2=tok_g,
                                     text_encoder_3=enc_t5, tokenizer_3=tok_t5)
-    info = {"resolution": resolution, "t5_len": t5_len, "clip_len": clip_len, "shift": shift, "train_text": train_text,
-            "vae_test_mse": vae_mse, "seed": seed}
+    info = {"resolution": resolution, "t5_len": t5_len, "clip_len": clip_len, "shift": shift,
+            "train_text": train_text, "vae_test_mse": vae_mse, "seed": seed}
     save(pipe, out_dir, info)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out_dir) for f in fs)
     log(f"saved {out_dir}/ ({size / 1e6:.1f} MB, {save_dtype})")
@@ -509,7 +541,8 @@ def main(argv=None):
     cols.update({k: v for k, v in bf16.items()})
     wall = time.time() - T0
     report = "\n".join([
-        f"shapes prior, trained {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by data/shapes/train_prior.py",
+        f"shapes prior, trained {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
+        f"by data/shapes/train_prior.py",
         f"machine: {machine()}",
         f"wall time {wall / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()),
         f"config: {json.dumps(cfg)}",
@@ -517,15 +550,18 @@ def main(argv=None):
         f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, "
         f"{f'reused from {vae_from}' if vae_from else f'{vae_steps} steps x {vae_batch}'}, test MSE "
         f"{vae_mse:.4f} on [-1, 1]; shift_factor {mean:.4f}, scaling_factor {1 / std:.4f}",
-        f"text encoders: {n_tx:.2f} M params, {'trained jointly' if train_text else 'frozen random'}; {len(words)} caption "
-        f"words, one token each; captions <= {ntok} CLIP tokens; clip_len {clip_len}, t5_len {t5_len}",
-        f"transformer: {n_tr:.2f} M params (width {width}, {heads} heads, {layers} layers, dual attention in the first "
-        f"{dual_layers}, rms qk-norm), {steps} steps x {batch} in {times['transformer'] / 60:.1f} min "
-        f"({steps / times['transformer']:.2f} steps/s), final loss {np.mean(hist[-200:]):.4f}, EMA {ema}",
-        f"folder: {size / 1e6:.1f} MB ({save_dtype}); loaded in bf16, images differ from fp32 ones by {agree:.4f} "
-        f"(mean |difference| in [0, 1], {eval_steps[0]} steps)",
+        f"text encoders: {n_tx:.2f} M params, {'trained jointly' if train_text else 'frozen random'}; "
+        f"{len(words)} caption words, one token each; captions <= {ntok} CLIP tokens; clip_len {clip_len}, "
+        f"t5_len {t5_len}",
+        f"transformer: {n_tr:.2f} M params (width {width}, {heads} heads, {layers} layers, "
+        f"dual attention in the first {dual_layers}, rms qk-norm), {steps} steps x {batch} "
+        f"in {times['transformer'] / 60:.1f} min ({steps / times['transformer']:.2f} steps/s), "
+        f"final loss {np.mean(hist[-200:]):.4f}, EMA {ema}",
+        f"folder: {size / 1e6:.1f} MB ({save_dtype}); loaded in bf16, images differ from fp32 ones "
+        f"by {agree:.4f} (mean |difference| in [0, 1], {eval_steps[0]} steps)",
         "",
-        f"held-out prompts ({test_prompts}), sampled with sample.sample (dpm2, no CFG), judged by the shapes reward:",
+        f"held-out prompts ({test_prompts}), sampled with sample.sample (dpm2, no CFG), "
+        f"judged by the shapes reward:",
         table({k: {t: v for t, v in c.items() if t != '_images'} for k, c in cols.items()}),
         ""])
     log("\n" + report)
