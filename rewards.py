@@ -7,17 +7,17 @@ of B dicts (GenEval clauses for GenEval prompts, empty dicts otherwise). Each is
     reward = build_reward({"pickscore": 1.0, "clipscore": 0.5}, device, dtype)
     total, per_name = reward(images, prompts, metadata)                     # total = sum w * score
 
-| name                   | model (defaults; every id overridable)                      | raw score, typical      |
-|------------------------|-------------------------------------------------------------|-------------------------|
-| jpeg_incompressibility | none: JPEG file size at quality 95, in kB                   | ~30-150 at 512 px       |
-| jpeg_compressibility   | none: minus that size                                       | ~-150..-30              |
-| pickscore              | yuvalkirstain/PickScore_v1 + laion ViT-H-14 processor       | logit_scale*cos, ~20-23 |
-| clipscore              | openai/clip-vit-large-patch14                               | cosine, ~0.2-0.4        |
-| aesthetic              | CLIP ViT-L/14 + LAION aesthetic MLP head (a .pth file)      | ~4-7 (of 10)            |
-| hpsv2                  | open_clip ViT-H-14 + HPS v2.1 (pip install open_clip_torch) | cosine, ~0.25-0.35      |
-| imagereward            | ImageReward-v1.0 (pip install image-reward)                 | z-scored, ~-2..2        |
-| geneval                | Mask2Former Swin-S COCO instance + CLIP ViT-L/14 colour     | partial credit, <= 1    |
-| shapes                 | none: pixel rules on the shapes world (data/shapes/)        | partial credit, <= 1    |
+name                   | model (defaults; every id overridable)                      | raw score, typical
+-----------------------|-------------------------------------------------------------|------------------------
+jpeg_incompressibility | none: JPEG file size at quality 95, in kB                   | ~30-150 at 512 px
+jpeg_compressibility   | none: minus that size                                       | ~-150..-30
+pickscore              | yuvalkirstain/PickScore_v1 + laion ViT-H-14 processor       | logit_scale*cos, ~20-23
+clipscore              | openai/clip-vit-large-patch14                               | cosine, ~0.2-0.4
+aesthetic              | CLIP ViT-L/14 + LAION aesthetic MLP head (a .pth file)      | ~4-7 (of 10)
+hpsv2                  | open_clip ViT-H-14 + HPS v2.1 (pip install open_clip_torch) | cosine, ~0.25-0.35
+imagereward            | ImageReward-v1.0 (pip install image-reward)                 | z-scored, ~-2..2
+geneval                | Mask2Former Swin-S COCO instance + CLIP ViT-L/14 colour     | partial credit, <= 1
+shapes                 | none: pixel rules on the shapes world (data/shapes/)        | partial credit, <= 1
 
 Scores are reported raw, as the papers' tables do. Training does not need them rescaled: the
 advantage normalises each group by its std, so a constant factor only matters when several rewards
@@ -57,14 +57,16 @@ THRESHOLD = 0.3  # detection confidence to count an object
 COUNTING_THRESHOLD = 0.9  # stricter for the counting tag
 MAX_OBJECTS = 16  # per class, most confident first
 POSITION_THRESHOLD = 0.1  # margin, as a fraction of the two boxes' summed sizes
-COLOR_TEMPLATES = ("a photo of a {color} {cls}", "a photo of a {color}-colored {cls}", "a photo of a {color} object")
+COLOR_TEMPLATES = ("a photo of a {color} {cls}", "a photo of a {color}-colored {cls}",
+                   "a photo of a {color} object")
 CROP_BACKGROUND = "#999999"  # masked-out pixels of a colour crop
 
 
 # ----------------------------------------------------------------------------- shared helpers
 def _uint8_images(images):
     """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded as a saved PNG would be."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return ((images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+            .permute(0, 2, 3, 1).cpu().numpy())
 
 
 def _to_pil(images):
@@ -119,29 +121,31 @@ def _from_pretrained(cls, name, what, hint="", **kw):
         try:
             return cls.from_pretrained(path, **kw)
         except (OSError, ValueError) as err:  # no such folder, or files missing in it
-            raise SystemExit(f"could not load the {what} from the local folder '{name}' ({type(err).__name__}: "
-                             f"missing or incomplete): pass a folder saved with save_pretrained, or a hub id that "
-                             f"you download on a machine with internet (hf download ID){hint}")
+            raise SystemExit(f"could not load the {what} from the local folder '{name}' "
+                             f"({type(err).__name__}: missing or incomplete): pass a folder saved with "
+                             f"save_pretrained, or a hub id that you download on a machine with internet "
+                             f"(hf download ID){hint}")
     try:
         return cls.from_pretrained(name, local_files_only=True, **kw)  # cached: no network at all
     except (OSError, ValueError):
         pass  # not (completely) in the local cache: the hub it is
     why = hub_unreachable()
     if why:
-        raise SystemExit(f"could not load the {what} '{name}': it is not in the local Hugging Face cache and {why}; "
-                         f"download it on a machine with internet (hf download {name}) and copy the cache "
-                         f"(~/.cache/huggingface), or pass a local folder{hint}")
+        raise SystemExit(f"could not load the {what} '{name}': it is not in the local Hugging Face cache "
+                         f"and {why}; download it on a machine with internet (hf download {name}) and copy "
+                         f"the cache (~/.cache/huggingface), or pass a local folder{hint}")
     try:
         return cls.from_pretrained(name, **kw)
     except (OSError, ValueError) as err:  # no such repo, gated, missing files, network error mid-way
-        raise SystemExit(f"could not load the {what} '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
-                         f"check the hub id, or download it on a machine with internet (hf download {name}) "
-                         f"or pass a local folder{hint}")
+        raise SystemExit(f"could not load the {what} '{name}' ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}): check the hub id, or download it on a machine "
+                         f"with internet (hf download {name}) or pass a local folder{hint}")
 
 
 def opts_hint(reward, key, value):
-    """A reward option as phase2_align.py's command line takes it: --reward_opts="{'hpsv2': {'checkpoint': 'PATH'}}"
-    (the config key is a dict, so it must be a Python literal; eval_diversity.py takes GenEval's as --geneval_opts)."""
+    """A reward option as phase2_align.py's command line takes it:
+    --reward_opts="{'hpsv2': {'checkpoint': 'PATH'}}" (the config key is a dict, so it must be a Python
+    literal; eval_diversity.py takes GenEval's as --geneval_opts)."""
     return f'--reward_opts="{ {reward: {key: value}}!r}"'
 
 
@@ -156,7 +160,8 @@ def _need(module, pip_name, what):
 
 
 def _features(out):
-    """transformers 5 returns a ModelOutput from get_*_features (projected embedding in pooler_output); 4.x a tensor."""
+    """transformers 5 returns a ModelOutput from get_*_features (projected embedding in pooler_output);
+    4.x a tensor."""
     return out if torch.is_tensor(out) else out.pooler_output
 
 
@@ -168,26 +173,30 @@ def _clip_embed(model, proc, pils=None, texts=None):
         pix = proc(images=pils, return_tensors="pt")["pixel_values"].to(dev, dt)
         img = F.normalize(_features(model.get_image_features(pixel_values=pix)).float(), dim=-1)
     if texts is not None:
-        tok = proc(text=list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(dev)
+        tok = proc(text=list(texts), padding=True, truncation=True, max_length=77,
+                   return_tensors="pt").to(dev)
         txt = F.normalize(_features(model.get_text_features(input_ids=tok["input_ids"],
-                                                            attention_mask=tok["attention_mask"])).float(), dim=-1)
+                                                            attention_mask=tok["attention_mask"])).float(),
+                          dim=-1)
     return img, txt
 
 
 def tiny_clip(seed=0, image_size=32):
-    """A seeded random-weight CLIPModel + processor of the real classes, built offline (tests, --model=tiny)."""
+    """A seeded random-weight CLIPModel + processor of the real classes, built offline (tests,
+    --model=tiny)."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
     from sample import tiny_clip_tokenizer
     tok = tiny_clip_tokenizer()
     torch.manual_seed(seed)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=77,
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        image_size=image_size, patch_size=8),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=image_size, patch_size=8),
                      projection_dim=16)
     proc = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                                               crop_size={"height": image_size, "width": image_size}),
+                                                               crop_size={"height": image_size,
+                                                                          "width": image_size}),
                          tokenizer=tok)
     return CLIPModel(cfg).eval(), proc
 
@@ -274,8 +283,9 @@ def aesthetic(device="cpu", dtype=torch.float32, clip="openai/clip-vit-large-pat
     mlp = aesthetic_head(model.config.projection_dim)
     if head != "tiny":
         if not os.path.isfile(os.path.expanduser(head)):
-            raise SystemExit(f"aesthetic head weights '{head}' not found: download sac+logos+ava1-l14-linearMSE.pth "
-                             f"from {AESTHETIC_URL} and pass its path, e.g. {opts_hint('aesthetic', 'head', 'PATH')}")
+            raise SystemExit(f"aesthetic head weights '{head}' not found: download "
+                             f"sac+logos+ava1-l14-linearMSE.pth from {AESTHETIC_URL} and pass its path, "
+                             f"e.g. {opts_hint('aesthetic', 'head', 'PATH')}")
         mlp.load_state_dict(torch.load(os.path.expanduser(head), map_location="cpu", weights_only=True))
     mlp = mlp.to(device, torch.float32).requires_grad_(False).eval()  # tiny MLP: keep fp32
 
@@ -313,9 +323,10 @@ def hpsv2(device="cpu", dtype=torch.float32, checkpoint=HPS_REPO):
     open_clip = _need("open_clip", "open_clip_torch", "hpsv2")
     if checkpoint == "tiny":  # a seeded random CLIP of open_clip's own class, with ViT-H-14's tokenizer
         torch.manual_seed(0)
-        model = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16,
-                                                                   patch_size=8),
-                                     text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+        model = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=2, width=32,
+                                                                   head_width=16, patch_size=8),
+                                     text_cfg=dict(context_length=77, vocab_size=49408, width=32,
+                                                   heads=2, layers=2))
         preprocess = open_clip.image_transform(32, is_train=False, resize_mode="longest")
     else:
         # pretrained=None: the laion weights would be overwritten by the HPS checkpoint anyway;
@@ -325,22 +336,23 @@ def hpsv2(device="cpu", dtype=torch.float32, checkpoint=HPS_REPO):
         path = os.path.expanduser(checkpoint)
         if not os.path.isfile(path):
             from huggingface_hub import hf_hub_download
-            fix = (f"download {HPS_FILE} on a machine with internet (hf download {HPS_REPO} {HPS_FILE}) and pass "
-                   f"its path, e.g. {opts_hint('hpsv2', 'checkpoint', 'PATH')}")
+            fix = (f"download {HPS_FILE} on a machine with internet (hf download {HPS_REPO} {HPS_FILE}) and "
+                   f"pass its path, e.g. {opts_hint('hpsv2', 'checkpoint', 'PATH')}")
             try:
                 path = hf_hub_download(checkpoint, HPS_FILE, local_files_only=True)  # cached: no network
             except Exception:
                 why = hub_unreachable()  # fail fast offline rather than after the hub client's retries
                 if why:
-                    raise SystemExit(f"could not get the HPS v2.1 checkpoint: it is not in the local Hugging Face "
-                                     f"cache and {why}; {fix}")
+                    raise SystemExit(f"could not get the HPS v2.1 checkpoint: it is not in the local "
+                                     f"Hugging Face cache and {why}; {fix}")
                 try:
                     path = hf_hub_download(checkpoint, HPS_FILE)
                 except Exception as err:
                     raise SystemExit(f"could not get the HPS v2.1 checkpoint ({type(err).__name__}): {fix}")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # older checkpoints pickle extra training state; this one comes from a known hub repo
+        except Exception:
+            # older checkpoints pickle extra training state; this one comes from a known hub repo
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt.get("state_dict", ckpt))
     model = model.to(device, dtype).requires_grad_(False).eval()
@@ -368,7 +380,8 @@ def _imagereward_fn(model, device):
 
 def imagereward(device="cpu", dtype=torch.float32, model="ImageReward-v1.0"):
     """ImageReward v1.0 (THUDM/ImageReward on the hub), from the `image-reward` package.
-    `model` is a name its loader knows or a local ImageReward.pt. No tiny model: its BLIP is fixed at ViT-L."""
+    `model` is a name its loader knows or a local ImageReward.pt. No tiny model: its BLIP is fixed at
+    ViT-L."""
     RM = _need("ImageReward", "image-reward", "imagereward")
     if model == "tiny":
         raise SystemExit("the imagereward reward has no tiny model (its BLIP backbone is fixed at ViT-L): "
@@ -376,8 +389,8 @@ def imagereward(device="cpu", dtype=torch.float32, model="ImageReward-v1.0"):
     try:
         net = RM.load(model, device=device)
     except Exception as err:  # its loader downloads the checkpoint, med_config.json and bert-base-uncased
-        raise SystemExit(f"could not load ImageReward '{model}' ({type(err).__name__}): run once on a machine with "
-                         f"internet (hf download THUDM/ImageReward) or pass the file, e.g. "
+        raise SystemExit(f"could not load ImageReward '{model}' ({type(err).__name__}): run once on a "
+                         f"machine with internet (hf download THUDM/ImageReward) or pass the file, e.g. "
                          f"{opts_hint('imagereward', 'model', '/path/to/ImageReward.pt')}")
     net = net.to(device, dtype).requires_grad_(False).eval()
     return _imagereward_fn(net, device)
@@ -392,7 +405,8 @@ def relative_position(box_a, box_b):
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = box_a[:4], box_b[:4]
     off = ((ax0 + ax1) / 2 - (bx0 + bx1) / 2, (ay0 + ay1) / 2 - (by0 + by1) / 2)
     size = (abs(ax1 - ax0) + abs(bx1 - bx0), abs(ay1 - ay0) + abs(by1 - by0))
-    rev = [max(abs(o) - POSITION_THRESHOLD * s, 0.0) * (1 if o > 0 else -1 if o < 0 else 0) for o, s in zip(off, size)]
+    rev = [max(abs(o) - POSITION_THRESHOLD * s, 0.0) * (1 if o > 0 else -1 if o < 0 else 0)
+           for o, s in zip(off, size)]
     if all(abs(r) < 1e-3 for r in rev):
         return set()
     norm = (off[0] ** 2 + off[1] ** 2) ** 0.5
@@ -538,7 +552,8 @@ def geneval_task(metadata):
     Train and test prompt sets are made disjoint by this key, not by prompt text ("two sheep" is
     GenEval's "two sheeps")."""
     def clause(c):
-        return (c["class"], int(c["count"]), c.get("color"), tuple(c["position"]) if "position" in c else None)
+        return (c["class"], int(c["count"]), c.get("color"),
+                tuple(c["position"]) if "position" in c else None)
     inc = [clause(c) for c in metadata.get("include", [])]
     if not any(c[3] for c in inc):
         inc.sort(key=repr)
@@ -549,7 +564,8 @@ def geneval_task(metadata):
 # GenEval's 553 official prompts (djghosh13/geneval, prompts/evaluation_metadata.jsonl, MIT licence),
 # shipped byte for byte: source, commit and licence in data/geneval/README.md. Evaluation samples them;
 # data/geneval/prepare.py keeps their tasks out of the training prompts.
-GENEVAL_BENCHMARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "geneval", "evaluation_metadata.jsonl")
+GENEVAL_BENCHMARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "geneval",
+                                 "evaluation_metadata.jsonl")
 GENEVAL_BENCHMARK_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"
 
 
@@ -577,14 +593,15 @@ def geneval_benchmark(path=GENEVAL_BENCHMARK):
 def tiny_mask2former(seed=0, num_labels=len(GENEVAL_CLASSES)):
     """A seeded random-weight Mask2FormerForUniversalSegmentation (tiny Swin backbone, 80 COCO labels) and
     its image processor, built offline."""
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil,
-                              SwinConfig)
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
+                              Mask2FormerImageProcessorPil, SwinConfig)
     torch.manual_seed(seed)
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                          num_heads=[1, 1, 2, 2], window_size=4,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
     cfg = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
-                            encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
-                            dim_feedforward=64, num_queries=10, num_labels=num_labels)
+                            encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=2,
+                            num_attention_heads=2, dim_feedforward=64, num_queries=10, num_labels=num_labels)
     proc = Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128})
     return Mask2FormerForUniversalSegmentation(cfg).eval(), proc
 
@@ -605,7 +622,8 @@ def _instances(outputs, pixel_mask, sizes, max_per_image=100, floor=THRESHOLD):
         query, label = idx // C, idx % C
         vh, vw = int(pixel_mask[i].any(1).sum()), int(pixel_mask[i].any(0).sum())
         m = F.interpolate(logits[i, query][None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
-        m = F.interpolate(m[None, :, :vh, :vw], size=(H, W), mode="bilinear", align_corners=False)[0].sigmoid()
+        m = F.interpolate(m[None, :, :vh, :vw], size=(H, W), mode="bilinear",
+                          align_corners=False)[0].sigmoid()
         binary = m > 0.5
         area = binary.flatten(1).sum(1)
         score = score * (m * binary).flatten(1).sum(1) / (area + 1e-6)
@@ -617,7 +635,8 @@ def _instances(outputs, pixel_mask, sizes, max_per_image=100, floor=THRESHOLD):
                 continue
             ys, xs = binary[j].any(1).nonzero(), binary[j].any(0).nonzero()
             box = (float(xs[0]), float(ys[0]), float(xs[-1]) + 1, float(ys[-1]) + 1)
-            dets.append({"label": int(label[j]), "score": float(score[j]), "box": box, "mask": binary[j].cpu().numpy()})
+            dets.append({"label": int(label[j]), "score": float(score[j]), "box": box,
+                         "mask": binary[j].cpu().numpy()})
         result.append(dets)
     return result
 
@@ -626,11 +645,13 @@ def masked_crop(pil, box, mask):
     """The object alone for colour naming: its mask's pixels over grey (#999999), cropped to its box."""
     from PIL import Image
     grey = Image.new("RGB", pil.size, CROP_BACKGROUND)
-    return Image.composite(pil, grey, Image.fromarray(mask.astype("uint8") * 255)).crop(tuple(int(v) for v in box))
+    return (Image.composite(pil, grey, Image.fromarray(mask.astype("uint8") * 255))
+            .crop(tuple(int(v) for v in box)))
 
 
 def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-swin-small-coco-instance",
-            clip="openai/clip-vit-large-patch14", detector_size=800, batch_size=16, strict=False, credit="server"):
+            clip="openai/clip-vit-large-patch14", detector_size=800, batch_size=16, strict=False,
+            credit="server"):
     """GenEval on transformers, without mmdetection: Mask2Former (Swin-S, COCO instance: the architecture
     GenEval's mmdet checkpoint uses; pass facebook/mask2former-swin-large-coco-instance for a stronger one)
     finds the objects, CLIP ViT-L/14 names the colour of each masked crop over grey (#999999) zero-shot,
@@ -638,23 +659,26 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
     scale 800, longer side <= 1333). The reward is the partial-credit score, or 0/1 correctness if `strict`;
     `credit` picks its formula: "server" (default, the public reward server's, which DiffusionNFT and the
     paper train with) or "fixed" (its two quirks repaired; see _partial_credit), e.g.
-    --reward_opts="{'geneval': {'credit': 'fixed'}}". Extra attributes: .evaluate(images, metadata) -> [{"tag", "correct", "score", "reason"}] and
+    --reward_opts="{'geneval': {'credit': 'fixed'}}". Extra attributes:
+    .evaluate(images, metadata) -> [{"tag", "correct", "score", "reason"}] and
     .detect(images, class_names=None) -> per image [{"class", "box" (xyxy pixels), "score"}].
     The detector's labels are read in COCO order as GENEVAL_CLASSES (80 labels required)."""
     if credit not in GENEVAL_CREDITS:  # checked before any model loads
-        raise SystemExit(f"unknown geneval credit '{credit}': use 'server' (the public reward server's formula, the "
-                         f"default) or 'fixed', e.g. {opts_hint('geneval', 'credit', 'fixed')}")
+        raise SystemExit(f"unknown geneval credit '{credit}': use 'server' (the public reward server's "
+                         f"formula, the default) or 'fixed', e.g. {opts_hint('geneval', 'credit', 'fixed')}")
     if detector == "tiny":
         det_model, det_proc = tiny_mask2former()
     else:
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
-        det_model = _from_pretrained(Mask2FormerForUniversalSegmentation, detector, "Mask2Former detector", dtype=dtype)
+        det_model = _from_pretrained(Mask2FormerForUniversalSegmentation, detector, "Mask2Former detector",
+                                     dtype=dtype)
         det_proc = _from_pretrained(AutoImageProcessor, detector, "Mask2Former image processor",
                                     size={"shortest_edge": detector_size, "longest_edge": 1333})
     if det_model.config.num_labels != len(GENEVAL_CLASSES):
-        raise SystemExit(f"detector '{detector}' has {det_model.config.num_labels} labels, GenEval needs a COCO instance "
-                         f"model with 80: pass one, e.g. "
-                         f"{opts_hint('geneval', 'detector', 'facebook/mask2former-swin-small-coco-instance')}")
+        raise SystemExit(
+            f"detector '{detector}' has {det_model.config.num_labels} labels, GenEval needs a COCO instance "
+            f"model with 80: pass one, e.g. "
+            f"{opts_hint('geneval', 'detector', 'facebook/mask2former-swin-small-coco-instance')}")
     det_model = det_model.to(device, dtype).requires_grad_(False).eval()
     clip_model, clip_proc = load_clip(clip, device, dtype)
     color_text = {}  # class -> [10, D] zero-shot colour classifier, built on first use
@@ -665,7 +689,8 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
         for s in range(0, len(pils), batch_size):
             chunk = pils[s:s + batch_size]
             inp = det_proc(images=chunk, return_tensors="pt")
-            o = det_model(pixel_values=inp["pixel_values"].to(device, dtype), pixel_mask=inp["pixel_mask"].to(device))
+            o = det_model(pixel_values=inp["pixel_values"].to(device, dtype),
+                          pixel_mask=inp["pixel_mask"].to(device))
             out += _instances(o, inp["pixel_mask"].to(device), [im.size[::-1] for im in chunk], floor=floor)
         for dets in out:
             for d in dets:
@@ -680,7 +705,8 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
         for cls in set(classes) - set(color_text):
             texts = [t.format(color=c, cls=cls) for c in GENEVAL_COLORS for t in COLOR_TEMPLATES]
             _, txt = _clip_embed(clip_model, clip_proc, texts=texts)
-            color_text[cls] = F.normalize(txt.view(len(GENEVAL_COLORS), len(COLOR_TEMPLATES), -1).mean(1), dim=-1)
+            color_text[cls] = F.normalize(txt.view(len(GENEVAL_COLORS), len(COLOR_TEMPLATES), -1).mean(1),
+                                          dim=-1)
         img, _ = _clip_embed(clip_model, clip_proc, pils=crops)
         return [GENEVAL_COLORS[int((color_text[cls] @ e).argmax())] for e, cls in zip(img, classes)]
 
@@ -688,8 +714,8 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
         pils = _to_pil(images)
         metadata = list(metadata)
         if len(metadata) != len(pils) or any(not m.get("include") for m in metadata):
-            raise SystemExit("the geneval reward needs GenEval metadata for every image: use a .jsonl prompt file "
-                             "with 'tag' and 'include' fields (data/geneval/prepare.py writes one)")
+            raise SystemExit("the geneval reward needs GenEval metadata for every image: use a .jsonl prompt "
+                             "file with 'tag' and 'include' fields (data/geneval/prepare.py writes one)")
         per_image, crops, crop_classes, owners = [], [], [], []
         for pil, dets, meta in zip(pils, detect_raw(pils), metadata):
             # the rules filter again; filtering here only spares classifying colours nobody reads
@@ -710,7 +736,8 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
             entry[2] = color
         results = []
         for objs, meta in zip(per_image, metadata):
-            correct, score, reason = geneval_rules({c: [tuple(e) for e in v] for c, v in objs.items()}, meta, credit)
+            correct, score, reason = geneval_rules({c: [tuple(e) for e in v] for c, v in objs.items()},
+                                                   meta, credit)
             results.append({"tag": meta.get("tag"), "correct": correct, "score": score, "reason": reason})
         return results
 
@@ -819,7 +846,8 @@ def shapes_detect(image):
         colour = int(votes[:bg].argmax())
         purity = votes[colour] / max(int(core.sum()), 1)
         on_border = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == H or sl[1].stop == W
-        score = (_ramp(iou[ranked[0]], *SHAPES_IOU_RAMP[ranked[0]]) * _ramp(iou[ranked[0]] - iou[ranked[1]], 0.0, 0.04)
+        score = (_ramp(iou[ranked[0]], *SHAPES_IOU_RAMP[ranked[0]])
+                 * _ramp(iou[ranked[0]] - iou[ranked[1]], 0.0, 0.04)
                  * _ramp(purity, 0.6, 0.9) * _ramp(min(h, w) / max(h, w), 0.6, 0.85)
                  * _ramp(-max(h, w) / S, -SHAPES_MAX_SIDE, -0.45) * (0.5 if on_border else 1.0))
         box = (float(sl[1].start), float(sl[0].start), float(sl[1].stop), float(sl[0].stop))
@@ -835,18 +863,20 @@ def shapes(device="cpu", dtype=torch.float32, strict=False, credit="server"):
     "score", "reason", "detections"}] and .detect(images, class_names=None, threshold=THRESHOLD) -> per
     image [{"class", "box", "score"}]."""
     if credit not in GENEVAL_CREDITS:
-        raise SystemExit(f"unknown shapes credit '{credit}': use 'server' (the public reward server's formula, the "
-                         f"default) or 'fixed', e.g. {opts_hint('shapes', 'credit', 'fixed')}")
+        raise SystemExit(f"unknown shapes credit '{credit}': use 'server' (the public reward server's "
+                         f"formula, the default) or 'fixed', e.g. {opts_hint('shapes', 'credit', 'fixed')}")
 
     def evaluate(images, metadata):
         metadata = list(metadata)
         if len(metadata) != len(images) or any(not m.get("include") for m in metadata):
-            raise SystemExit("the shapes reward needs GenEval-style metadata for every image: use a .jsonl prompt "
-                             "file with 'tag' and 'include' fields (data/shapes/prepare.py writes them)")
+            raise SystemExit("the shapes reward needs GenEval-style metadata for every image: "
+                             "use a .jsonl prompt file with 'tag' and 'include' fields "
+                             "(data/shapes/prepare.py writes them)")
         asked = {c["class"] for m in metadata for c in m["include"] + m.get("exclude", [])}
         if not asked <= set(SHAPE_CLASSES):
-            raise SystemExit(f"the shapes reward knows only {', '.join(SHAPE_CLASSES)}, but the metadata asks for "
-                             f"{', '.join(sorted(asked - set(SHAPE_CLASSES)))}: use data/shapes/*_metadata.jsonl")
+            raise SystemExit(f"the shapes reward knows only {', '.join(SHAPE_CLASSES)}, but the metadata "
+                             f"asks for {', '.join(sorted(asked - set(SHAPE_CLASSES)))}: "
+                             f"use data/shapes/*_metadata.jsonl")
         results = []
         for im, meta in zip(_uint8_images(images), metadata):
             dets = shapes_detect(im)
@@ -908,12 +938,14 @@ def parse_spec(spec):
                 raise SystemExit(f"reward weight '{w}' of '{name}' is not a number: write e.g. {example}")
         spec = out
     if not spec:
-        raise SystemExit(f"no reward given: pass one or more of {', '.join(REWARDS)} with a weight, e.g. {example}")
+        raise SystemExit(f"no reward given: pass one or more of {', '.join(REWARDS)} with a weight, "
+                         f"e.g. {example}")
     for name, w in spec.items():
         if name not in REWARDS:
             raise SystemExit(f"unknown reward '{name}': the known rewards are {', '.join(REWARDS)}")
         if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise SystemExit(f"the weight of reward '{name}' must be a number, got {w!r}: write e.g. {example}")
+            raise SystemExit(f"the weight of reward '{name}' must be a number, got {w!r}: "
+                             f"write e.g. {example}")
     return {name: float(w) for name, w in spec.items()}
 
 

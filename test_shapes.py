@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def prep():
-    spec = importlib.util.spec_from_file_location("shapes_prepare", os.path.join(REPO, "data/shapes/prepare.py"))
+    spec = importlib.util.spec_from_file_location("shapes_prepare",
+                                                  os.path.join(REPO, "data/shapes/prepare.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -42,7 +43,8 @@ def verdicts(judge, imgs, metas):
 
 
 def by_tag(metas, values):
-    return {tag: float(np.mean([v for m, v in zip(metas, values) if m["tag"] == tag])) for tag in GENEVAL_TAGS}
+    return {tag: float(np.mean([v for m, v in zip(metas, values) if m["tag"] == tag]))
+            for tag in GENEVAL_TAGS}
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -93,7 +95,8 @@ def test_corrupted_images_are_judged_wrong(prep, judge, kind):
         if kind == "wrong_colour" and m["tag"] in ("colors", "color_attr"):
             bad = _corrupt_colour(m, rng)
         elif kind == "missing_object" and m["tag"] in ("single_object", "two_object", "counting", "position"):
-            bad = dict(m, include=[dict(inc[0], count=inc[0]["count"] - 1)] if m["tag"] == "counting" else inc[:-1])
+            bad = dict(m, include=[dict(inc[0], count=inc[0]["count"] - 1)] if m["tag"] == "counting"
+                       else inc[:-1])
         elif kind == "extra_object" and m["tag"] == "counting":
             bad = dict(m, include=[dict(inc[0], count=inc[0]["count"] + 1)])
         elif kind == "swapped_position" and m["tag"] == "position":
@@ -124,7 +127,8 @@ def test_noise_blobs_and_canvas_fills_are_not_clean_objects():
     img[40:56, 40:56][rewards.shape_mask("triangle", 16, 16)[::-1]] = SHAPES_PALETTE["green"]  # upside down
     img[44:47, 4:7] = SHAPES_PALETTE["black"]  # a speck
     checker = (np.add.outer(np.arange(16), np.arange(16)) % 2).astype(bool)
-    img[40:56, 12:28] = np.where(checker[..., None], SHAPES_PALETTE["red"], SHAPES_PALETTE["blue"])  # a square of two colours
+    # a square of two colours
+    img[40:56, 12:28] = np.where(checker[..., None], SHAPES_PALETTE["red"], SHAPES_PALETTE["blue"])
     dets = shapes_detect(img)
     assert sum(len(v) for v in dets.values()) == 3  # the speck is dropped
     assert all(s <= rewards.THRESHOLD for v in dets.values() for _, s, _ in v), dets
@@ -150,7 +154,8 @@ def test_every_task_once_in_geneval_wording(prep):
             "a photo of a circle left of a square", "a photo of a red circle and a blue square"} <= prompts
     for m in tasks:
         if m["tag"] == "counting":
-            assert m["exclude"] == [{"class": m["include"][0]["class"], "count": m["include"][0]["count"] + 1}]
+            assert m["exclude"] == [{"class": m["include"][0]["class"],
+                                     "count": m["include"][0]["count"] + 1}]
         if m["tag"] == "position":
             assert m["include"][1]["position"][0] in GENEVAL_POSITIONS and m["include"][1]["position"][1] == 0
         if m["tag"] in ("two_object", "color_attr"):  # both clause orders are wordings of one task
@@ -170,8 +175,9 @@ def test_splits_disjoint_by_task_cover_every_tag_and_match_the_files(prep, tmp_p
     assert prep.split_tasks(prep.all_tasks(), seed=1)[1] != test
     prep.main([f"--out_dir={tmp_path}"])
     for name in ("train_metadata.jsonl", "test_metadata.jsonl", "train_small.jsonl", "test_small.jsonl"):
-        with open(os.path.join(REPO, "data/shapes", name)) as f, open(tmp_path / name) as g:  # the committed files
-            assert f.read() == g.read(), name                                                # are this command's
+        # the committed files are this command's
+        with open(os.path.join(REPO, "data/shapes", name)) as f, open(tmp_path / name) as g:
+            assert f.read() == g.read(), name
     small = [json.loads(ln) for ln in open(tmp_path / "train_small.jsonl")]
     assert {m["tag"]: sum(x["tag"] == m["tag"] for x in small) for m in small} == {
         "single_object": 2, "two_object": 2, "counting": 6, "colors": 6, "position": 6, "color_attr": 6}
@@ -207,16 +213,20 @@ def test_shapes_reward_partial_credit_strict_and_registry(prep):
     part = rewards.geneval_rules(shapes_detect(prep.render(half, 64, seed=0)), m)[1]
     assert total.tolist() == pytest.approx([1.0, part]) and 0 < part < 1
     assert rewards.shapes(strict=True)(imgs, None, [m, m]).tolist() == [1.0, 0.0]
-    assert [d["class"] for d in reward.fns["shapes"].detect(imgs[:1])[0]] in (["circle", "square"], ["square", "circle"])
+    assert ([d["class"] for d in reward.fns["shapes"].detect(imgs[:1])[0]]
+            in (["circle", "square"], ["square", "circle"]))
     # the partial-credit formula is geneval_rules' own option: 3 circles for "a circle" is -1 / 0
-    one = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}
+    one = {"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+           "prompt": "a photo of a circle"}
     three = as_batch([prep.render(dict(one, include=[{"class": "circle", "count": 3}]), 64, seed=0)])
     assert rewards.shapes()(three, None, [one]).item() == pytest.approx(-1.0)
-    assert rewards.build_reward({"shapes": 1.0}, opts={"shapes": {"credit": "fixed"}})(three, None, [one])[0].item() == 0.0
+    assert rewards.build_reward({"shapes": 1.0},
+                                opts={"shapes": {"credit": "fixed"}})(three, None, [one])[0].item() == 0.0
     with pytest.raises(SystemExit, match="unknown shapes credit"):
         rewards.shapes(credit="clipped")
     with pytest.raises(SystemExit, match="knows only"):
-        rewards.shapes()(imgs[:1], None, [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}])
+        rewards.shapes()(imgs[:1], None,
+                         [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}])
     with pytest.raises(SystemExit, match="metadata"):
         rewards.shapes()(imgs[:1], None, [{}])
 
@@ -233,19 +243,23 @@ def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour():
     with open(os.path.join(PRIOR, "shapes_prior.json")) as f:
         info = json.load(f)
     plain = StableDiffusion3Pipeline.from_pretrained(PRIOR)  # fp32 throughout, no dtype argument needed
-    assert {m.dtype for m in (plain.transformer, plain.vae, plain.text_encoder, plain.text_encoder_3)} == {torch.float32}
-    out = plain("a photo of a red circle", num_inference_steps=4, height=info["resolution"], width=info["resolution"],
-                guidance_scale=1.0, max_sequence_length=info["t5_len"], output_type="np").images
+    assert {m.dtype for m in (plain.transformer, plain.vae, plain.text_encoder,
+                              plain.text_encoder_3)} == {torch.float32}
+    out = plain("a photo of a red circle", num_inference_steps=4, height=info["resolution"],
+                width=info["resolution"], guidance_scale=1.0, max_sequence_length=info["t5_len"],
+                output_type="np").images
     assert out.shape == (1, info["resolution"], info["resolution"], 3) and np.isfinite(out).all()
     # as the RL scripts load and sample it (sample.py): colour prompts, 10 dpm2 steps, no CFG
     pipe = sample.load_pipeline(PRIOR)
     text = sample.load_text(PRIOR, t5_len=info["t5_len"], pipe=pipe)
     colours = ("red", "blue", "yellow", "green")
-    metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": c}], "prompt": f"a photo of a {c} circle"}
+    metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": c}],
+              "prompt": f"a photo of a {c} circle"}
              for c in colours for _ in range(4)]
     cond = sample.encode(text, [m["prompt"] for m in metas])
     noise = sample.image_noise(range(len(metas)), sample.latent_shape(pipe, info["resolution"]), "cpu")
-    images = sample.decode(pipe.vae, sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, 10), noise, cond))
+    images = sample.decode(pipe.vae, sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, 10),
+                                                   noise, cond))
     judge = rewards.shapes()
     found = [{d[2] for dets in r["detections"].values() for d in dets} for r in judge.evaluate(images, metas)]
     asked = [m["include"][0]["color"] for m in metas]
@@ -255,9 +269,11 @@ def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour():
 
 
 def _redness(sign):
-    """A dense reward any policy can climb: the mean of red minus the other two channels' mean (times sign)."""
+    """A dense reward any policy can climb: the mean of red minus the other two channels' mean
+    (times sign)."""
     return lambda device="cpu", dtype=None: (
-        lambda images, prompts=None, metadata=None: sign * (images[:, 0] - 0.5 * (images[:, 1] + images[:, 2])).mean((1, 2)))
+        lambda images, prompts=None, metadata=None:
+            sign * (images[:, 0] - 0.5 * (images[:, 1] + images[:, 2])).mean((1, 2)))
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),
@@ -275,9 +291,9 @@ def test_phase2_on_the_shapes_prior_follows_a_dense_reward_both_ways(tmp_path, m
     for sign in (1.0, -1.0):
         monkeypatch.setitem(rewards.REWARDS, "redness", _redness(sign))
         out = tmp_path / f"sign{sign:+.0f}"
-        phase2_align.main(["config/shapes_cpu.py", f"--out_dir={out}", "--reward={'redness': 1.0}", "--K=1", "--G=8",
-                           "--prompts_per_epoch=4", "--sample_batch=32", "--train_batch=16", "--epochs=12",
-                           "--eval_every=12", "--eval_G=2", "--ckpt_every=12"])
+        phase2_align.main(["config/shapes_cpu.py", f"--out_dir={out}", "--reward={'redness': 1.0}",
+                           "--K=1", "--G=8", "--prompts_per_epoch=4", "--sample_batch=32", "--train_batch=16",
+                           "--epochs=12", "--eval_every=12", "--eval_G=2", "--ckpt_every=12"])
         with open(out / "log.jsonl") as f:
             evals = [r["eval_reward"] for r in map(json.loads, f) if "eval_reward" in r]
         assert len(evals) == 2, evals

@@ -2,7 +2,8 @@
 #   python data/geneval/prepare.py
 #   torchrun --nproc_per_node=8 phase1_perturb.py config/geneval_g4k12.py
 #   torchrun --nproc_per_node=8 phase2_align.py config/geneval_g4k12.py
-# The DiffusionNFT baseline at the same 1152 samples an epoch is config/geneval_nft_g24.py (48 prompts x G=24).
+# The DiffusionNFT baseline at the same 1152 samples an epoch is config/geneval_nft_g24.py
+# (48 prompts x G=24).
 # prompts_per_epoch and the batch sizes are ours (24 prompts x 48 = 1152 samples an epoch, 144 per GPU);
 # the paper's hyperparameter tables are not available to us.
 model = "stabilityai/stable-diffusion-3.5-medium"

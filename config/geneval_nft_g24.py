@@ -2,7 +2,8 @@
 # G=24 images an epoch (1152 samples, 144 per GPU), K=1 (no perturbations, no Phase I), same code path.
 #   torchrun --nproc_per_node=8 phase2_align.py config/geneval_nft_g24.py
 # E²PO at the same 1152 samples an epoch: config/geneval_g4k12.py (24 prompts x G=4 x K=12).
-# DiffusionNFT's micro-batch is 9 per GPU; ours is 8 (one optimizer step an epoch, so the gradient is the same).
+# DiffusionNFT's micro-batch is 9 per GPU; ours is 8
+# (one optimizer step an epoch, so the gradient is the same).
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/geneval/train_metadata.jsonl"
 eval_prompts = "data/geneval/evaluation_metadata.jsonl"  # GenEval's official 553 prompts (the benchmark)

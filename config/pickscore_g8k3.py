@@ -2,7 +2,8 @@
 #   python data/pickscore/prepare.py            (on a machine with internet)
 #   torchrun --nproc_per_node=8 phase1_perturb.py config/pickscore_g8k3.py
 #   torchrun --nproc_per_node=8 phase2_align.py config/pickscore_g8k3.py
-# The DiffusionNFT baseline at the same 1152 samples an epoch is config/pickscore_nft_g24.py (48 prompts x G=24).
+# The DiffusionNFT baseline at the same 1152 samples an epoch is config/pickscore_nft_g24.py
+# (48 prompts x G=24).
 # prompts_per_epoch and the batch sizes are ours (48 prompts x 24 = 1152 samples an epoch, 144 per GPU).
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/pickscore/train.txt"
