@@ -12,7 +12,10 @@ matplotlib is optional: without it the table still prints. The table's columns, 
 over seeds: the group std at the first and the last epoch and its mean over all epochs (the area
 under the curve divided by the length), the share of collapsed groups (std < 1e-3) at the last epoch,
 the held-out reward before training, at the end and its mean over the evaluations after training
-started.
+started; and, for runs whose folder holds final/diversity.json (eval_diversity.py's GenEval summary of
+sample.py's images of the final EMA weights, as data/shapes/experiment.sh writes it), the final GenEval
+score (mean of the tag accuracies, strict) and mean partial credit on those images. A folder
+prior_final/ next to the runs gives the same two figures for the untrained model, printed below the table.
 """
 import glob
 import json
@@ -54,8 +57,19 @@ def find_runs(spec):
             d = os.path.dirname(os.path.abspath(p))
             label = (os.path.basename(os.path.dirname(d)) if re.fullmatch(r"seed\d+", os.path.basename(d))
                      else os.path.basename(d))
-            found.setdefault(label, []).append(read_log(p))
+            found.setdefault(label, []).append(read_log(p) + final_records(d))
     return found
+
+
+def final_records(folder, sub="final"):
+    """[{"final_geneval", "final_credit"}] from FOLDER/sub/diversity.json (eval_diversity.py's output),
+    or [] when there is none."""
+    path = os.path.join(folder, sub, "diversity.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        ge = json.load(f)["groups"]["all"].get("geneval")
+    return [{"final_geneval": ge["overall"], "final_credit": ge["mean_score"]}] if ge else []
 
 
 def curve(records, key):
@@ -79,28 +93,36 @@ def run_figures(records):
     steps, ev = curve(records, "eval_reward")
     start = [v for s, v in zip(steps, ev) if s == 0]
     after = [v for s, v in zip(steps, ev) if s > 0]
+    final = [r for r in records if "final_geneval" in r]
     return {"steps": train[-1]["step"] if train else 0,
             "std_first": std[0] if std else None, "std_last": std[-1] if std else None,
             "std_mean": sum(std) / len(std) if std else None,
             "collapsed_last": train[-1]["collapsed_groups"] if train else None,
             "eval_start": start[0] if start else None, "eval_last": after[-1] if after else None,
-            "eval_mean": sum(after) / len(after) if after else None}
+            "eval_mean": sum(after) / len(after) if after else None,
+            "final_geneval": final[-1]["final_geneval"] if final else None,
+            "final_credit": final[-1]["final_credit"] if final else None}
 
 
 COLUMNS = (("std_first", "group std, first"), ("std_last", "group std, last"),
            ("std_mean", "group std, mean"), ("collapsed_last", "collapsed, last"),
            ("eval_start", "held-out, start"), ("eval_last", "held-out, last"),
-           ("eval_mean", "held-out, mean"))
+           ("eval_mean", "held-out, mean"), ("final_geneval", "final GenEval"),
+           ("final_credit", "final credit"))
 
 
 def table(groups):
     """A markdown table: one row per label, mean ± std over its seeds."""
-    head = "| run | seeds | steps | " + " | ".join(name for _, name in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    figs_of = {label: [run_figures(r) for r in runs_] for label, runs_ in groups.items()}
+    # the final-evaluation columns only when some run has one
+    cols = [(k, n) for k, n in COLUMNS
+            if not k.startswith("final") or any(f[k] is not None for fs in figs_of.values() for f in fs)]
+    head = "| run | seeds | steps | " + " | ".join(name for _, name in cols) + " |"
+    lines = [head, "|" + "---|" * (3 + len(cols))]
     for label, runs_ in groups.items():
-        figs = [run_figures(r) for r in runs_]
+        figs = figs_of[label]
         cells = []
-        for key, _ in COLUMNS:
+        for key, _ in cols:
             m, s = mean_std([f[key] for f in figs])
             cells.append("n/a" if m is None else f"{m:.4f} ± {s:.4f}")
         lines.append(f"| {label} | {len(runs_)} | {max(f['steps'] for f in figs)} | "
@@ -152,6 +174,10 @@ def main(argv=None):
     configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
     groups = find_runs(runs)
     print(table(groups))
+    for root in filter(None, (p.strip() for p in runs.split(","))):
+        for r in final_records(root, "prior_final"):
+            print(f"\nthe prior, untrained ({root}/prior_final): final GenEval {r['final_geneval']:.4f}, "
+                  f"final credit {r['final_credit']:.4f}")
     path = plot or os.path.join(runs.split(",")[0].strip(), "compare.png")
     if draw(groups, path, title):
         print(f"plot: {path}")

@@ -49,7 +49,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from rewards import GENEVAL_TAGS
+import rewards
 
 # -----------------------------------------------------------------------------
 # config (overridden by configurator.py: python eval_diversity.py --key=value)
@@ -65,7 +65,10 @@ detector = "grounding_dino"  # SDI boxes: "grounding_dino" or "geneval" (rewards
 detector_model = "IDEA-Research/grounding-dino-tiny"  # hub id, local folder or "tiny"
 box_threshold = 0.35  # Grounding DINO box score threshold (IDEA's demo default)
 text_threshold = 0.25  # Grounding DINO phrase threshold (IDEA's demo default)
-# options of rewards.REWARDS["geneval"] (dict or JSON string); tiny: {"detector": "tiny", "clip": "tiny"}
+# who judges the GenEval metric (and detector="geneval"'s SDI boxes): "geneval" (Mask2Former + CLIP, the
+# benchmark's models) or "shapes" (the shapes world's exact pixel detector; README "The shapes world")
+geneval_scorer = "geneval"
+# options of rewards.REWARDS[geneval_scorer] (dict or JSON string); tiny: {"detector": "tiny", "clip": "tiny"}
 geneval_opts = None
 device = "auto"
 batch_size = 16
@@ -240,9 +243,9 @@ def geneval_summary(results, prompt_ids):
         by_prompt[p].append(bool(r["correct"]))
     tags = {t: {"accuracy": float(np.mean(v)), "correct": int(sum(v)), "images": len(v)}
             for t, v in by_tag.items()}
-    present = [t for t in GENEVAL_TAGS if t in tags] or list(tags)
+    present = [t for t in rewards.GENEVAL_TAGS if t in tags] or list(tags)
     return {"overall": float(np.mean([tags[t]["accuracy"] for t in present])) if present else float("nan"),
-            "tags": tags, "missing_tags": [t for t in GENEVAL_TAGS if t not in tags],
+            "tags": tags, "missing_tags": [t for t in rewards.GENEVAL_TAGS if t not in tags],
             "image_accuracy": (float(np.mean([bool(r["correct"]) for r in results])) if results
                                else float("nan")),
             "prompt_accuracy": (float(np.mean([any(v) for v in by_prompt.values()])) if by_prompt
@@ -610,6 +613,9 @@ def main(argv=None):
     run = [m for m in wanted if m not in skipped]
     if "sdi" in run and detector not in ("grounding_dino", "geneval"):
         raise SystemExit(f"unknown --detector={detector}: use 'grounding_dino' or 'geneval'")
+    if geneval_scorer not in ("geneval", "shapes"):
+        raise SystemExit(f"unknown --geneval_scorer={geneval_scorer}: use 'geneval' (the benchmark's "
+                         "detector) or 'shapes' (the shapes world's)")
     ref_files = reference_split(reference, reference_test_fraction, seed) if "asc" in run else None
     use_clip = "vendi" in run or ("ids" in run and not face_model) or ("asc" in run and not style_model)
     clip = clip_embedder(clip_model, dev) if use_clip else None
@@ -619,22 +625,21 @@ def main(argv=None):
           if "sdi" in run and detector == "grounding_dino" else None)
     scorer, opts = None, {}
     if "geneval" in run or ("sdi" in run and detector == "geneval"):
-        import rewards
-        if "geneval" not in getattr(rewards, "REWARDS", {}):
-            raise SystemExit("this rewards.py has no 'geneval' reward: update rewards.py, "
+        if geneval_scorer not in getattr(rewards, "REWARDS", {}):
+            raise SystemExit(f"this rewards.py has no '{geneval_scorer}' reward: update rewards.py, "
                              "or drop geneval from --metrics (and use --detector=grounding_dino)")
         try:
             opts = json.loads(geneval_opts) if isinstance(geneval_opts, str) else dict(geneval_opts or {})
         except (ValueError, TypeError):
             raise SystemExit(f"--geneval_opts={geneval_opts!r} is not a JSON object: write e.g. "
                              """--geneval_opts='{"detector": "tiny", "clip": "tiny"}'""")
-        scorer = rewards.REWARDS["geneval"](dev, torch.float32, **opts)
+        scorer = rewards.REWARDS[geneval_scorer](dev, torch.float32, **opts)
     backbones = {"ids": f"arcface:{face_model}" if face_model else f"clip:{clip_model}",
                  "asc": f"csd:{style_model}" if style_model else f"clip:{clip_model}",
                  "sdi": (f"grounding_dino:{detector_model}" if detector == "grounding_dino"
-                         else "geneval_detector"),
+                         else f"{geneval_scorer}_detector"),
                  "pvs": "none (HSV and luma statistics of the pixels)", "vendi": f"clip:{clip_model}",
-                 "geneval": ("rewards.REWARDS['geneval']"
+                 "geneval": (f"rewards.REWARDS['{geneval_scorer}']"
                              + (f" {json.dumps(opts, sort_keys=True)}" if opts else ""))}
     backbones = {m: b for m, b in backbones.items() if m in run}
 

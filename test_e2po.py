@@ -306,6 +306,21 @@ def test_phase1_ring_report_is_strict_and_warns(tmp_path, capsys):
     assert "WARNING" in capsys.readouterr().out
 
 
+def test_code_lines_fit_110_columns():
+    # the repository is read as much as it is run: code and scripts stay within 110 columns
+    root = os.path.dirname(os.path.abspath(__file__))
+    long = []
+    for folder, subs, files in os.walk(root):
+        subs[:] = [d for d in subs if not d.startswith(".") and d not in ("out", "venv", "__pycache__")]
+        for name in files:
+            if name.endswith((".py", ".sh")):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    long += [f"{os.path.relpath(path, root)}:{i}" for i, ln in enumerate(f, 1)
+                             if len(ln.rstrip("\n")) > 110]
+    assert not long, f"lines over 110 characters: {', '.join(long[:10])}"
+
+
 def test_stages_share_only_keys_that_mean_the_same():
     # one config file serves every stage: a key two stages both read must mean the same in both (Phase I's
     # learning rate was once `lr`, so a config setting Phase II's lr froze Phase I's deltas)
@@ -1262,3 +1277,19 @@ def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
             and not (tmp_path / "d.png").exists())
     with pytest.raises(SystemExit, match="no log.jsonl"):
         compare_runs.main([f"--runs={tmp_path / 'none'}"])
+    # final evaluations (eval_diversity's summary in <run>/final/ and <root>/prior_final/) add two columns
+    # and a line for the prior; a run without one shows n/a
+    finals = (("nft/seed0", 0.5, 0.6), ("nft/seed1", 0.7, 0.8), ("prior_final", 0.25, 0.4))
+    for run, overall, credit in finals:
+        folder = tmp_path / run / ("" if run == "prior_final" else "final")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "diversity.json").write_text(json.dumps(
+            {"groups": {"all": {"geneval": {"overall": overall, "mean_score": credit}}}}))
+    compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'e.png'}"])
+    out = capsys.readouterr().out
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in out.splitlines() if ln.startswith("| ")}
+    assert rows["run"][-2:] == ["final GenEval", "final credit"]
+    assert rows["nft"][-2:] == ["0.6000 ± 0.1000", "0.7000 ± 0.1000"]
+    assert rows["e2po"][-2:] == ["n/a", "n/a"]
+    assert "the prior, untrained" in out and "final GenEval 0.2500, final credit 0.4000" in out

@@ -235,6 +235,39 @@ def test_shapes_reward_partial_credit_strict_and_registry(prep):
 PRIOR = os.path.join(REPO, "data/shapes/prior")
 
 
+def test_eval_diversity_scores_a_shapes_sample_folder_with_the_shapes_detector(prep, tmp_path):
+    # eval_diversity's GenEval summary with --geneval_scorer=shapes: a folder laid out as sample.py writes
+    # it, holding the rendered ground truth of the small test prompts (every image correct) except one
+    # image drawn for a corrupted task (a colour prompt drawn in another colour): exactly that one is wrong
+    import eval_diversity
+    from PIL import Image
+    with open(os.path.join(REPO, "data/shapes/test_small.jsonl")) as f:
+        metas = [json.loads(ln) for ln in f]
+    bad_at = next(i for i, m in enumerate(metas) if m["tag"] == "colors")
+    rows = []
+    for i, m in enumerate(metas):
+        for g in range(2):
+            drawn = _corrupt_colour(m, np.random.default_rng(0)) if (i, g) == (bad_at, 1) else m
+            name = f"{i:05d}_k00_g{g:02d}.png"
+            Image.fromarray(prep.render(drawn, 64, seed=g)).save(tmp_path / name)
+            rows.append({"prompt_index": i, "prompt": m["prompt"], "k": 0, "g": g, "seed": g, "file": name,
+                         "metadata": m})
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "diversity.json"
+    eval_diversity.main([f"--samples={tmp_path}", "--metrics=geneval", "--geneval_scorer=shapes",
+                         "--device=cpu", f"--out={out}"])
+    ge = json.loads(out.read_text())["groups"]["all"]["geneval"]
+    n_colors = 2 * sum(m["tag"] == "colors" for m in metas)
+    assert (ge["tags"]["colors"]["correct"], ge["tags"]["colors"]["images"]) == (n_colors - 1, n_colors)
+    assert not ge["missing_tags"]
+    assert all(v["accuracy"] == 1.0 for t, v in ge["tags"].items() if t != "colors")
+    # means of a few exact fractions: equal to the hand values up to float rounding
+    assert ge["overall"] == pytest.approx((5 + 1 - 1 / n_colors) / 6, rel=1e-12)
+    assert ge["image_accuracy"] == pytest.approx(1 - 1 / len(rows), rel=1e-12)
+    with pytest.raises(SystemExit, match="unknown --geneval_scorer=clip: use 'geneval'"):
+        eval_diversity.main([f"--samples={tmp_path}", "--metrics=geneval", "--geneval_scorer=clip"])
+
+
 @pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),
                     reason="no trained prior in data/shapes/prior: python data/shapes/train_prior.py")
 def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour():

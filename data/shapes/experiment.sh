@@ -2,7 +2,9 @@
 # The variance experiment of the README's "The variance finding on a CPU": five Phase II configurations on
 # the shapes prior with the same prompts, reward, sampler steps and samples per prompt (N = G*K = 16),
 # several seeds each; then one plot and one table (compare_runs.py) and sample grids of the prior and of
-# the trained EMA weights (sample.py: a K x G grid per prompt).
+# the trained EMA weights (sample.py: a K x G grid per prompt). Each run, and the prior, ends with a final
+# held-out evaluation larger than the one during training: the 22 test tasks x 64 noises (the same noises
+# for every run), judged by eval_diversity.py as GenEval judges (per-tag accuracy and their mean).
 #   bash data/shapes/experiment.sh
 #   SEEDS="0 1 2 3 4" EPOCHS=40 JOBS=1 OUT=out/shapes_exp2 bash data/shapes/experiment.sh
 # JOBS runs go side by side, one thread each (on this 2-core machine: JOBS=2).
@@ -10,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/shapes_exp}
 SEEDS=${SEEDS:-"0 1 2"}
-EPOCHS=${EPOCHS:-20}
+EPOCHS=${EPOCHS:-100}
 JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=1
 CFG=config/shapes_cpu.py
@@ -22,14 +24,24 @@ python phase1_perturb.py $CFG --K=4 --perturbations=$OUT/perturbations_k4.safete
 python phase1_perturb.py $CFG --K=16 --perturbations=$OUT/perturbations_k16.safetensors \
     > $OUT/phase1_k16.log 2>&1
 
-run() {  # label seed args...: one Phase II run, its output in OUT/label/seedN.log
+final() {  # dir [--lora=...]: sample the test tasks x 64 from fixed noises into dir/, judge them
+    local dir=$1
+    shift
+    python sample.py $CFG --K=1 --G=64 --prompts=data/shapes/test_small.jsonl --out_dir=$dir "$@" \
+        > $dir.log 2>&1 || echo "FAILED: $dir.log"
+    python eval_diversity.py --samples=$dir --metrics=geneval --geneval_scorer=shapes --device=cpu \
+        >> $dir.log 2>&1 || echo "FAILED: $dir.log"
+}
+run() {  # label seed args...: one Phase II run, its output in OUT/label/seedN.log, and its final evaluation
     local label=$1 seed=$2
     shift 2
     mkdir -p $OUT/$label
     python phase2_align.py $CFG --seed=$seed --epochs=$EPOCHS \
         --out_dir=$OUT/$label/seed$seed --overwrite=True "$@" \
         > $OUT/$label/seed$seed.log 2>&1 || echo "FAILED: $OUT/$label/seed$seed.log"
+    final $OUT/$label/seed$seed/final --lora=$OUT/$label/seed$seed/checkpoint/lora_ema
 }
+final $OUT/prior_final &
 K4="--perturbations=$OUT/perturbations_k4.safetensors"
 for seed in $SEEDS; do
     for spec in "a_nft_k1g16 --K=1 --G=16" \
