@@ -39,12 +39,12 @@ def read_log(path):
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
-def find_runs(spec):
-    """{label: [run records, one list per seed]} from a comma-separated list of folders. A folder with a
-    log.jsonl is one run, labelled by its name (its parent's, for a folder named seed<N>); any other
-    folder is searched for <label>/seed<N>/log.jsonl and <label>/log.jsonl."""
+def find_runs(roots):
+    """{label: [run records, one list per seed]} from a list of folders. A folder with a log.jsonl is one
+    run, labelled by its name (its parent's, for a folder named seed<N>); any other folder is searched for
+    <label>/seed<N>/log.jsonl and <label>/log.jsonl."""
     found = {}
-    for root in filter(None, (p.strip() for p in spec.split(","))):
+    for root in roots:
         if os.path.isfile(os.path.join(root, "log.jsonl")):
             paths = [os.path.join(root, "log.jsonl")]
         else:
@@ -172,13 +172,16 @@ def draw(groups, path, title=""):
 def main(argv=None):
     from configurator import configure
     configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
-    groups = find_runs(runs)
+    roots = [p.strip() for p in runs.split(",") if p.strip()]
+    if not roots:
+        raise SystemExit("--runs names no folder: pass run folders or experiment folders, comma-separated")
+    groups = find_runs(roots)
     print(table(groups))
-    for root in filter(None, (p.strip() for p in runs.split(","))):
+    for root in roots:
         for r in final_records(root, "prior_final"):
             print(f"\nthe prior, untrained ({root}/prior_final): final GenEval {r['final_geneval']:.4f}, "
                   f"final credit {r['final_credit']:.4f}")
-    path = plot or os.path.join(runs.split(",")[0].strip(), "compare.png")
+    path = plot or os.path.join(roots[0], "compare.png")
     if draw(groups, path, title):
         print(f"plot: {path}")
 

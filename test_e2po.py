@@ -1277,6 +1277,8 @@ def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
             and not (tmp_path / "d.png").exists())
     with pytest.raises(SystemExit, match="no log.jsonl"):
         compare_runs.main([f"--runs={tmp_path / 'none'}"])
+    with pytest.raises(SystemExit, match="--runs names no folder"):
+        compare_runs.main(["--runs= , "])
     # final evaluations (eval_diversity's summary in <run>/final/ and <root>/prior_final/) add two columns
     # and a line for the prior; a run without one shows n/a
     finals = (("nft/seed0", 0.5, 0.6), ("nft/seed1", 0.7, 0.8), ("prior_final", 0.25, 0.4))
