@@ -7,6 +7,8 @@ run, and seconds per epoch per GPU for the paper's budgets. Prints figures; asse
     python bench.py                    # SD3.5-Medium shape, bf16 on a CUDA GPU, 512 px
     python bench.py --shape=tiny       # the tiny model on CPU: every section in seconds
     python bench.py --peak_tflops=989 --gpus=8 --sample_batch=32
+    python bench.py --count_activations=True   # no GPU: only the exact figures and the activations of a
+                                               # training forward at SD3.5-M's shape (~2 min, 13 GB of RAM)
 """
 import math
 import os
@@ -37,6 +39,10 @@ gpus = 8  # world size of the per-epoch estimates
 peak_tflops = 0.0  # 0 = look the device up in PEAK_TFLOPS
 repeats = 3
 device = "auto"
+# on a CPU at the SD3.5-M shape, build the transformer in bf16 and count what one training forward keeps
+# for its backward (about two minutes, 13 GB of RAM), then stop; on a GPU and for the tiny shape it is
+# always counted
+count_activations = False
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -162,6 +168,26 @@ def weight_table(n):
     return rows + [("total", total), ("total with --text_offload=True (encoders on the CPU)", total - text)]
 
 
+def saved_activation_bytes(fn, params=()):
+    """(bytes, fn()): what autograd keeps for the backward while fn() runs a forward: the storage of every
+    tensor saved for backward, each storage once, the storages of `params` (resident anyway) left out.
+    A count, not an allocator reading: the same ops save the same tensors on any device, so a CPU gives
+    the figure a GPU holds (attention included: the fused SDPA kernels of CPU and GPU both keep q, k, v,
+    the output and the log-sum-exp, never the attention matrix). What gradient checkpointing keeps (each
+    block's inputs) is held outside autograd's saved tensors, so count runs without it."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
 def read_budget(path):
     """The Phase II settings of a config file (path relative to this folder), exec'd over phase2_align's
     defaults."""
@@ -223,6 +249,8 @@ def main(argv=None):
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     dev, dtype = S.pick_device(device)
+    if shape != "tiny":
+        dtype = torch.bfloat16  # SD3.5-M runs in bf16 (under bf16 autocast, LoRA in fp32) on any device
     cuda, tiny, nan = dev.type == "cuda", shape == "tiny", float("nan")
     res, tlen, rank = (resolution or (64 if tiny else 512), t5_len or (32 if tiny else 128),
                        lora_rank or (4 if tiny else 32))
@@ -257,9 +285,11 @@ def main(argv=None):
         print(f"  {name:<56} {g:7.2f} GiB")
     print("  (reward models and activations come on top; "
           "the peaks below hold the transformer, its LoRA and the VAE)")
-    if not cuda and not tiny and device == "auto":
+    count_only = not cuda and not tiny and count_activations
+    if not cuda and not tiny and device == "auto" and not count_only:
         print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "
-              "run `python bench.py --shape=tiny` (or --device=cpu to insist)")
+              "run `python bench.py --shape=tiny` (or --device=cpu to insist), or "
+              "`python bench.py --count_activations=True` to count the training forward's activations here")
         return
 
     # ---- the timed models: bf16 transformer under autocast with fp32 LoRA, fp32 VAE, as phase2_align on CUDA
@@ -274,12 +304,36 @@ def main(argv=None):
     params = P2.adapter_params(tr, "default")
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
+                else (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16
                 else (lambda: torch.autocast("cpu", enabled=False)))
     sigmas, n_t, lat = (S.sigma_grid(sched, steps), math.floor(steps * timestep_fraction),
                         (cfg.in_channels, res // 8, res // 8))
     cond = lambda B: (torch.randn(B, Lt, cfg.joint_attention_dim, device=dev, dtype=dtype),
                       torch.randn(B, cfg.pooled_projection_dim, device=dev, dtype=dtype))
     base_mem = torch.cuda.memory_allocated() / 2 ** 30 if cuda else None
+
+    # ---- activations: what the theta forward of a training timestep keeps for its backward without
+    # gradient checkpointing (v_old and v_ref run without grad and keep nothing), counted on a batch of two
+    # and halved: from two samples on the count is linear in the batch (test_bench; a batch of one shares
+    # a few storages that larger batches do not), so a micro-batch holds train_batch times a sample's
+    P2.use_adapter(tr, "default")
+    tr.disable_gradient_checkpointing()
+    tr.train()
+    with autocast():
+        act = saved_activation_bytes(lambda: P2.policy_velocities(tr, torch.randn(2, *lat, device=dev),
+                                                                  torch.full((2,), 0.5, device=dev),
+                                                                  cond(2)), tr.parameters())[0] / 2 ** 31
+    tr.eval()
+    total, offload = weight_table(n)[-2][1], weight_table(n)[-1][1]
+    size = lambda g: f"{g:.2f} GiB" if g >= 0.1 else f"{g * 1024:.2f} MiB"
+    print(f"\n== activations of a training forward without gradient checkpointing (counted, {dtype}): "
+          f"{size(act)} a sample, {size(act * train_batch)} a micro-batch of {train_batch}")
+    if not tiny:
+        print(f"  + the resident weights above: {total + act * train_batch:.1f} GiB "
+              f"({offload + act * train_batch:.1f} GiB with --text_offload=True), before the backward's "
+              f"transients and the reward models")
+    if count_only:
+        return
 
     # ---- sampling: ours vs diffusers' pipeline on the same transformer (old adapter), same steps, no CFG.
     # The pipeline has no text encoders: given prompt_embeds, only its transformer loop runs, which is what
@@ -359,13 +413,15 @@ def main(argv=None):
         print(f"  {k:<18} {s}peak {gib(tmem[k])}")
     print(f"  of which the optimizer tail (clip + AdamW + EMA blend, once per optimizer step): "
           f"{tail * 1e3:.1f} ms")
-    t_micro = tt.get("checkpointing on", tt.get("checkpointing off", nan)) - tail
+    # phase2's default is without checkpointing; where that did not fit, the estimates below use it on
+    t_micro = tt.get("checkpointing off", tt.get("checkpointing on", nan)) - tail
+    ckpt_used = "checkpointing off" not in tt
 
     # ---- an epoch of E²PO (K=4) vs K=1 at equal N samples per prompt, as phase2's loop: sampling with the
     # schedule's condition mixing (C^opt faked by random rows for k >= 1), training on C^orig, one optimizer
-    # step, old <- d*old + (1-d)*theta; no decode and no reward. With gradient checkpointing, phase2's
-    # default.
-    tr.enable_gradient_checkpointing()
+    # step, old <- d*old + (1-d)*theta; no decode and no reward. Without gradient checkpointing, phase2's
+    # default (with it where the training step did not fit without).
+    tr.enable_gradient_checkpointing() if ckpt_used else tr.disable_gradient_checkpointing()
 
     def epoch_inputs(K, G):
         _, idx, ks = P2.epoch_samples(epoch_prompts, K, G, 0, epoch_prompts * K * G,
@@ -411,7 +467,8 @@ def main(argv=None):
     cost = dict(sample=ts.get("ours", nan) / (sample_batch * steps), decode=td / sample_batch,
                 train=t_micro / (train_batch * n_t), tail=tail)
     print(f"\n== per GPU per epoch on {gpus} GPUs: {'the tiny model' if tiny else 'SD3.5-M'}'s "
-          "per-sample costs above (training with checkpointing); rewards excluded")
+          f"per-sample costs above (training {'with' if ckpt_used else 'without'} checkpointing); "
+          "rewards excluded")
     print(f"  {'config':<28} {'G':>3} {'K':>3} {'prompts':>7} {'samples/GPU':>11} "
           f"{'sample s':>9} {'decode s':>9} {'train s':>9} {'total s':>9}")
     for path in BUDGETS:

@@ -92,6 +92,44 @@ def test_meta_counts_equal_a_real_instantiation(monkeypatch):
     assert meta["lora"] == sum(p.numel() for p in P2.adapter_params(tr, "default"))
 
 
+def test_saved_activation_bytes_by_hand():
+    """exp keeps its output z, sin keeps its input (z again: one storage, counted once), a product keeps both
+    factors (sin(z), and a view of a: a's whole storage), a linear layer with a frozen weight keeps only
+    the weight (a parameter: left out when passed as one)."""
+    W = torch.nn.Parameter(torch.randn(3, 6), requires_grad=False)
+    a = torch.randn(5, 6, requires_grad=True)
+
+    def fn():
+        z = torch.nn.functional.linear(a, W).exp()
+        return z.sin() * a[:, :3]
+    # z 5x3, sin(z) 5x3, a 5x6, float32
+    assert bench.saved_activation_bytes(fn, [W])[0] == (15 + 15 + 30) * 4
+    assert bench.saved_activation_bytes(fn)[0] == (15 + 15 + 30 + 18) * 4
+    with torch.no_grad():
+        assert bench.saved_activation_bytes(fn, [W])[0] == 0
+
+
+def test_training_forward_activations_grow_linearly_with_the_batch():
+    """The bench counts the theta forward of a training timestep on a batch of two and scales: from two
+    samples on, the count is linear in the batch. Gradient checkpointing keeps the blocks' activations out
+    of the count (it holds their inputs itself), so the count falls."""
+    torch.manual_seed(0)
+    from diffusers import SD3Transformer2DModel
+    tr = SD3Transformer2DModel(**SMALL).requires_grad_(False)
+    P2.add_adapters(tr, 4, 8)
+    P2.use_adapter(tr, "default")
+    tr.train()
+
+    def count(B):
+        x, t = torch.randn(B, 4, 16, 16), torch.full((B,), 0.5)
+        c = (torch.randn(B, 7, SMALL["joint_attention_dim"]), torch.randn(B, SMALL["pooled_projection_dim"]))
+        return bench.saved_activation_bytes(lambda: P2.policy_velocities(tr, x, t, c), tr.parameters())[0]
+    two, four, eight = count(2), count(4), count(8)
+    assert two > 0 and four == 2 * two and eight == 4 * two
+    tr.enable_gradient_checkpointing()
+    assert count(4) < four / 4
+
+
 def test_epoch_cost_by_hand():
     b = bench.read_budget("config/geneval_g4k12.py")
     assert ((b["G"], b["K"], b["prompts_per_epoch"], b["steps"], b["timestep_fraction"])
@@ -121,9 +159,10 @@ def test_peak_lookup():
 def test_tiny_run_prints_every_section(capsys):
     bench.main(["--shape=tiny", "--repeats=1", "--epoch_prompts=1"])
     out = capsys.readouterr().out
-    for heading in ("== model FLOPs", "== resident weights", "== sampling", "ours / diffusers",
-                    "== VAE decode", "== training step", "checkpointing off", "== epoch at equal N",
-                    "== per GPU per epoch", "config/pickscore_g8k3.py"):
+    for heading in ("== model FLOPs", "== resident weights", "== activations of a training forward",
+                    "== sampling", "ours / diffusers", "== VAE decode", "== training step",
+                    "checkpointing off", "== epoch at equal N", "== per GPU per epoch",
+                    "config/pickscore_g8k3.py"):
         assert heading in out, heading
     assert "MFU n/a" in out and "n/a (CPU)" in out
 
@@ -133,3 +172,4 @@ def test_sd35m_on_cpu_prints_the_exact_parts_and_stops(capsys):
     bench.main([])
     out = capsys.readouterr().out
     assert "== resident weights" in out and "--shape=tiny" in out and "== sampling" not in out
+    assert "--count_activations=True" in out and "== activations" not in out

@@ -870,6 +870,24 @@ def test_phase2_text_offload_changes_nothing_but_where_the_encoders_wait(phase1_
     assert len(inside) == 2 * 3  # per run: the start evaluation, the epoch's groups, the end evaluation
 
 
+def test_phase2_gradient_checkpointing_changes_nothing_but_memory(phase1_file, tmp_path):
+    """grad_checkpointing (off by default: README "Performance") only re-runs theta's forward in the backward:
+    two epochs with it on and off log the same losses and rewards and save the same LoRA, bit for bit (the
+    re-run forward repeats the same float operations on the same inputs)."""
+    from safetensors.torch import load_file
+    pf, out = phase1_file
+    for name, on in (("on", True), ("off", False)):
+        phase2_align.main(_phase2(tmp_path / name, out, pf, "--epochs=2", f"--grad_checkpointing={on}"))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in rows]
+    assert strip(_log(tmp_path / "on")) == strip(_log(tmp_path / "off"))
+    for sub in ("lora", "lora_old", "lora_ema"):
+        files = sorted((tmp_path / "on" / "checkpoint" / sub).glob("*.safetensors"))
+        assert files
+        for f in files:
+            a, b = load_file(f), load_file(tmp_path / "off" / "checkpoint" / sub / f.name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_phase2_k1_is_plain_diffusionnft_without_a_file(prompt_file, tmp_path):
     d = tmp_path / "k1"
     phase2_align.main(_phase2(d, str(tmp_path / "none.safetensors"), prompt_file,
