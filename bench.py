@@ -7,9 +7,10 @@ run, and seconds per epoch per GPU for the paper's budgets. Prints figures; asse
     python bench.py                    # SD3.5-Medium shape, bf16 on a CUDA GPU, 512 px
     python bench.py --shape=tiny       # the tiny model on CPU: every section in seconds
     python bench.py --peak_tflops=989 --gpus=8 --sample_batch=32
-    python bench.py --count_activations=True   # no GPU: only the exact figures and the activations of a
-                                               # training forward at SD3.5-M's shape (~2 min, 13 GB of RAM)
+    python bench.py --count_activations=True   # no GPU: only the exact figures and the activations of
+                                               # Phase I and II at SD3.5-M's shape (~2.5 min, 15 GB of RAM)
 """
+import contextlib
 import math
 import os
 import statistics
@@ -39,9 +40,9 @@ gpus = 8  # world size of the per-epoch estimates
 peak_tflops = 0.0  # 0 = look the device up in PEAK_TFLOPS
 repeats = 3
 device = "auto"
-# on a CPU at the SD3.5-M shape, build the transformer in bf16 and count what one training forward keeps
-# for its backward (about two minutes, 13 GB of RAM), then stop; on a GPU and for the tiny shape it is
-# always counted
+# on a CPU at the SD3.5-M shape, count what Phase I's encoders and one training forward of the transformer
+# (built in bf16) keep for their backward, then stop (about 2.5 minutes, 15 GB of RAM); on a GPU it is always
+# counted, the transformer's also for the tiny shape
 count_activations = False
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
@@ -188,6 +189,54 @@ def saved_activation_bytes(fn, params=()):
     return sum(seen.values()), out
 
 
+@contextlib.contextmanager
+def built_in(dev, dtype):
+    """Modules built inside are created on `dev` in `dtype` (no float32 copy first: SD3.5-M's transformer
+    takes 8.4 GiB in fp32, T5-XXL 18 GiB)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def encoder_activation_bytes(dev, seqs=2, t5_tokens=128, layers=None):
+    """{encoder: bytes a sequence} that Phase I keeps for its backward in each of SD3.5-M's text encoders:
+    random weights of the real shapes (CLIP_L, CLIP_G, T5_XXL) in bf16 on `dev`, run through
+    sample.run_encoders with a delta on every token, as Phase I runs them. Counted on `seqs` sequences and
+    divided (T5 keeps its position bias once for the batch: a share of it, under 1 %, is counted with each
+    sequence), and on copies of one and two blocks: the blocks after the first are alike, so the full depth
+    keeps n1 + (depth - 1) * (n2 - n1) (tested), and no full T5-XXL (9 GiB) has to be built. `layers` =
+    {encoder: depth} counts those depths in full instead (the test)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    shapes = {"clip_l": (CLIP_L, "num_hidden_layers", S.CLIP_LEN),
+              "clip_g": (CLIP_G, "num_hidden_layers", S.CLIP_LEN), "t5": (T5_XXL, "num_layers", t5_tokens)}
+
+    def count(name, depth):
+        cfg, key, L = shapes[name]
+        cfg = dict(cfg, **{key: depth})
+        with built_in(dev, torch.bfloat16):
+            enc = (T5EncoderModel(T5Config(**cfg)) if name == "t5" else CLIPTextModelWithProjection(
+                CLIPTextConfig(**cfg, vocab_size=49408, max_position_embeddings=S.CLIP_LEN)))
+        enc.eval().requires_grad_(False)
+        d = S.token_embedding(enc).embedding_dim
+        tokens = {name: (torch.randint(1000, (seqs, L), device=dev),
+                         torch.ones(seqs, L, dtype=torch.bool, device=dev))}
+        deltas = {name: torch.zeros(seqs, L, d, device=dev, requires_grad=True)}
+        return saved_activation_bytes(lambda: S.run_encoders({"encoders": {name: enc}}, None, deltas, (name,),
+                                                             tokens), enc.parameters())[0] / seqs
+    out = {}
+    for name, (cfg, key, _) in shapes.items():
+        if layers and name in layers:
+            out[name] = count(name, layers[name])
+        else:
+            n1, n2 = count(name, 1), count(name, 2)
+            out[name] = n1 + (cfg[key] - 1) * (n2 - n1)
+    return out
+
+
 def read_budget(path):
     """The Phase II settings of a config file (path relative to this folder), exec'd over phase2_align's
     defaults."""
@@ -286,6 +335,19 @@ def main(argv=None):
     print("  (reward models and activations come on top; "
           "the peaks below hold the transformer, its LoRA and the VAE)")
     count_only = not cuda and not tiny and count_activations
+    if not tiny and (cuda or count_only):
+        # Phase I backpropagates batch_prompts x (K-1) sequences through the three frozen encoders (counted
+        # before the transformer is built: on a CPU, T5-XXL and SD3.5-M side by side would crowd the RAM)
+        import phase1_perturb as P1
+        enc = encoder_activation_bytes(dev, t5_tokens=tlen)
+        K1 = read_budget("config/geneval_g4k12.py")["K"]
+        seqs = P1.batch_prompts * (K1 - 1)
+        held = sum(enc.values()) * seqs / 2 ** 30
+        weights = sum(g for name, g in weight_table(n) if "text encoder" in name)
+        print("\n== activations of Phase I (counted, bf16): a sequence keeps "
+              + ", ".join(f"{k} {v / 2 ** 20:.0f} MiB" for k, v in enc.items())
+              + f"; batch_prompts={P1.batch_prompts} at K={K1} ({seqs} sequences): {held:.1f} GiB, "
+              f"{held + weights:.1f} GiB with the encoders' weights")
     if not cuda and not tiny and device == "auto" and not count_only:
         print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "
               "run `python bench.py --shape=tiny` (or --device=cpu to insist), or "
@@ -294,8 +356,10 @@ def main(argv=None):
 
     # ---- the timed models: bf16 transformer under autocast with fp32 LoRA, fp32 VAE, as phase2_align on CUDA
     if not tiny:
+        with built_in(dev, dtype):
+            tr = SD3Transformer2DModel(**SD35M)
         with torch.device(dev):
-            tr, vae = SD3Transformer2DModel(**SD35M), AutoencoderKL(**SD3_VAE)
+            vae = AutoencoderKL(**SD3_VAE)
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     with S.diffusers_notes_off():  # .to(dtype) warns about fp32-only modules these models lack
         tr.to(dev, dtype).requires_grad_(False).eval()

@@ -40,8 +40,8 @@ sigma_init = 0.1  # δ init std, in units of the encoder's token-embedding-table
 delta_lr = 0.05
 iters = 200
 # prompts optimised together (their Δ are independent; batching is for speed). On SD3.5-M a prompt
-# backpropagates K-1 sequences through T5-XXL: 8 prompts at K=12 were estimated at ~72 GB; 4 leave
-# margin on 80 GB (not measured)
+# backpropagates K-1 sequences through the encoders, 0.73 GiB each (counted by bench.py): at K=12, 4 prompts
+# hold 42 GiB with the encoders' weights, 8 would hold 73 GiB
 batch_prompts = 4
 t5_len = 128
 seed = 0

@@ -130,6 +130,34 @@ def test_training_forward_activations_grow_linearly_with_the_batch():
     assert count(4) < four / 4
 
 
+def test_encoder_activations_are_counted_per_sequence(monkeypatch):
+    """Phase I's count on small encoders of the real classes: every encoder keeps something for the backward
+    to its delta, and more for longer T5 inputs. CLIP keeps the same per sequence on two and on four
+    sequences; T5 keeps its relative-position bias (1 x heads x L x L) once for the whole batch, so its
+    figure per sequence on two sequences exceeds that on four by a quarter of those bytes: 1 % here, under
+    1 % at T5-XXL's shape."""
+    small_clip = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      projection_dim=32)
+    monkeypatch.setattr(bench, "CLIP_L", small_clip)
+    monkeypatch.setattr(bench, "CLIP_G", dict(small_clip, hidden_size=48, projection_dim=48))
+    monkeypatch.setattr(bench, "T5_XXL", dict(vocab_size=1000, d_model=32, d_ff=64, num_layers=2,
+                                              num_heads=2, d_kv=16, feed_forward_proj="gated-gelu",
+                                              is_encoder_decoder=False))
+    two, four = bench.encoder_activation_bytes("cpu", 2, 16), bench.encoder_activation_bytes("cpu", 4, 16)
+    assert set(two) == {"clip_l", "clip_g", "t5"} and all(v > 0 for v in two.values())
+    assert two["clip_l"] == four["clip_l"] and two["clip_g"] == four["clip_g"]
+    assert four["t5"] < two["t5"] < 1.02 * four["t5"]
+    assert bench.encoder_activation_bytes("cpu", 2, 32)["t5"] > two["t5"]
+    # the depth: counted from copies of one and two blocks, the same as counting the whole encoder
+    for depth in (2, 3):
+        for key, field in (("CLIP_L", "num_hidden_layers"), ("CLIP_G", "num_hidden_layers"),
+                           ("T5_XXL", "num_layers")):
+            monkeypatch.setattr(bench, key, dict(getattr(bench, key), **{field: depth}))
+        whole = bench.encoder_activation_bytes("cpu", 2, 16, layers={"clip_l": depth, "clip_g": depth,
+                                                                      "t5": depth})
+        assert bench.encoder_activation_bytes("cpu", 2, 16) == whole
+
+
 def test_epoch_cost_by_hand():
     b = bench.read_budget("config/geneval_g4k12.py")
     assert ((b["G"], b["K"], b["prompts_per_epoch"], b["steps"], b["timestep_fraction"])
