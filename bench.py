@@ -351,7 +351,7 @@ def main(argv=None):
     if not cuda and not tiny and device == "auto" and not count_only:
         print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "
               "run `python bench.py --shape=tiny` (or --device=cpu to insist), or "
-              "`python bench.py --count_activations=True` to count the training forward's activations here")
+              "`python bench.py --count_activations=True` to count Phase I's and II's activations here")
         return
 
     # ---- the timed models: bf16 transformer under autocast with fp32 LoRA, fp32 VAE, as phase2_align on CUDA
