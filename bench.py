@@ -170,7 +170,7 @@ def weight_table(n):
 
 
 def saved_activation_bytes(fn, params=()):
-    """(bytes, fn()): what autograd keeps for the backward while fn() runs a forward: the storage of every
+    """Bytes that autograd keeps for the backward while fn() runs a forward: the storage of every
     tensor saved for backward, each storage once, the storages of `params` (resident anyway) left out.
     A count, not an allocator reading: the same ops save the same tensors on any device, so a CPU gives
     the figure a GPU holds (attention included: the fused SDPA kernels of CPU and GPU both keep q, k, v,
@@ -185,8 +185,8 @@ def saved_activation_bytes(fn, params=()):
             seen[st.data_ptr()] = st.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
+        fn()  # its output, and the graph with it, is dropped here
+    return sum(seen.values())
 
 
 @contextlib.contextmanager
@@ -226,7 +226,7 @@ def encoder_activation_bytes(dev, seqs=2, t5_tokens=128, layers=None):
                          torch.ones(seqs, L, dtype=torch.bool, device=dev))}
         deltas = {name: torch.zeros(seqs, L, d, device=dev, requires_grad=True)}
         return saved_activation_bytes(lambda: S.run_encoders({"encoders": {name: enc}}, None, deltas, (name,),
-                                                             tokens), enc.parameters())[0] / seqs
+                                                             tokens), enc.parameters()) / seqs
     out = {}
     for name, (cfg, key, _) in shapes.items():
         if layers and name in layers:
@@ -330,7 +330,8 @@ def main(argv=None):
           f"(exact: parameter counts on the meta device; LoRA r={lora_rank or 32})")
     print(f"parameters: transformer {n['transformer']:,}, CLIP-L {n['clip_l']:,}, CLIP-G {n['clip_g']:,}, "
           f"T5-XXL {n['t5']:,}, VAE {n['vae']:,}, LoRA {n['lora']:,} per adapter")
-    for name, g in weight_table(n):
+    weights = weight_table(n)
+    for name, g in weights:
         print(f"  {name:<56} {g:7.2f} GiB")
     print("  (reward models and activations come on top; "
           "the peaks below hold the transformer, its LoRA and the VAE)")
@@ -343,11 +344,11 @@ def main(argv=None):
         K1 = read_budget("config/geneval_g4k12.py")["K"]
         seqs = P1.batch_prompts * (K1 - 1)
         held = sum(enc.values()) * seqs / 2 ** 30
-        weights = sum(g for name, g in weight_table(n) if "text encoder" in name)
+        text_weights = sum(g for name, g in weights if "text encoder" in name)
         print("\n== activations of Phase I (counted, bf16): a sequence keeps "
               + ", ".join(f"{k} {v / 2 ** 20:.0f} MiB" for k, v in enc.items())
               + f"; batch_prompts={P1.batch_prompts} at K={K1} ({seqs} sequences): {held:.1f} GiB, "
-              f"{held + weights:.1f} GiB with the encoders' weights")
+              f"{held + text_weights:.1f} GiB with the encoders' weights")
     if not cuda and not tiny and device == "auto" and not count_only:
         print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "
               "run `python bench.py --shape=tiny` (or --device=cpu to insist), or "
@@ -386,9 +387,9 @@ def main(argv=None):
     with autocast():
         act = saved_activation_bytes(lambda: P2.policy_velocities(tr, torch.randn(2, *lat, device=dev),
                                                                   torch.full((2,), 0.5, device=dev),
-                                                                  cond(2)), tr.parameters())[0] / 2 ** 31
+                                                                  cond(2)), tr.parameters()) / 2 ** 31
     tr.eval()
-    total, offload = weight_table(n)[-2][1], weight_table(n)[-1][1]
+    total, offload = weights[-2][1], weights[-1][1]
     size = lambda g: f"{g:.2f} GiB" if g >= 0.1 else f"{g * 1024:.2f} MiB"
     print(f"\n== activations of a training forward without gradient checkpointing (counted, {dtype}): "
           f"{size(act)} a sample, {size(act * train_batch)} a micro-batch of {train_batch}")

@@ -671,6 +671,11 @@ def _log(d):
     return [json.loads(ln) for ln in (d / "log.jsonl").read_text().splitlines()]
 
 
+def _log_without_timings(d):
+    """The run's log records without their wall-clock fields, for comparing two runs."""
+    return [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in _log(d)]
+
+
 def test_phase2_trains_on_c_orig_for_every_sample(phase1_file, tmp_path, monkeypatch):
     pf, out = phase1_file
     prompt_list, _ = sample.read_prompts(pf)
@@ -864,9 +869,7 @@ def test_phase2_text_offload_changes_nothing_but_where_the_encoders_wait(phase1_
                               "--eval_every=1"))
     phase2_align.main(_phase2(tmp_path / "b", out, pf, "--epochs=1", f"--eval_prompts={pf}",
                               "--eval_every=1", "--text_offload=True"))
-    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
-    assert [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in a] == \
-           [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in b]
+    assert _log_without_timings(tmp_path / "a") == _log_without_timings(tmp_path / "b")
     assert len(inside) == 2 * 3  # per run: the start evaluation, the epoch's groups, the end evaluation
 
 
@@ -878,8 +881,7 @@ def test_phase2_gradient_checkpointing_changes_nothing_but_memory(phase1_file, t
     pf, out = phase1_file
     for name, on in (("on", True), ("off", False)):
         phase2_align.main(_phase2(tmp_path / name, out, pf, "--epochs=2", f"--grad_checkpointing={on}"))
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time", "img"))} for r in rows]
-    assert strip(_log(tmp_path / "on")) == strip(_log(tmp_path / "off"))
+    assert _log_without_timings(tmp_path / "on") == _log_without_timings(tmp_path / "off")
     for sub in ("lora", "lora_old", "lora_ema"):
         files = sorted((tmp_path / "on" / "checkpoint" / sub).glob("*.safetensors"))
         assert files

@@ -4,7 +4,7 @@
 #   bash data/shapes/experiment.sh      # the five-way variance experiment
 #                                       # (README "The variance finding on a CPU")
 # The settings are ours, chosen for a 2-core CPU (README "The shapes world"): 64 samples an epoch, 3 of the
-# 10 grid times trained per sample, no KL term, no gradient checkpointing; the rest is the GenEval recipe's.
+# 10 grid times trained per sample, no KL term; the rest is the GenEval recipe's.
 model = "data/shapes/prior"
 device = "cpu"
 resolution = 64
@@ -30,7 +30,6 @@ kl_beta = 0.0
 lr = 1e-3
 lora_rank = 16
 lora_alpha = 32
-grad_checkpointing = False
 eval_every = 5
 ckpt_every = 10
 batch_size = 64  # sample.py
