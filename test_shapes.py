@@ -174,7 +174,8 @@ def test_splits_disjoint_by_task_cover_every_tag_and_match_the_files(prep, tmp_p
         assert any(m["tag"] == tag for m in train) and any(m["tag"] == tag for m in test), tag
     assert prep.split_tasks(prep.all_tasks(), seed=1)[1] != test
     prep.main([f"--out_dir={tmp_path}"])
-    for name in ("train_metadata.jsonl", "test_metadata.jsonl", "train_small.jsonl", "test_small.jsonl"):
+    for name in ("train_metadata.jsonl", "test_metadata.jsonl", "train_small.jsonl", "test_small.jsonl",
+                 "test_single_object.jsonl"):
         # the committed files are this command's
         with open(os.path.join(REPO, "data/shapes", name)) as f, open(tmp_path / name) as g:
             assert f.read() == g.read(), name
@@ -182,6 +183,8 @@ def test_splits_disjoint_by_task_cover_every_tag_and_match_the_files(prep, tmp_p
     assert {m["tag"]: sum(x["tag"] == m["tag"] for x in small) for m in small} == {
         "single_object": 2, "two_object": 2, "counting": 6, "colors": 6, "position": 6, "color_attr": 6}
     assert all(m in train for m in small)
+    single = [json.loads(ln) for ln in open(tmp_path / "test_single_object.jsonl")]
+    assert single == [m for m in test if m["tag"] == "single_object"] and len(single) == 1
     with pytest.raises(SystemExit, match="test_fraction"):
         prep.main([f"--out_dir={tmp_path / 'bad'}", "--test_fraction=1.5"])
     assert not (tmp_path / "bad").exists()
@@ -301,6 +304,71 @@ def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour():
     assert hit >= 0.4 and hit > other + 0.3, (hit, other)  # this copy: see data/shapes/prior/TRAINING.txt
 
 
+def _train_prior_module():
+    """data/shapes/train_prior.py as a fresh module: its config lives in module globals, so each use
+    starts from the defaults."""
+    spec = importlib.util.spec_from_file_location("shapes_train_prior",
+                                                  os.path.join(REPO, "data/shapes/train_prior.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),
+                    reason="no trained prior in data/shapes/prior: python data/shapes/train_prior.py")
+def test_guidance_distillation_regresses_onto_the_teachers_cfg_velocity():
+    # distill_guidance's first loss, from the same draws (a fresh generator each time), while the student
+    # still equals its teacher: |v_c - (v_u + w (v_c - v_u))|^2 = (w - 1)^2 |v_c - v_u|^2, so the loss is 0
+    # at w = 1 (float rounding of v_u + (v_c - v_u) only) and the w = 3 loss is exactly 4x the w = 2 loss.
+    # A swapped condition, a target without w or a student that starts elsewhere breaks one of the two.
+    import copy
+    import sample
+    tp = _train_prior_module()
+    tp.distill_steps, tp.batch, tp.log_every = 1, 4, 1
+    pipe = sample.load_pipeline(PRIOR)
+    text = sample.load_text(PRIOR, t5_len=16, pipe=pipe)
+    latents = torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    captions = ["a photo of a red circle", "a photo of two squares", "a photo of a triangle",
+                "a photo of a blue square and a green circle"] * 2
+    first = {}
+    for w in (1.0, 2.0, 3.0):
+        tp.distill_cfg = w
+        student = copy.deepcopy(pipe.transformer)
+        _, hist = tp.distill_guidance(student, text, latents, captions, torch.Generator().manual_seed(0))
+        first[w] = hist[0]
+    assert first[2.0] > 1e-4 and first[1.0] < 1e-6 * first[2.0], first
+    assert abs(first[3.0] / first[2.0] - 4) < 1e-3, first
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),
+                    reason="no trained prior in data/shapes/prior: python data/shapes/train_prior.py")
+def test_distill_stage_writes_a_prior_that_keeps_the_teachers_vae_and_encoders(tmp_path):
+    # The command of README "The shapes world", shrunk: a folder that plain diffusers loads, the teacher's
+    # VAE and text encoders bit for bit, another transformer, its lineage in shapes_prior.json; bad input
+    # stops before anything is written, and the teacher is never its own output.
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+    small = ["--n_images=32", "--distill_steps=2", "--batch=4", "--eval_images=2", "--eval_steps=(2,)",
+             "--test_prompts=data/shapes/test_single_object.jsonl"]
+    out = tmp_path / "distilled"
+    with pytest.raises(SystemExit, match="holds no saved prior"):
+        _train_prior_module().main([f"--distill_from={tmp_path / 'none'}", f"--out_dir={out}", *small])
+    with pytest.raises(SystemExit, match="same folder"):
+        _train_prior_module().main([f"--distill_from={PRIOR}", f"--out_dir={PRIOR}/", *small])
+    assert not out.exists()
+    _train_prior_module().main([f"--distill_from={PRIOR}", f"--out_dir={out}", *small])
+    for part in ("vae/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model",
+                 "text_encoder_3/model", "transformer/diffusion_pytorch_model"):
+        a, b = load_file(f"{PRIOR}/{part}.safetensors"), load_file(f"{out}/{part}.safetensors")
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert same == (part != "transformer/diffusion_pytorch_model"), part
+    with open(out / "shapes_prior.json") as f:
+        info = json.load(f)
+    assert info["distilled_from"] == PRIOR and info["distill_cfg"] == 3.0 and info["t5_len"] == 16
+    assert StableDiffusion3Pipeline.from_pretrained(str(out)).transformer.config.num_layers == 4
+    assert "guidance-distilled" in (out / "README.md").read_text() and (out / "TRAINING.txt").exists()
+
+
 def _redness(sign):
     """A dense reward any policy can climb: the mean of red minus the other two channels' mean
     (times sign)."""
@@ -332,3 +400,4 @@ def test_phase2_on_the_shapes_prior_follows_a_dense_reward_both_ways(tmp_path, m
         assert len(evals) == 2, evals
         moved[sign] = sign * (evals[1] - evals[0])  # the change of redness itself
     assert moved[1.0] > 0.008 and moved[-1.0] < -0.006, moved
+

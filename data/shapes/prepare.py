@@ -2,8 +2,8 @@
 The shapes world's data: GenEval-style prompt files over filled circles, squares and triangles, and a
 renderer that draws an image satisfying any such prompt exactly.
 
-    python data/shapes/prepare.py        # -> data/shapes/{train,test}_metadata.jsonl and the balanced
-                                         #    {train,test}_small.jsonl
+    python data/shapes/prepare.py        # -> data/shapes/{train,test}_metadata.jsonl, the balanced
+                                         #    {train,test}_small.jsonl and test_single_object.jsonl
     python data/shapes/prepare.py --seed=1 --test_fraction=0.3 --out_dir=out/shapes
     python data/shapes/prepare.py --preview=out/shapes_preview.png   # also a grid of rendered test prompts
 
@@ -217,7 +217,8 @@ def main(argv=None):
     os.makedirs(a.out_dir, exist_ok=True)
     for name, rows in (("train_metadata.jsonl", train), ("test_metadata.jsonl", test),
                        ("train_small.jsonl", per_tag(train, a.small)),
-                       ("test_small.jsonl", per_tag(test, a.small))):
+                       ("test_small.jsonl", per_tag(test, a.small)),
+                       ("test_single_object.jsonl", [r for r in test if r["tag"] == "single_object"])):
         write_jsonl(os.path.join(a.out_dir, name), rows)
         counts = {t: sum(r["tag"] == t for r in rows) for t in GENEVAL_TAGS}
         print(f"{os.path.join(a.out_dir, name)}: {len(rows)} prompts {counts}")

@@ -6,6 +6,8 @@ only tiny, saved as a diffusers folder that every script of this repository load
 
     python data/shapes/train_prior.py                       # ~65 min, 1 thread -> data/shapes/prior/
     python data/shapes/train_prior.py --eval_only=True      # re-evaluate the saved folder (2 min)
+    # the guidance-distilled prior (~12 min, 1 thread): draws without CFG what the prior draws with it
+    python data/shapes/train_prior.py --distill_from=data/shapes/prior --out_dir=data/shapes/prior_cfgfree
     # a smoke run of every stage in a minute:
     python data/shapes/train_prior.py --out_dir=out/prior_smoke --n_images=512 --vae_steps=10 --steps=10 \
         --eval_images=4
@@ -37,6 +39,10 @@ Stages, top to bottom:
    dpm2, 10 steps, no CFG) and as evaluation is (40 steps), judged by the `shapes` reward; per tag strict
    accuracy and mean partial credit, next to the ground-truth renders and their VAE reconstructions
    (the ceiling). Printed and written to out_dir/TRAINING.txt.
+With --distill_from=PRIOR, stages 2-4 give way to guidance distillation (distill_guidance): PRIOR's
+transformer learns to draw without CFG what it draws with CFG at scale distill_cfg; its VAE and text
+encoders are kept. The RL recipe samples without CFG, so this prior's failures are more often choices
+(no object drawn at all) than drawing skill, and RL fixes those within minutes (README "The shapes world").
 
 Why threads = 1: on a shared 2-core machine, two OpenMP threads spin-wait whenever another process holds
 a core, and a training step became 5-9x slower than with one thread (measured); one thread is also
@@ -105,6 +111,13 @@ test_prompts = os.path.relpath(os.path.join(HERE, "test_metadata.jsonl"), os.get
 eval_images = 64  # at least this many images per tag (prompts of a tag repeated over seeds)
 eval_steps = (10, 40)
 eval_only = False  # only evaluate the folder at out_dir
+# guidance distillation (ours, optional): with distill_from set, nothing is trained from scratch; that
+# prior's transformer learns to draw without CFG what it draws with CFG at scale distill_cfg, then it is
+# saved and evaluated as above (data/shapes/prior_cfgfree: README "The shapes world")
+distill_from = ""
+distill_cfg = 3.0
+distill_steps = 2000
+distill_lr = 2e-4
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if k not in _names_before_config and not k.startswith("_")
                and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -273,6 +286,27 @@ def build_transformer(res):
         dual_attention_layers=tuple(range(dual_layers)), qk_norm="rms_norm")
 
 
+def noised(x0, g):
+    """(x0, t, eps, x_t) of rectified flow: x_t = (1 - t) x0 + t eps, t = shift(u), u ~ logit-normal(0, 1)
+    (the scheduler's shift, as SD3's training draws its sigmas)."""
+    t = torch.sigmoid(torch.randn(len(x0), generator=g))
+    t = shift * t / (1 + (shift - 1) * t)
+    eps = torch.randn(x0.shape, generator=g)
+    tt = t.view(-1, 1, 1, 1)
+    return x0, t, eps, (1 - tt) * x0 + tt * eps
+
+
+def step_and_average(opt, params, shadow, loss, step):
+    """One clipped AdamW step, then the EMA shadow <- d * shadow + (1 - d) * params,
+    d = min(ema, (1 + step) / (10 + step))."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(shadow, [p.detach() for p in params], 1 - min(ema, (1 + step) / (10 + step)))
+
+
 def train_transformer(transformer, text, latents, captions, g):
     """Rectified flow on (latents, captions); returns the EMA copies of the trained modules' weights."""
     mods = [transformer] + (list(text["encoders"].values()) if train_text else [])
@@ -305,20 +339,9 @@ def train_transformer(transformer, text, latents, captions, g):
         else:
             j = torch.tensor([where[c] for c in caps])
             cond = (cache[0][j], cache[1][j])
-        x0 = latents[idx]
-        t = torch.sigmoid(torch.randn(batch, generator=g))
-        t = shift * t / (1 + (shift - 1) * t)  # the scheduler's shift, as SD3's training draws its sigmas
-        eps = torch.randn(x0.shape, generator=g)
-        tt = t.view(-1, 1, 1, 1)
-        v = sample.velocity(transformer, (1 - tt) * x0 + tt * eps, t, cond)
-        loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(shadow, [p.detach() for p in params], 1 - d)
+        x0, t, eps, x_t = noised(latents[idx], g)
+        loss = F.mse_loss(sample.velocity(transformer, x_t, t, cond), eps - x0)
+        step_and_average(opt, params, shadow, loss, step)
         hist.append(loss.item())
         if step % log_every == 0 or step == steps - 1:
             log(f"step {step:5d}  loss {np.mean(hist[-log_every:]):.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
@@ -331,7 +354,67 @@ def train_transformer(transformer, text, latents, captions, g):
     return time.time() - t0, hist
 
 
+def distill_guidance(transformer, text, latents, captions, g):
+    """Guidance distillation: the transformer regresses its conditional velocity onto a frozen copy's CFG
+    velocity v_u + distill_cfg * (v_c - v_u) at the pretraining set's x_t (t drawn as in training);
+    AdamW at distill_lr, EMA as training; the encoders stay frozen (conditions cached). A CFG-free
+    sampler then draws what CFG drew: the RL recipe samples without CFG, as DiffusionNFT does."""
+    import copy
+    teacher = copy.deepcopy(transformer).eval().requires_grad_(False)
+    uniq = sorted(set(captions)) + [""]
+    with torch.no_grad():
+        cache = sample.encode(text, uniq)
+    where = {c: i for i, c in enumerate(uniq)}
+    transformer.train().requires_grad_(True)
+    params = list(transformer.parameters())
+    opt = torch.optim.AdamW(params, lr=distill_lr, weight_decay=0.0)
+    shadow = [p.detach().clone() for p in params]
+    t0, hist = time.time(), []
+    for step in range(distill_steps):
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        j = torch.tensor([where[captions[i]] for i in idx.tolist()])
+        c, u = (cache[0][j], cache[1][j]), (cache[0][[-1] * batch], cache[1][[-1] * batch])
+        _, t, _, x_t = noised(latents[idx], g)
+        with torch.no_grad():
+            v_c, v_u = sample.velocity(teacher, x_t, t, c), sample.velocity(teacher, x_t, t, u)
+        loss = F.mse_loss(sample.velocity(transformer, x_t, t, c), v_u + distill_cfg * (v_c - v_u))
+        step_and_average(opt, params, shadow, loss, step)
+        hist.append(loss.item())
+        if step % log_every == 0 or step == distill_steps - 1:
+            log(f"distill {step:5d}  loss {np.mean(hist[-log_every:]):.4f}  "
+                f"{(step + 1) / (time.time() - t0):.2f} steps/s")
+    with torch.no_grad():
+        for p, sh in zip(params, shadow):
+            p.copy_(sh)
+    transformer.eval().requires_grad_(False)
+    return time.time() - t0, hist
+
+
 # ----------------------------------------------------------------------------- 5. save
+def prior_readme(folder, info):
+    """The README.md saved in a prior folder: what it is, how to load and sample it."""
+    where = folder.rstrip("/")
+    how = (f"guidance-distilled (CFG scale {info['distill_cfg']}) from `{info['distilled_from']}`"
+           if "distilled_from" in info else "trained from scratch")
+    return (
+        "# The shapes world's prior\n\n"
+        f"A tiny SD3-shaped text-to-image model (StableDiffusion3Pipeline classes), {how} on CPU by\n"
+        "`python data/shapes/train_prior.py` on renders of `data/shapes/prepare.py`. Load it with\n"
+        f"`--model={where}` or `StableDiffusion3Pipeline.from_pretrained(\"{where}\")`.\n\n"
+        f"Sample at resolution={info['resolution']} with t5_len={info['t5_len']} "
+        f"(CLIP: {info['clip_len']} tokens, the\n"
+        "tokenizers' model_max_length); both values are in shapes_prior.json. "
+        "Score with the `shapes` reward\n"
+        "(rewards.py), on the prompt files data/shapes/{train,test}_metadata.jsonl:\n\n"
+        f"    python sample.py --model={where} --resolution={info['resolution']} "
+        f"--t5_len={info['t5_len']} \\\n"
+        "        --prompts=data/shapes/test_metadata.jsonl --out_dir=out/shapes/samples\n\n"
+        "The transformer and VAE weights are stored in fp16 (they load as fp32, or in the dtype asked), "
+        "the text\n"
+        "encoders in fp32. TRAINING.txt holds the settings, figures and held-out accuracy of this copy, and\n"
+        "samples.png a row of held-out samples per GenEval tag.\n")
+
+
 def save(pipe, folder, info):
     """save_pretrained into folder + '.tmp', then swap it in: never a half-written prior. The transformer
     and VAE are stored in save_dtype (diffusers loads them as fp32 unless asked otherwise); the text
@@ -346,25 +429,7 @@ def save(pipe, folder, info):
     for m in (pipe.transformer, pipe.vae):
         m.to(torch.float32)
     sample.write_json_atomic(os.path.join(tmp, "shapes_prior.json"), info)
-    sample.write_text_atomic(os.path.join(tmp, "README.md"), (
-        "# The shapes world's prior\n\n"
-        "A tiny SD3-shaped text-to-image model (StableDiffusion3Pipeline classes) trained from scratch "
-        "on CPU by\n"
-        "`python data/shapes/train_prior.py` on renders of `data/shapes/prepare.py`. Load it with\n"
-        "`--model=data/shapes/prior` or "
-        "`StableDiffusion3Pipeline.from_pretrained(\"data/shapes/prior\")`.\n\n"
-        f"Sample at resolution={info['resolution']} with t5_len={info['t5_len']} "
-        f"(CLIP: {info['clip_len']} tokens, the\n"
-        "tokenizers' model_max_length); both values are in shapes_prior.json. "
-        "Score with the `shapes` reward\n"
-        "(rewards.py), on the prompt files data/shapes/{train,test}_metadata.jsonl:\n\n"
-        f"    python sample.py --model=data/shapes/prior --resolution={info['resolution']} "
-        f"--t5_len={info['t5_len']} \\\n"
-        "        --prompts=data/shapes/test_metadata.jsonl --out_dir=out/shapes/samples\n\n"
-        "The transformer and VAE weights are stored in fp16 (they load as fp32, or in the dtype asked), "
-        "the text\n"
-        "encoders in fp32. TRAINING.txt holds the settings, figures and held-out accuracy of this copy, and\n"
-        "samples.png a row of held-out samples per GenEval tag.\n"))
+    sample.write_text_atomic(os.path.join(tmp, "README.md"), prior_readme(folder, info))
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -458,6 +523,12 @@ def main(argv=None):
     if vae_from and not os.path.isdir(os.path.join(vae_from, "vae")):
         raise SystemExit(f"--vae_from={vae_from} holds no vae/ folder: "
                          f"pass a prior folder written by this script")
+    if distill_from and not os.path.isfile(os.path.join(distill_from, "model_index.json")):
+        raise SystemExit(f"--distill_from={distill_from} holds no saved prior (model_index.json): "
+                         f"pass a prior folder written by this script")
+    if distill_from and os.path.abspath(distill_from) == os.path.abspath(out_dir):
+        raise SystemExit(f"--distill_from and --out_dir are the same folder '{out_dir}': the distilled prior "
+                         f"would replace its teacher; pass another --out_dir")
     if eval_only:
         if not os.path.isfile(os.path.join(out_dir, "model_index.json")):
             raise SystemExit(f"--eval_only: '{out_dir}' holds no saved prior (model_index.json): "
@@ -475,6 +546,8 @@ def main(argv=None):
     test_images, _ = pretraining_set(512, resolution, np.random.default_rng(seed + 1))
     times["data"] = time.time() - t
     log(f"data: {n_images} renders, {len(set(captions))} distinct captions, {times['data']:.0f} s")
+    if distill_from:
+        return distill_prior(cfg, images, captions, g, times, T0)
 
     if vae_from:
         from diffusers import AutoencoderKL
@@ -559,6 +632,47 @@ def main(argv=None):
         f"final loss {np.mean(hist[-200:]):.4f}, EMA {ema}",
         f"folder: {size / 1e6:.1f} MB ({save_dtype}); loaded in bf16, images differ from fp32 ones "
         f"by {agree:.4f} (mean |difference| in [0, 1], {eval_steps[0]} steps)",
+        "",
+        f"held-out prompts ({test_prompts}), sampled with sample.sample (dpm2, no CFG), "
+        f"judged by the shapes reward:",
+        table({k: {t: v for t, v in c.items() if t != '_images'} for k, c in cols.items()}),
+        ""])
+    log("\n" + report)
+    sample.write_text_atomic(os.path.join(out_dir, "TRAINING.txt"), report)
+
+
+def distill_prior(cfg, images, captions, g, times, T0):
+    """The guidance-distillation run: distill_from's pipeline, its transformer distilled on the
+    pretraining set's latents, saved to out_dir and evaluated like a trained prior."""
+    pipe = sample.load_pipeline(distill_from, "cpu", torch.float32)
+    text = sample.load_text(distill_from, "cpu", torch.float32, t5_len, pipe=pipe)
+    for e in text["encoders"].values():
+        e.eval().requires_grad_(False)
+    t = time.time()
+    with torch.no_grad():
+        raw = encode_latents(pipe.vae, images)
+    latents = (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    times["encode"] = time.time() - t
+    times["distill"], hist = distill_guidance(pipe.transformer, text, latents, captions, g)
+    with open(os.path.join(distill_from, "shapes_prior.json")) as f:
+        info = dict(json.load(f), distilled_from=distill_from, distill_cfg=distill_cfg)
+    save(pipe, out_dir, info)
+    t = time.time()
+    cols = evaluate(out_dir)
+    times["evaluate"] = time.time() - t
+    first = f"prior {eval_steps[0]} steps"
+    sample.to_pil(sample.grid(cols[first]["_images"][:64], 8)).save(os.path.join(out_dir, "samples.png"))
+    report = "\n".join([
+        f"shapes prior, guidance-distilled {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
+        f"by data/shapes/train_prior.py from {distill_from}",
+        f"machine: {machine()}",
+        f"wall time {(time.time() - T0) / 60:.1f} min: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()),
+        f"config: {json.dumps(cfg)}",
+        "",
+        f"transformer: {distill_steps} steps x {batch} regressing on the teacher's CFG velocity at scale "
+        f"{distill_cfg}, lr {distill_lr}, final loss {np.mean(hist[-200:]):.4f}, EMA {ema}; VAE and text "
+        f"encoders unchanged",
         "",
         f"held-out prompts ({test_prompts}), sampled with sample.sample (dpm2, no CFG), "
         f"judged by the shapes reward:",
