@@ -298,13 +298,20 @@ def noised(x0, g):
 
 def step_and_average(opt, params, shadow, loss, step):
     """One clipped AdamW step, then the EMA shadow <- d * shadow + (1 - d) * params,
-    d = min(ema, (1 + step) / (10 + step))."""
+    d = min(ema, (1 + step) / (10 + step)). Returns the loss as a float."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     with torch.no_grad():
         torch._foreach_lerp_(shadow, [p.detach() for p in params], 1 - min(ema, (1 + step) / (10 + step)))
+    return loss.item()
+
+
+@torch.no_grad()
+def keep_average(params, shadow):
+    """The trained weights become their EMA (what is saved)."""
+    torch._foreach_copy_(params, shadow)
 
 
 def train_transformer(transformer, text, latents, captions, g):
@@ -341,14 +348,11 @@ def train_transformer(transformer, text, latents, captions, g):
             cond = (cache[0][j], cache[1][j])
         x0, t, eps, x_t = noised(latents[idx], g)
         loss = F.mse_loss(sample.velocity(transformer, x_t, t, cond), eps - x0)
-        step_and_average(opt, params, shadow, loss, step)
-        hist.append(loss.item())
+        hist.append(step_and_average(opt, params, shadow, loss, step))
         if step % log_every == 0 or step == steps - 1:
             log(f"step {step:5d}  loss {np.mean(hist[-log_every:]):.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
                 f"{(step + 1) / (time.time() - t0):.2f} steps/s")
-    with torch.no_grad():
-        for p, s in zip(params, shadow):
-            p.copy_(s)
+    keep_average(params, shadow)
     for m in mods:
         m.eval().requires_grad_(False)
     return time.time() - t0, hist
@@ -378,14 +382,11 @@ def distill_guidance(transformer, text, latents, captions, g):
         with torch.no_grad():
             v_c, v_u = sample.velocity(teacher, x_t, t, c), sample.velocity(teacher, x_t, t, u)
         loss = F.mse_loss(sample.velocity(transformer, x_t, t, c), v_u + distill_cfg * (v_c - v_u))
-        step_and_average(opt, params, shadow, loss, step)
-        hist.append(loss.item())
+        hist.append(step_and_average(opt, params, shadow, loss, step))
         if step % log_every == 0 or step == distill_steps - 1:
             log(f"distill {step:5d}  loss {np.mean(hist[-log_every:]):.4f}  "
                 f"{(step + 1) / (time.time() - t0):.2f} steps/s")
-    with torch.no_grad():
-        for p, sh in zip(params, shadow):
-            p.copy_(sh)
+    keep_average(params, shadow)
     transformer.eval().requires_grad_(False)
     return time.time() - t0, hist
 
@@ -502,6 +503,16 @@ def table(cols):
     return "\n".join(lines)
 
 
+def write_report(lines, cols):
+    """TRAINING.txt in out_dir: `lines`, then the held-out table of evaluate()'s columns; printed too."""
+    report = "\n".join(lines + [
+        "", f"held-out prompts ({test_prompts}), sampled with sample.sample (dpm2, no CFG), "
+        f"judged by the shapes reward:",
+        table({k: {t: v for t, v in c.items() if t != '_images'} for k, c in cols.items()}), ""])
+    log("\n" + report)
+    sample.write_text_atomic(os.path.join(out_dir, "TRAINING.txt"), report)
+
+
 def machine():
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor()) \
@@ -613,7 +624,7 @@ def main(argv=None):
     agree = float((cols[first]["_images"] - bf16[first + " (bfloat16)"]["_images"]).abs().mean())
     cols.update({k: v for k, v in bf16.items()})
     wall = time.time() - T0
-    report = "\n".join([
+    write_report([
         f"shapes prior, trained {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
         f"by data/shapes/train_prior.py",
         f"machine: {machine()}",
@@ -632,13 +643,7 @@ def main(argv=None):
         f"final loss {np.mean(hist[-200:]):.4f}, EMA {ema}",
         f"folder: {size / 1e6:.1f} MB ({save_dtype}); loaded in bf16, images differ from fp32 ones "
         f"by {agree:.4f} (mean |difference| in [0, 1], {eval_steps[0]} steps)",
-        "",
-        f"held-out prompts ({test_prompts}), sampled with sample.sample (dpm2, no CFG), "
-        f"judged by the shapes reward:",
-        table({k: {t: v for t, v in c.items() if t != '_images'} for k, c in cols.items()}),
-        ""])
-    log("\n" + report)
-    sample.write_text_atomic(os.path.join(out_dir, "TRAINING.txt"), report)
+    ], cols)
 
 
 def distill_prior(cfg, images, captions, g, times, T0):
@@ -662,7 +667,7 @@ def distill_prior(cfg, images, captions, g, times, T0):
     times["evaluate"] = time.time() - t
     first = f"prior {eval_steps[0]} steps"
     sample.to_pil(sample.grid(cols[first]["_images"][:64], 8)).save(os.path.join(out_dir, "samples.png"))
-    report = "\n".join([
+    write_report([
         f"shapes prior, guidance-distilled {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
         f"by data/shapes/train_prior.py from {distill_from}",
         f"machine: {machine()}",
@@ -673,13 +678,7 @@ def distill_prior(cfg, images, captions, g, times, T0):
         f"transformer: {distill_steps} steps x {batch} regressing on the teacher's CFG velocity at scale "
         f"{distill_cfg}, lr {distill_lr}, final loss {np.mean(hist[-200:]):.4f}, EMA {ema}; VAE and text "
         f"encoders unchanged",
-        "",
-        f"held-out prompts ({test_prompts}), sampled with sample.sample (dpm2, no CFG), "
-        f"judged by the shapes reward:",
-        table({k: {t: v for t, v in c.items() if t != '_images'} for k, c in cols.items()}),
-        ""])
-    log("\n" + report)
-    sample.write_text_atomic(os.path.join(out_dir, "TRAINING.txt"), report)
+    ], cols)
 
 
 if __name__ == "__main__":
