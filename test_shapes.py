@@ -271,14 +271,17 @@ def test_eval_diversity_scores_a_shapes_sample_folder_with_the_shapes_detector(p
         eval_diversity.main([f"--samples={tmp_path}", "--metrics=geneval", "--geneval_scorer=clip"])
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),
-                    reason="no trained prior in data/shapes/prior: python data/shapes/train_prior.py")
-def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour():
+@pytest.mark.parametrize("folder", ["prior", "prior_cfgfree"])
+def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour(folder):
+    # both committed priors: the trained one and its guidance-distilled copy (README "The shapes world")
+    prior = os.path.join(REPO, "data/shapes", folder)
+    if not os.path.isfile(os.path.join(prior, "model_index.json")):
+        pytest.skip(f"no prior in data/shapes/{folder}: README 'The shapes world' has the command")
     import sample
     from diffusers import StableDiffusion3Pipeline
-    with open(os.path.join(PRIOR, "shapes_prior.json")) as f:
+    with open(os.path.join(prior, "shapes_prior.json")) as f:
         info = json.load(f)
-    plain = StableDiffusion3Pipeline.from_pretrained(PRIOR)  # fp32 throughout, no dtype argument needed
+    plain = StableDiffusion3Pipeline.from_pretrained(prior)  # fp32 throughout, no dtype argument needed
     assert {m.dtype for m in (plain.transformer, plain.vae, plain.text_encoder,
                               plain.text_encoder_3)} == {torch.float32}
     out = plain("a photo of a red circle", num_inference_steps=4, height=info["resolution"],
@@ -286,8 +289,8 @@ def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour():
                 output_type="np").images
     assert out.shape == (1, info["resolution"], info["resolution"], 3) and np.isfinite(out).all()
     # as the RL scripts load and sample it (sample.py): colour prompts, 10 dpm2 steps, no CFG
-    pipe = sample.load_pipeline(PRIOR)
-    text = sample.load_text(PRIOR, t5_len=info["t5_len"], pipe=pipe)
+    pipe = sample.load_pipeline(prior)
+    text = sample.load_text(prior, t5_len=info["t5_len"], pipe=pipe)
     colours = ("red", "blue", "yellow", "green")
     metas = [{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": c}],
               "prompt": f"a photo of a {c} circle"}
@@ -301,7 +304,7 @@ def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour():
     asked = [m["include"][0]["color"] for m in metas]
     hit = np.mean([a in f for a, f in zip(asked, found)])
     other = np.mean([colours[(colours.index(a) + 1) % 4] in f for a, f in zip(asked, found)])
-    assert hit >= 0.4 and hit > other + 0.3, (hit, other)  # this copy: see data/shapes/prior/TRAINING.txt
+    assert hit >= 0.4 and hit > other + 0.3, (hit, other)  # these copies: see their TRAINING.txt
 
 
 def _train_prior_module():
