@@ -1,7 +1,8 @@
 # ============================================================================= shapes world
 # Tests of the shapes world: the renderer and prompt files (data/shapes/prepare.py) and the `shapes`
-# reward (rewards.shapes_detect judged by rewards.geneval_rules). Self-contained, CPU; the last test
-# loads the trained prior (data/shapes/prior) and is skipped where it is absent.
+# reward (rewards.shapes_detect judged by rewards.geneval_rules); then the committed priors
+# (data/shapes/prior and its guidance-distilled copy prior_cfgfree), their training script, and the
+# training loop on them, the learning guard among them. CPU; a test whose prior is absent is skipped.
 import importlib.util
 import itertools
 import json
