@@ -3,6 +3,8 @@ Phase I of E²PO: learn K-1 token-embedding perturbations per prompt (the paper'
 arXiv 2605.15803; README "The method, stage by stage"). The flow model
 is not involved and the text encoders stay frozen; only Δ = {δ_k} is optimised, per encoder.
 
+    # the shapes world's prompts, CPU, seconds
+    python phase1_perturb.py config/shapes_quick.py
     # tiny model, CPU, seconds
     python phase1_perturb.py config/tiny_cpu.py
     # SD3.5-M on a prompt file, one process per GPU, shards merged on read

@@ -3,7 +3,9 @@ Phase II of E²PO: DiffusionNFT on SD3.5 with the two E²PO changes (arXiv 2605.
 is G noises x K conditions (C^orig plus K-1 Phase I perturbations, faded out by the gamma schedule),
 and every sample is trained with C^orig as its condition (reference-anchored batching).
 
-    # tiny model, CPU, a few epochs in well under two minutes
+    # the shapes world on CPU, 30 steps in about three minutes: the held-out reward rises
+    python phase1_perturb.py config/shapes_quick.py && python phase2_align.py config/shapes_quick.py
+    # the tiny random model, CPU, the plumbing in under a minute
     python phase1_perturb.py config/tiny_cpu.py && python phase2_align.py config/tiny_cpu.py
     # SD3.5-M, 8 GPUs
     torchrun --nproc_per_node=8 phase1_perturb.py config/geneval_g4k12.py

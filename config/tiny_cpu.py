@@ -1,4 +1,5 @@
-# The embedded tiny default: a seeded random-weight SD3.5-M-shaped model, every stage on CPU in seconds.
+# The embedded tiny model: a seeded random-weight SD3.5-M-shaped model, every stage on CPU in seconds; its
+# images are noise, so it checks the plumbing (the README's first command runs config/shapes_quick.py).
 #   python phase1_perturb.py config/tiny_cpu.py && python phase2_align.py config/tiny_cpu.py
 model = "tiny"
 device = "cpu"
