@@ -20,13 +20,17 @@ from rewards import (GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, SHAPE_CLAS
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def prep():
-    spec = importlib.util.spec_from_file_location("shapes_prepare",
-                                                  os.path.join(REPO, "data/shapes/prepare.py"))
+def _load_script(rel, name):
+    """A script of the repository (not a package) loaded by path as a fresh module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, rel))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def prep():
+    return _load_script("data/shapes/prepare.py", "shapes_prepare")
 
 
 @pytest.fixture(scope="module")
@@ -311,11 +315,7 @@ def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour(folde
 def _train_prior_module():
     """data/shapes/train_prior.py as a fresh module: its config lives in module globals, so each use
     starts from the defaults."""
-    spec = importlib.util.spec_from_file_location("shapes_train_prior",
-                                                  os.path.join(REPO, "data/shapes/train_prior.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_script("data/shapes/train_prior.py", "shapes_train_prior")
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),

@@ -287,13 +287,27 @@ def build_transformer(res):
 
 
 def noised(x0, g):
-    """(x0, t, eps, x_t) of rectified flow: x_t = (1 - t) x0 + t eps, t = shift(u), u ~ logit-normal(0, 1)
+    """(t, eps, x_t) of rectified flow: x_t = (1 - t) x0 + t eps, t = shift(u), u ~ logit-normal(0, 1)
     (the scheduler's shift, as SD3's training draws its sigmas)."""
     t = torch.sigmoid(torch.randn(len(x0), generator=g))
     t = shift * t / (1 + (shift - 1) * t)
     eps = torch.randn(x0.shape, generator=g)
     tt = t.view(-1, 1, 1, 1)
-    return x0, t, eps, (1 - tt) * x0 + tt * eps
+    return t, eps, (1 - tt) * x0 + tt * eps
+
+
+def frozen_conditions(text, captions):
+    """For frozen encoders: every distinct caption (and "", the unconditional one) encoded once; returns
+    a lookup from a list of those captions to their condition batch."""
+    uniq = sorted(set(captions)) + [""]
+    with torch.no_grad():
+        cache = sample.encode(text, uniq)
+    where = {c: i for i, c in enumerate(uniq)}
+
+    def lookup(caps):
+        j = torch.tensor([where[c] for c in caps])
+        return cache[0][j], cache[1][j]
+    return lookup
 
 
 def step_and_average(opt, params, shadow, loss, step):
@@ -329,10 +343,7 @@ def train_transformer(transformer, text, latents, captions, g):
     params = [p for m in mods for p in m.parameters()]
     shadow = [p.detach().clone() for p in params]
     if not train_text:  # frozen encoders: every caption's condition once
-        uniq = sorted(set(captions)) + [""]
-        with torch.no_grad():
-            cache = sample.encode(text, uniq)
-        where = {c: i for i, c in enumerate(uniq)}
+        cached = frozen_conditions(text, captions)
     n, t0, hist = len(latents), time.time(), []
     for step in range(steps):
         for group in opt.param_groups:
@@ -344,9 +355,9 @@ def train_transformer(transformer, text, latents, captions, g):
         if train_text:
             cond = sample.encode(text, caps)
         else:
-            j = torch.tensor([where[c] for c in caps])
-            cond = (cache[0][j], cache[1][j])
-        x0, t, eps, x_t = noised(latents[idx], g)
+            cond = cached(caps)
+        x0 = latents[idx]
+        t, eps, x_t = noised(x0, g)
         loss = F.mse_loss(sample.velocity(transformer, x_t, t, cond), eps - x0)
         hist.append(step_and_average(opt, params, shadow, loss, step))
         if step % log_every == 0 or step == steps - 1:
@@ -365,10 +376,7 @@ def distill_guidance(transformer, text, latents, captions, g):
     sampler then draws what CFG drew: the RL recipe samples without CFG, as DiffusionNFT does."""
     import copy
     teacher = copy.deepcopy(transformer).eval().requires_grad_(False)
-    uniq = sorted(set(captions)) + [""]
-    with torch.no_grad():
-        cache = sample.encode(text, uniq)
-    where = {c: i for i, c in enumerate(uniq)}
+    cached = frozen_conditions(text, captions)
     transformer.train().requires_grad_(True)
     params = list(transformer.parameters())
     opt = torch.optim.AdamW(params, lr=distill_lr, weight_decay=0.0)
@@ -376,9 +384,8 @@ def distill_guidance(transformer, text, latents, captions, g):
     t0, hist = time.time(), []
     for step in range(distill_steps):
         idx = torch.randint(len(latents), (batch,), generator=g)
-        j = torch.tensor([where[captions[i]] for i in idx.tolist()])
-        c, u = (cache[0][j], cache[1][j]), (cache[0][[-1] * batch], cache[1][[-1] * batch])
-        _, t, _, x_t = noised(latents[idx], g)
+        c, u = cached([captions[i] for i in idx.tolist()]), cached([""] * batch)
+        t, _, x_t = noised(latents[idx], g)
         with torch.no_grad():
             v_c, v_u = sample.velocity(teacher, x_t, t, c), sample.velocity(teacher, x_t, t, u)
         loss = F.mse_loss(sample.velocity(transformer, x_t, t, c), v_u + distill_cfg * (v_c - v_u))
