@@ -320,13 +320,18 @@ def _train_prior_module():
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),
                     reason="no trained prior in data/shapes/prior: python data/shapes/train_prior.py")
-def test_guidance_distillation_regresses_onto_the_teachers_cfg_velocity():
+def test_guidance_distillation_regresses_onto_the_teachers_cfg_velocity(monkeypatch):
     # distill_guidance's first loss, from the same draws (a fresh generator each time), while the student
     # still equals its teacher: |v_c - (v_u + w (v_c - v_u))|^2 = (w - 1)^2 |v_c - v_u|^2, so the loss is 0
     # at w = 1 (float rounding of v_u + (v_c - v_u) only) and the w = 3 loss is exactly 4x the w = 2 loss.
-    # A swapped condition, a target without w or a student that starts elsewhere breaks one of the two.
+    # A target with its terms swapped, without w, or a student that starts elsewhere breaks one of the two.
+    # The identity holds as well with the captions and "" exchanged everywhere, so a spy on the velocity
+    # calls checks that the student (the one call under grad) runs on the captions' conditions.
     import copy
     import sample
+    calls, velocity = [], sample.velocity
+    monkeypatch.setattr(sample, "velocity", lambda model, x, t, cond: (
+        calls.append((torch.is_grad_enabled(), cond[0])) or velocity(model, x, t, cond)))
     tp = _train_prior_module()
     tp.distill_steps, tp.batch, tp.log_every = 1, 4, 1
     pipe = sample.load_pipeline(PRIOR)
@@ -342,6 +347,10 @@ def test_guidance_distillation_regresses_onto_the_teachers_cfg_velocity():
         first[w] = hist[0]
     assert first[2.0] > 1e-4 and first[1.0] < 1e-6 * first[2.0], first
     assert abs(first[3.0] / first[2.0] - 4) < 1e-3, first
+    student_conds = [c for grad, c in calls if grad]
+    assert len(student_conds) == 3 and len(calls) == 9
+    unconditional = sample.encode(text, [""])[0][0]
+    assert all(not torch.equal(row, unconditional) for c in student_conds for row in c)
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),
