@@ -29,6 +29,9 @@ import sys
 runs = "out/shapes_exp"  # comma-separated: experiment folders (<label>/seed<N>/log.jsonl) or run folders
 plot = None  # PNG path; None = compare.png in the first folder of `runs`
 title = ""  # figure title
+block = 1  # the table's "first" and "last" figures are means over this many steps
+window = 1  # the plot's per-step curves are running means over this many steps
+ref = None  # a label: the table adds each label's final reward minus this label's, paired by seed and image
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -62,14 +65,24 @@ def find_runs(roots):
 
 
 def final_records(folder, sub="final"):
-    """[{"final_geneval", "final_credit"}] from FOLDER/sub/diversity.json (eval_diversity.py's output),
-    or [] when there is none."""
+    """The final evaluation of a run folder, as one record: {"final_geneval", "final_credit"} from
+    FOLDER/sub/diversity.json (eval_diversity.py's GenEval summary), and {"final_reward" (mean),
+    "final_rewards" (per image), "final_pixel_dist", "final_sdi", "final_pvs"} from FOLDER/final_eval.json
+    (data/shapes/final_eval.py); [] when there is neither. "run" names the folder (seed<N> pairs runs)."""
+    rec = {}
     path = os.path.join(folder, sub, "diversity.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        ge = json.load(f)["groups"]["all"].get("geneval")
-    return [{"final_geneval": ge["overall"], "final_credit": ge["mean_score"]}] if ge else []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            ge = json.load(f)["groups"]["all"].get("geneval")
+        if ge:
+            rec.update(final_geneval=ge["overall"], final_credit=ge["mean_score"])
+    path = os.path.join(folder, "final_eval.json") if sub == "final" else os.path.join(folder, sub)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            fe = json.load(f)
+        rec.update(final_reward=fe["reward"], final_rewards=fe["rewards"], final_pixel_dist=fe["pixel_dist"],
+                   final_sdi=fe["sdi"], final_pvs=fe["pvs"])
+    return [dict(rec, run=os.path.basename(folder))] if rec else []
 
 
 def curve(records, key):
@@ -86,53 +99,115 @@ def mean_std(xs):
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
-def run_figures(records):
-    """The table's figures of one run."""
+def block_mean(values, block, last=False):
+    """Mean of the first (or last) `block` values: the first/last figures of a noisy per-step curve."""
+    v = values[-block:] if last else values[:block]
+    return sum(v) / len(v) if v else None
+
+
+def run_figures(records, block=1):
+    """The table's figures of one run; "first" and "last" are means over `block` steps."""
     train = [r for r in records if "group_std" in r]
     _, std = curve(train, "group_std")
+    _, coll = curve(train, "collapsed_groups")
     steps, ev = curve(records, "eval_reward")
     start = [v for s, v in zip(steps, ev) if s == 0]
     after = [v for s, v in zip(steps, ev) if s > 0]
-    final = [r for r in records if "final_geneval" in r]
-    return {"steps": train[-1]["step"] if train else 0,
-            "std_first": std[0] if std else None, "std_last": std[-1] if std else None,
+    final = ([r for r in records if "run" in r] or [{}])[-1]
+    figs = {"steps": train[-1]["step"] if train else 0,
+            "std_first": block_mean(std, block), "std_last": block_mean(std, block, last=True),
             "std_mean": sum(std) / len(std) if std else None,
-            "collapsed_last": train[-1]["collapsed_groups"] if train else None,
+            "collapsed_last": block_mean(coll, block, last=True),
             "eval_start": start[0] if start else None, "eval_last": after[-1] if after else None,
-            "eval_mean": sum(after) / len(after) if after else None,
-            "final_geneval": final[-1]["final_geneval"] if final else None,
-            "final_credit": final[-1]["final_credit"] if final else None}
+            "eval_mean": sum(after) / len(after) if after else None}
+    for key in MECHANISM:
+        _, v = curve(train, key)
+        figs[f"{key}_first"], figs[f"{key}_last"] = block_mean(v, block), block_mean(v, block, last=True)
+    figs.update({k: v for k, v in final.items() if k.startswith("final")})
+    figs["run"] = final.get("run")
+    return figs
 
 
 COLUMNS = (("std_first", "group std, first"), ("std_last", "group std, last"),
            ("std_mean", "group std, mean"), ("collapsed_last", "collapsed, last"),
            ("eval_start", "held-out, start"), ("eval_last", "held-out, last"),
            ("eval_mean", "held-out, mean"), ("final_geneval", "final GenEval"),
-           ("final_credit", "final credit"))
+           ("final_credit", "final credit"), ("final_reward", "final reward"),
+           ("final_pixel_dist", "final pixel dist"), ("final_sdi", "final SDI"), ("final_pvs", "final PVS"))
+# E²PO's variance by where it comes from (phase2_align.condition_stats, paired_distance): first and last block
+MECHANISM = ("reward_k0", "reward_kp", "group_std_k0", "group_std_kp", "dist_kp")
 
 
-def table(groups):
-    """A markdown table: one row per label, mean ± std over its seeds."""
-    figs_of = {label: [run_figures(r) for r in runs_] for label, runs_ in groups.items()}
+def paired_difference(figs, ref_figs):
+    """The final reward of a label minus that of the reference label, paired: per seed (runs matched by
+    their folder name, seed<N>) the mean over images of the difference (the same noises and prompts), then
+    the mean over seeds ± its standard error (std over seeds, ddof 1, / sqrt(seeds)); None without pairs."""
+    ref = {f["run"]: f["final_rewards"] for f in ref_figs if f.get("final_rewards")}
+    d = [sum(a - b for a, b in zip(f["final_rewards"], ref[f["run"]])) / len(f["final_rewards"])
+         for f in figs if f.get("final_rewards") and f["run"] in ref]
+    if not d:
+        return None, None
+    m = sum(d) / len(d)
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+    return m, se
+
+
+def _cell(m, s, sep="±"):
+    return "n/a" if m is None else f"{m:.4f} {sep} {s:.4f}"
+
+
+def table(groups, block=1, ref=None):
+    """A markdown table: one row per label, mean ± std over its seeds; with `ref` (a label) a column of the
+    final reward's paired difference from that label (mean ± standard error over seeds)."""
+    figs_of = {label: [run_figures(r, block) for r in runs_] for label, runs_ in groups.items()}
     # the final-evaluation columns only when some run has one
     cols = [(k, n) for k, n in COLUMNS
-            if not k.startswith("final") or any(f[k] is not None for fs in figs_of.values() for f in fs)]
-    head = "| run | seeds | steps | " + " | ".join(name for _, name in cols) + " |"
-    lines = [head, "|" + "---|" * (3 + len(cols))]
+            if not k.startswith("final") or any(f.get(k) is not None for fs in figs_of.values() for f in fs)]
+    with_ref = ref in figs_of
+    head = ("| run | seeds | steps | " + " | ".join(name for _, name in cols)
+            + (f" | final reward − {ref} (paired, ± SE) |" if with_ref else " |"))
+    lines = [head, "|" + "---|" * (3 + len(cols) + with_ref)]
     for label, runs_ in groups.items():
         figs = figs_of[label]
-        cells = []
-        for key, _ in cols:
-            m, s = mean_std([f[key] for f in figs])
-            cells.append("n/a" if m is None else f"{m:.4f} ± {s:.4f}")
+        cells = [_cell(*mean_std([f.get(key) for f in figs])) for key, _ in cols]
+        if with_ref:
+            cells.append("" if label == ref else _cell(*paired_difference(figs, figs_of[ref])))
         lines.append(f"| {label} | {len(runs_)} | {max(f['steps'] for f in figs)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def draw(groups, path, title=""):
-    """Two panels against the optimizer step: the group std (log scale) and the held-out reward; one line
-    per label (mean over seeds), shaded from the lowest to the highest seed."""
+def mechanism_table(groups, block=1):
+    """For the runs that log it (K > 1): the reward and the within-group std of the k = 0 and of the k > 0
+    samples, and (shared noise) the latent distance of a perturbed sample from its noise's k = 0 sample, in
+    the first and the last `block` steps; mean ± std over seeds. "" when no run logs them."""
+    figs_of = {label: [run_figures(r, block) for r in runs_] for label, runs_ in groups.items()}
+    figs_of = {k: v for k, v in figs_of.items() if any(f["reward_kp_first"] is not None for f in v)}
+    if not figs_of:
+        return ""
+    keys = [k for k in MECHANISM if any(f[f"{k}_first"] is not None for v in figs_of.values() for f in v)]
+    head = "| run | " + " | ".join(f"{k}, first | {k}, last" for k in keys) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(keys))]
+    for label, figs in figs_of.items():
+        cells = [_cell(*mean_std([f[f"{k}_{end}"] for f in figs])) for k in keys for end in ("first", "last")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def smooth(values, window):
+    """Running mean over the last `window` values (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def draw(groups, path, title="", window=1):
+    """Panels against the optimizer step, as the paper's Fig. 2: the intra-group reward std (log scale) and
+    the share of collapsed groups, both as running means over `window` steps, the held-out reward, and (when
+    runs log it) the reward of the perturbed samples minus that of the k = 0 samples; one line per label
+    (mean over seeds), shaded from the lowest to the highest seed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -140,26 +215,39 @@ def draw(groups, path, title=""):
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no plot, the table above is the result")
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("group_std", f"intra-group reward std (running mean of {window})"),
+              ("collapsed_groups", f"share of collapsed groups, std < 1e-3 (running mean of {window})"),
+              ("eval_reward", "held-out reward (EMA weights)")]
+    if any("reward_kp" in r for runs_ in groups.values() for recs in runs_ for r in recs):
+        panels.append(("kp_minus_k0", f"reward of k > 0 minus k = 0 samples (running mean of {window})"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4))
     for label, runs_ in groups.items():
-        for ax, key in zip(axes, ("group_std", "eval_reward")):
-            curves = [dict(zip(*curve(r, key))) for r in runs_]
+        color = None
+        for ax, (key, _) in zip(axes, panels):
+            if key == "kp_minus_k0":
+                runs_k = [[dict(r, kp_minus_k0=r["reward_kp"] - r["reward_k0"]) for r in recs
+                           if "reward_kp" in r] for recs in runs_]
+            else:
+                runs_k = runs_
+            curves = []
+            for recs in runs_k:
+                st, v = curve(recs, key)
+                curves.append(dict(zip(st, v if key == "eval_reward" else smooth(v, window))))
             steps = sorted(set().union(*curves))
             if not steps:
                 continue
             vals = [[c[s] for c in curves if s in c] for s in steps]
             mean = [sum(v) / len(v) for v in vals]
-            line, = ax.plot(steps, mean, label=f"{label} ({len(runs_)})",
+            line, = ax.plot(steps, mean, label=f"{label} ({len(runs_)})", color=color,
                             marker="o" if key == "eval_reward" else None, ms=3)
-            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals],
-                            color=line.get_color(), alpha=0.15)
+            color = line.get_color()
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.15)
     axes[0].set_yscale("log")
-    axes[0].set_title("intra-group reward std (training samples)")
-    axes[1].set_title("held-out reward (EMA weights)")
-    for ax in axes:
+    for ax, (_, name) in zip(axes, panels):
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -175,14 +263,19 @@ def main(argv=None):
     roots = [p.strip() for p in runs.split(",") if p.strip()]
     if not roots:
         raise SystemExit("--runs names no folder: pass run folders or experiment folders, comma-separated")
+    if block < 1 or window < 1:
+        raise SystemExit(f"--block={block} and --window={window} must be at least 1")
     groups = find_runs(roots)
-    print(table(groups))
+    print(table(groups, block, ref))
+    mech = mechanism_table(groups, block)
+    if mech:
+        print("\n" + mech)
     for root in roots:
-        for r in final_records(root, "prior_final"):
-            print(f"\nthe prior, untrained ({root}/prior_final): final GenEval {r['final_geneval']:.4f}, "
-                  f"final credit {r['final_credit']:.4f}")
+        for r in final_records(root, "prior_final") + final_records(root, "prior_final_eval.json"):
+            print(f"\nthe prior, untrained ({root}): "
+                  + ", ".join(f"{name} {r[k]:.4f}" for k, name in COLUMNS if k in r))
     path = plot or os.path.join(roots[0], "compare.png")
-    if draw(groups, path, title):
+    if draw(groups, path, title, window):
         print(f"plot: {path}")
 
 

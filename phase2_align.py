@@ -168,6 +168,34 @@ def group_stats(rewards, group_ids):
     return std.mean().item(), (std < 1e-3).float().mean().item()
 
 
+def condition_stats(rewards, group_ids, k):
+    """Where a group's variance comes from: the mean reward and the mean within-group std (ddof 0) of the
+    samples drawn on C^orig (k = 0, keys *_k0) and of those drawn on a perturbation (k > 0, keys *_kp),
+    each kind taken apart within every group. {} when there is no perturbed sample (K = 1)."""
+    if not bool((k > 0).any()):
+        return {}
+    out = {}
+    for name, sel in (("k0", k == 0), ("kp", k > 0)):
+        R = rewards[sel].double()
+        out[f"reward_{name}"] = R.mean().item()
+        out[f"group_std_{name}"] = group_moments(R, group_ids[sel])[2].mean().item()
+    return out
+
+
+def paired_distance(x0, js, K, G):
+    """With shared noise, how far each perturbed sample lands from the C^orig sample of its noise: the sum
+    over pairs of mean |x0_k - x0_0| (latent elements) and the number of pairs, over the pairs whose two
+    samples this rank holds (a group may span ranks). js: the global indices of the rows of x0."""
+    rows = {j: n for n, j in enumerate(js)}
+    pairs = [(n, rows[j - ((j // G) % K) * G]) for n, j in enumerate(js)
+             if (j // G) % K > 0 and j - ((j // G) % K) * G in rows]
+    if not pairs:
+        return torch.zeros(2, dtype=torch.float64, device=x0.device)
+    a, b = (torch.tensor(c, device=x0.device) for c in zip(*pairs))
+    d = (x0[a] - x0[b]).abs().flatten(1).mean(1).double()
+    return torch.stack([d.sum(), torch.tensor(float(len(pairs)), dtype=torch.float64, device=x0.device)])
+
+
 def old_decay(step, rate=0.001, cap=0.5, flat=0):
     """d of the old-policy update old <- d * old + (1 - d) * theta after `step` optimizer steps:
         d = 0 while step < flat, else min(rate * (step - flat), cap)   (DiffusionNFT's decay types 1 and 2)"""
@@ -682,6 +710,13 @@ def main(argv=None):
         r_all = advantages(R, gid, global_std, adv_clip)
         r = r_all[rank * n_local:(rank + 1) * n_local]
         grp_std, collapsed = group_stats(R.cpu(), gid.cpu())
+        # the k = 0 and k > 0 samples apart, and with shared noise how far a perturbation moves a sample
+        by_k = condition_stats(R.cpu(), gid.cpu(), (torch.arange(N) // G) % K)
+        if shared_noise and K > 1:
+            dist_sum = paired_distance(x0, js, K, G)
+            if world > 1:
+                dist.all_reduce(dist_sum)
+            by_k["dist_kp"] = (dist_sum[0] / dist_sum[1]).item() if dist_sum[1] > 0 else None
         t2 = time.time()
 
         # ---- train each sample at its own permutation of the sampler's time grid (the first n_train_t
@@ -752,7 +787,7 @@ def main(argv=None):
             tot /= world
         rec = {"epoch": epoch, "step": step,
                "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
-               "group_std": grp_std, "collapsed_groups": collapsed, **parts,
+               "group_std": grp_std, "collapsed_groups": collapsed, **by_k, **parts,
                **dict(zip(("loss", "nft", "kl"), tot.tolist())),
                "grad_norm": sum(grad_norms) / len(grad_norms),
                "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
@@ -762,6 +797,8 @@ def main(argv=None):
         log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
             f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} kl {rec['kl']:.2e} | "
             f"sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s | {rec['img_per_s']:.2f} img/s"
+            + (f" | k=0/k>0 reward {rec['reward_k0']:.3f}/{rec['reward_kp']:.3f} "
+               f"std {rec['group_std_k0']:.3f}/{rec['group_std_kp']:.3f}" if by_k else "")
             + (f" | eval {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
         if master:
             logf.write(json.dumps(rec) + "\n")

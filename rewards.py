@@ -18,6 +18,7 @@ hpsv2                  | open_clip ViT-H-14 + HPS v2.1 (pip install open_clip_to
 imagereward            | ImageReward-v1.0 (pip install image-reward)                 | z-scored, ~-2..2
 geneval                | Mask2Former Swin-S COCO instance + CLIP ViT-L/14 colour     | partial credit, <= 1
 shapes                 | none: pixel rules on the shapes world (data/shapes/)        | partial credit, <= 1
+colour_share           | none: share of pixels in the asked colour (shapes world)    | 0..1
 
 Scores are reported raw, as the papers' tables do. Training does not need them rescaled: the
 advantage normalises each group by its std, so a constant factor only matters when several rewards
@@ -900,6 +901,29 @@ def shapes(device="cpu", dtype=torch.float32, strict=False, credit="server"):
     return fn
 
 
+def colour_share(device="cpu", dtype=torch.float32):
+    """The share of the image's pixels whose nearest colour among SHAPES_PALETTE and the background is a
+    colour the prompt asks for (the `color` of its include clauses), in [0, 1]: a dense reward of the shapes
+    world whose optimum depends on the text ("a red circle" wants red pixels), so a policy that stops
+    listening to the prompt cannot climb it. Pixels are rounded to uint8 first, as a saved PNG is."""
+    names = list(GENEVAL_COLORS) + ["background"]
+    ref = torch.tensor([SHAPES_PALETTE[c] for c in GENEVAL_COLORS] + [SHAPES_BACKGROUND], dtype=torch.float32)
+
+    def fn(images, prompts=None, metadata=None):
+        metadata = list(metadata) if metadata is not None else [{}] * len(images)
+        asked = [{c["color"] for c in m.get("include", []) if c.get("color")} for m in metadata]
+        if len(asked) != len(images) or not all(asked):
+            raise SystemExit("the colour_share reward needs prompts that ask for a colour: a .jsonl "
+                             "prompt file whose 'include' clauses have a 'color' "
+                             "(e.g. data/shapes/train_colors.jsonl)")
+        px = torch.from_numpy(_uint8_images(images)).float().flatten(1, 2)  # [B, H*W, 3]
+        # exact in float32 (integers), so pixels are named as shapes_detect names them, first on a tie
+        name = ((px[:, :, None] - ref) ** 2).sum(-1).argmin(-1)  # [B, H*W]: index of the nearest colour
+        want = torch.tensor([[n in a for n in names] for a in asked])  # [B, 11]
+        return want.gather(1, name).float().mean(1).to(images.device)
+    return fn
+
+
 # ----------------------------------------------------------------------------- registry
 REWARDS = {
     "jpeg_compressibility": jpeg_compressibility,
@@ -911,6 +935,7 @@ REWARDS = {
     "imagereward": imagereward,
     "geneval": geneval,
     "shapes": shapes,
+    "colour_share": colour_share,
 }
 # what build_reward(tiny=True) passes: every model id of a reward set to "tiny"
 TINY_OPTS = {

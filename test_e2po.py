@@ -618,6 +618,28 @@ def test_nft_loss_beta_one_positive_branch_ignores_v_old():
     assert torch.allclose(neg, (err ** 2).mean((1, 2, 3)) / err.abs().mean((1, 2, 3)))
 
 
+def test_condition_stats_and_paired_distance_by_hand():
+    # two groups of K=2 x G=2: rows (k, g) = k * G + g; k = 0 rewards (1, 3) and (5, 5), k = 1 (0, 4), (2, 2)
+    R = torch.tensor([1.0, 3.0, 0.0, 4.0, 5.0, 5.0, 2.0, 2.0])
+    gid, k = torch.arange(8) // 4, (torch.arange(8) // 2) % 2
+    st = phase2_align.condition_stats(R, gid, k)
+    assert st["reward_k0"] == pytest.approx(3.5) and st["reward_kp"] == pytest.approx(2.0)
+    assert st["group_std_k0"] == pytest.approx((1 + 0) / 2)
+    assert st["group_std_kp"] == pytest.approx((2 + 0) / 2)
+    assert phase2_align.condition_stats(R, gid, torch.zeros(8, dtype=torch.long)) == {}  # K = 1
+    # paired distance: each k > 0 sample against the k = 0 sample of its noise (j - k * G), local pairs only
+    x0 = torch.zeros(8, 1, 2, 2)
+    x0[2] += 1.0  # sample (k=1, g=0) of group 0: mean |x0 - x0 of sample 0| = 1
+    x0[7, 0, 0, 0] = 2.0  # sample (k=1, g=1) of group 1: 2 / 4 = 0.5 from sample 5
+    d = phase2_align.paired_distance(x0, range(8), K=2, G=2)
+    assert d.tolist() == pytest.approx([1.0 + 0.0 + 0.0 + 0.5, 4.0])
+    # a rank holding samples 2..5 holds no pair: 2 and 3 (k = 1 of group 0) have their partners 0 and 1 on
+    # another rank, and 4 and 5 are k = 0
+    assert phase2_align.paired_distance(x0[2:6], range(2, 6), K=2, G=2).tolist() == [0.0, 0.0]
+    d = phase2_align.paired_distance(x0[4:8], range(4, 8), K=2, G=2)  # group 1 whole: pairs (6, 4), (7, 5)
+    assert d.tolist() == pytest.approx([0.5, 2.0])
+
+
 def test_group_stats_and_decays():
     std, collapsed = phase2_align.group_stats(torch.tensor([1.0, 3.0, 5.0, 5.0]), torch.tensor([0, 0, 1, 1]))
     assert std == pytest.approx(0.5) and collapsed == 0.5  # group stds 1 and 0
@@ -1143,6 +1165,10 @@ def test_phase2_shared_noise_pairs_the_k_conditions(phase1_file, tmp_path, monke
         same = [torch.equal(rows[i], rows[j]) for i in range(8) for j in range(i + 1, 8)]
         # with sharing, exactly the pairs of equal g (2 noises x 6 pairs of conditions) coincide
         assert sum(same) == (12 if shared else 0)
+        # the log splits the group's rewards by condition, and with shared noise measures the pairs
+        rec = _log(tmp_path / str(shared))[0]
+        assert {"reward_k0", "reward_kp", "group_std_k0", "group_std_kp"} <= set(rec)
+        assert ("dist_kp" in rec) == shared and (not shared or rec["dist_kp"] > 0)
 
 
 def test_sampler_cfg_and_trajectory():
@@ -1315,3 +1341,42 @@ def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
     assert rows["nft"][-2:] == ["0.6000 ± 0.1000", "0.7000 ± 0.1000"]
     assert rows["e2po"][-2:] == ["n/a", "n/a"]
     assert "the prior, untrained" in out and "final GenEval 0.2500, final credit 0.4000" in out
+
+
+def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
+    """The variance study's figures: first/last as means over --block steps, the final reward's difference
+    from a reference label paired by seed and image (mean ± standard error over seeds), and the k = 0 / k > 0
+    table of the runs that log it."""
+    import compare_runs
+    finals = {("nft", 0): [0.2, 0.4], ("nft", 1): [0.5, 0.5],
+              ("e2po", 0): [0.3, 0.7], ("e2po", 1): [0.5, 0.9]}
+    for (label, seed), rewards_ in finals.items():
+        d = tmp_path / label / f"seed{seed}"
+        _write_run(d, [0.4, 0.3, 0.2, 0.1], [0.3, 0.4])
+        if label == "e2po":  # the per-condition fields, on every training record
+            recs = [json.loads(ln) for ln in (d / "log.jsonl").read_text().splitlines()]
+            for i, r in enumerate(x for x in recs if "group_std" in x):
+                r.update(reward_k0=0.5 + 0.1 * i, reward_kp=0.3 + 0.1 * i, group_std_k0=0.1, group_std_kp=0.2)
+            (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "final_eval.json").write_text(json.dumps(
+            {"reward": sum(rewards_) / 2, "rewards": rewards_, "pixel_dist": 0.1, "sdi": 0.2, "pvs": 0.3}))
+    compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}", "--block=2", "--ref=nft",
+                       "--window=2"])
+    main_table, mech_table = capsys.readouterr().out.split("\n\n")[:2]
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in main_table.splitlines() if ln.startswith("| ")}
+    head = rows["run"]
+    # first / last blocks of two steps: (0.4 + 0.3) / 2, (0.2 + 0.1) / 2
+    assert rows["nft"][head.index("group std, first")] == "0.3500 ± 0.0000"
+    assert rows["nft"][head.index("group std, last")] == "0.1500 ± 0.0000"
+    # paired by seed: seed 0 (0.1 + 0.3) / 2 = 0.2, seed 1 (0 + 0.4) / 2 = 0.2 -> 0.2 ± 0
+    assert rows["e2po"][-1] == "0.2000 ± 0.0000" and rows["nft"][-1] == ""
+    assert rows["e2po"][head.index("final reward")] == "0.6000 ± 0.1000"
+    # the mechanism table: k = 0 reward over the first two steps (0.5, 0.6) and the last two (0.7, 0.8)
+    mech = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in mech_table.splitlines() if ln.startswith("| ")}
+    assert mech["run"][:2] == ["reward_k0, first", "reward_k0, last"] and "nft" not in mech
+    assert mech["e2po"][:2] == ["0.5500 ± 0.0000", "0.7500 ± 0.0000"]
+    assert compare_runs.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    with pytest.raises(SystemExit, match="at least 1"):
+        compare_runs.main([f"--runs={tmp_path}", "--block=0"])

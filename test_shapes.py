@@ -190,6 +190,12 @@ def test_splits_disjoint_by_task_cover_every_tag_and_match_the_files(prep, tmp_p
     assert all(m in train for m in small)
     single = [json.loads(ln) for ln in open(tmp_path / "test_single_object.jsonl")]
     assert single == [m for m in test if m["tag"] == "single_object"] and len(single) == 1
+    # the variance study's worlds: colour + single-object tasks, and colour tasks alone, of each split
+    for split, rows in (("train", train), ("test", test)):
+        for name, tags in (("easy", ("colors", "single_object")), ("colors", ("colors",))):
+            with open(os.path.join(REPO, f"data/shapes/{split}_{name}.jsonl")) as f:
+                got = [json.loads(ln) for ln in f]
+            assert got == [m for m in rows if m["tag"] in tags] and got, (split, name)
     with pytest.raises(SystemExit, match="test_fraction"):
         prep.main([f"--out_dir={tmp_path / 'bad'}", "--test_fraction=1.5"])
     assert not (tmp_path / "bad").exists()
@@ -237,6 +243,30 @@ def test_shapes_reward_partial_credit_strict_and_registry(prep):
                          [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}])
     with pytest.raises(SystemExit, match="metadata"):
         rewards.shapes()(imgs[:1], None, [{}])
+
+
+def test_colour_share_counts_the_pixels_named_as_an_asked_colour(prep):
+    """The share of pixels whose nearest colour (palette or background) is one the prompt asks for, with
+    pixels named exactly as shapes_detect names them."""
+    red = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "x"}
+    blue = dict(red, include=[dict(red["include"][0], color="blue")])
+    both = dict(red, include=[red["include"][0], {"class": "square", "count": 1, "color": "blue"}])
+    img = np.full((8, 8, 3), SHAPES_BACKGROUND, np.uint8)
+    img[:4] = SHAPES_PALETTE["red"]  # 32 red pixels
+    img[4:5, :2] = SHAPES_PALETTE["blue"]  # 2 blue pixels
+    img[7, 7] = (200, 40, 60)  # nearer red than any other colour: named red
+    img[6, 0] = (140, 140, 150)  # nearer the background than blue
+    fn = rewards.REWARDS["colour_share"]()
+    got = fn(as_batch([img] * 3), None, [red, blue, both]).tolist()
+    assert got == pytest.approx([33 / 64, 2 / 64, 35 / 64])
+    # a rendered "a photo of a red circle": its red pixels are its circle, nothing else
+    m = dict(red, prompt="a photo of a red circle")
+    drawn = prep.render(m, 64, seed=0)
+    mask = (drawn == np.array(SHAPES_PALETTE["red"], np.uint8)).all(-1)
+    assert fn(as_batch([drawn]), None, [m]).item() == pytest.approx(mask.mean()) and 0.03 < mask.mean() < 0.2
+    assert "colour_share" in rewards.REWARDS
+    with pytest.raises(SystemExit, match="ask for a colour"):
+        fn(as_batch([img]), None, [{"tag": "single_object", "include": [{"class": "circle", "count": 1}]}])
 
 
 # ----------------------------------------------------------------------------- the trained prior
@@ -440,3 +470,33 @@ def test_the_first_command_learns_the_held_out_task_on_the_shapes_reward(tmp_pat
         evals = [r["eval_reward"] for r in map(json.loads, f) if "eval_reward" in r]
     assert len(evals) == 2, evals
     assert evals[1] - evals[0] > 0.04, evals
+
+
+def test_final_eval_pairs_runs_image_by_image(tmp_path):
+    """data/shapes/final_eval.py (the variance study's final evaluation): its pixel distance by hand, and a
+    run of it on the distilled prior: one reward per (prompt, noise), the per-prompt figures averaged, and
+    the same noises whatever the run's own seed, so two runs compare image by image."""
+    fe = _load_script("data/shapes/final_eval.py", "final_eval")
+    ims = torch.zeros(3, 3, 2, 2)
+    ims[1] += 1.0  # RMS 1 from the others
+    ims[2, 0, 0, 0] = 2.0  # RMS sqrt(4 / 12) from image 0; from image 1 every one of the 12 values is 1 off
+    want = (1.0 + (4 / 12) ** 0.5 + ((11 * 1 + 1) / 12) ** 0.5) / 3
+    assert fe.pixel_distance(ims) == pytest.approx(want)
+    assert np.isnan(fe.pixel_distance(ims[:1]))
+    outs = []
+    for seed in (0, 1):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({
+            "model": PRIOR_CFGFREE, "t5_len": 16, "resolution": 64, "eval_steps": 4, "eval_solver": "dpm2",
+            "eval_prompts": os.path.join(REPO, "data/shapes/test_colors.jsonl"), "seed": seed,
+            "reward": {"colour_share": 1.0}, "reward_opts": {}}))
+        fe.main([f"--run={run}", "--lora=none", "--noises=3"])
+        outs.append(json.loads((run / "final_eval.json").read_text()))
+    a = outs[0]
+    assert len(a["rewards"]) == 8 * 3 and a["reward"] == pytest.approx(np.mean(a["rewards"]))
+    assert a["per_prompt"]["reward"][0] == pytest.approx(np.mean(a["rewards"][:3]))
+    assert all(0 <= v <= 1 for v in a["rewards"]) and a["pixel_dist"] > 0
+    assert outs[1]["rewards"] == a["rewards"]
+    with pytest.raises(SystemExit, match="no config.json"):
+        fe.main([f"--run={tmp_path / 'none'}"])

@@ -3,7 +3,9 @@ The shapes world's data: GenEval-style prompt files over filled circles, squares
 renderer that draws an image satisfying any such prompt exactly.
 
     python data/shapes/prepare.py        # -> data/shapes/{train,test}_metadata.jsonl, the balanced
-                                         #    {train,test}_small.jsonl and test_single_object.jsonl
+                                         #    {train,test}_small.jsonl, test_single_object.jsonl, and
+                                         #    {train,test}_{easy,colors}.jsonl (colors + single_object;
+                                         #    colors alone)
     python data/shapes/prepare.py --seed=1 --test_fraction=0.3 --out_dir=out/shapes
     python data/shapes/prepare.py --preview=out/shapes_preview.png   # also a grid of rendered test prompts
 
@@ -218,7 +220,13 @@ def main(argv=None):
     for name, rows in (("train_metadata.jsonl", train), ("test_metadata.jsonl", test),
                        ("train_small.jsonl", per_tag(train, a.small)),
                        ("test_small.jsonl", per_tag(test, a.small)),
-                       ("test_single_object.jsonl", [r for r in test if r["tag"] == "single_object"])):
+                       ("test_single_object.jsonl", [r for r in test if r["tag"] == "single_object"]),
+                       # the variance study's worlds (docs/variance_study.md): tasks this prior nearly solves,
+                       # and the colour tasks of the colour_share reward
+                       ("train_easy.jsonl", [r for r in train if r["tag"] in ("colors", "single_object")]),
+                       ("test_easy.jsonl", [r for r in test if r["tag"] in ("colors", "single_object")]),
+                       ("train_colors.jsonl", [r for r in train if r["tag"] == "colors"]),
+                       ("test_colors.jsonl", [r for r in test if r["tag"] == "colors"])):
         write_jsonl(os.path.join(a.out_dir, name), rows)
         counts = {t: sum(r["tag"] == t for r in rows) for t in GENEVAL_TAGS}
         print(f"{os.path.join(a.out_dir, name)}: {len(rows)} prompts {counts}")

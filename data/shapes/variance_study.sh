@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The variance study (docs/variance_study.md): in which shapes-world settings does DiffusionNFT's intra-group
+# reward std collapse, and does E²PO hold it at the same number of samples per prompt? One world a call:
+#
+#   WORLD=easy   bash data/shapes/variance_study.sh   # `shapes` (GenEval rules), colour + single-object tasks
+#   WORLD=jpeg   bash data/shapes/variance_study.sh   # jpeg_incompressibility (DDPO's), text-independent
+#   WORLD=colour bash data/shapes/variance_study.sh   # colour_share: dense, its optimum depends on the prompt
+#   WORLD=easy SEEDS="0 1" EPOCHS=60 CONFIGS="nft_g16 e2po_4x4" bash data/shapes/variance_study.sh
+#
+# Each configuration (CONFIGS, below) runs Phase II (config/shapes_variance.py: 150 steps of 3 prompts, so
+# every configuration draws the same prompts at each step of a seed) for every seed in SEEDS, then its final
+# evaluation (data/shapes/final_eval.py: the held-out prompts x 64 noises shared by every run), JOBS runs side
+# by side with one thread each. The prior's final evaluation, the table and the plot (compare_runs.py) close
+# it. The default grid, 5 configurations x 3 seeds, takes about an hour a world on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+WORLD=${WORLD:-easy}
+OUT=${OUT:-out/variance}/$WORLD
+SEEDS=${SEEDS:-"0 1 2"}
+EPOCHS=${EPOCHS:-150}
+JOBS=${JOBS:-2}
+CONFIGS=${CONFIGS:-"nft_g16 nft_g48 e2po_4x4 e2po_4x12 e2po_4x4_shared"}
+export OMP_NUM_THREADS=1
+CFG=config/shapes_variance.py
+case $WORLD in  # the training prompts (P, Phase I's too), and the held-out prompts and reward (W)
+    easy) P=data/shapes/train_easy.jsonl
+          W=(--eval_prompts=data/shapes/test_easy.jsonl "--reward={'shapes': 1.0}") ;;
+    jpeg) P=data/shapes/train_small.jsonl
+          W=(--eval_prompts=data/shapes/test_small.jsonl "--reward={'jpeg_incompressibility': 1.0}") ;;
+    colour) P=data/shapes/train_colors.jsonl
+            W=(--eval_prompts=data/shapes/test_colors.jsonl "--reward={'colour_share': 1.0}") ;;
+    *) echo "WORLD=$WORLD: use easy, jpeg or colour" >&2; exit 2 ;;
+esac
+mkdir -p "$OUT"
+
+phase1() {  # name args...: a Phase I file for this world's training prompts, made once
+    local name=$1
+    shift
+    [ -f "$OUT/$name.safetensors" ] || python phase1_perturb.py $CFG --prompts=$P \
+        --perturbations="$OUT/$name.safetensors" "$@" > "$OUT/$name.log" 2>&1
+    echo "--perturbations=$OUT/$name.safetensors"
+}
+spec() {  # configuration -> its Phase II arguments (building the Phase I file it needs)
+    case $1 in
+        nft_g16) echo "--K=1 --G=16" ;;
+        nft_g48) echo "--K=1 --G=48" ;;
+        e2po_4x4) echo "--K=4 --G=4 $(phase1 k4 --K=4)" ;;
+        e2po_4x12) echo "--K=12 --G=4 $(phase1 k12 --K=12)" ;;
+        e2po_4x4_shared) echo "--K=4 --G=4 $(phase1 k4 --K=4) --shared_noise=True" ;;
+        all_in_k) echo "--K=16 --G=1 $(phase1 k16 --K=16)" ;;
+        no_anchor) echo "--K=4 --G=4 $(phase1 k4 --K=4) --use_anchor=False" ;;
+        no_schedule) echo "--K=4 --G=4 $(phase1 k4 --K=4) --use_schedule=False" ;;
+        mu0.7) echo "--K=4 --G=4 $(phase1 k4_mu0.7 --K=4 --mu=0.7)" ;;
+        mu0.6) echo "--K=4 --G=4 $(phase1 k4_mu0.6 --K=4 --mu=0.6)" ;;
+        rho0.7) echo "--K=4 --G=4 $(phase1 k4 --K=4) --rho=0.7" ;;
+        mu0.6_rho0.7) echo "--K=4 --G=4 $(phase1 k4_mu0.6 --K=4 --mu=0.6) --rho=0.7" ;;
+        kl1e-4) echo "--K=4 --G=4 $(phase1 k4 --K=4) --kl_beta=1e-4" ;;
+        kl1e-2) echo "--K=4 --G=4 $(phase1 k4 --K=4) --kl_beta=1e-2" ;;
+        nft_kl1e-2) echo "--K=1 --G=16 --kl_beta=1e-2" ;;
+        *) echo "unknown configuration $1" >&2; return 1 ;;
+    esac
+}
+run() {  # configuration seed: Phase II, then the final evaluation of its EMA weights
+    local dir=$OUT/$1/seed$2
+    mkdir -p "$OUT/$1"
+    # shellcheck disable=SC2046
+    python phase2_align.py $CFG --prompts=$P "${W[@]}" $(spec "$1") --seed="$2" --epochs="$EPOCHS" \
+        --out_dir="$dir" --overwrite=True > "$dir.log" 2>&1 || { echo "FAILED: $dir.log"; return; }
+    python data/shapes/final_eval.py --run="$dir" >> "$dir.log" 2>&1 || echo "FAILED (final): $dir.log"
+}
+for c in $CONFIGS; do spec "$c" > /dev/null; done  # every Phase I file first, once
+for seed in $SEEDS; do
+    for c in $CONFIGS; do
+        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+        run "$c" "$seed" &
+    done
+done
+wait
+first=$(ls -d "$OUT"/*/seed* | head -1)
+python data/shapes/final_eval.py --run="$first" --lora=none \
+    --out="$(realpath -m "$OUT")/prior_final_eval.json" > "$OUT/prior_final_eval.log" 2>&1
+python compare_runs.py --runs="$OUT" --plot="$OUT/compare.png" --title="world: $WORLD" --block=10 \
+    --window=10 --ref=nft_g16 | tee "$OUT/compare.md"
