@@ -36,7 +36,8 @@ solver = "dpm2"
 rho = 0.4
 epoch_prompts = 2  # the E²PO vs K=1 epoch: epoch_prompts prompts x N samples each
 epoch_N = 16  # samples per prompt: G=4 x K=4 against G=16 x K=1
-gpus = 8  # world size of the per-epoch estimates
+gpus = 8  # world size of the per-epoch estimates from measured costs
+assumed_mfu = 0.35  # the utilisation behind the per-epoch estimates from FLOPs, before any GPU measurement
 peak_tflops = 0.0  # 0 = look the device up in PEAK_TFLOPS
 repeats = 3
 device = "auto"
@@ -249,6 +250,15 @@ def read_budget(path):
     return {k: ns.get(k, base[k]) for k in keys}
 
 
+def epoch_flops(b, f_fwd, f_ref, f_train):
+    """Model FLOPs of one epoch of budget b over all GPUs: every sample is sampled in `steps` forwards with
+    LoRA (the old adapter) and trained at floor(steps * timestep_fraction) times, each v_old (with LoRA),
+    v_ref (the base: DiffusionNFT's KL term) and theta's forward and backward. Decoding, rewards and text
+    encoding are left out (a few % of it)."""
+    n_t = math.floor(b["steps"] * b["timestep_fraction"])
+    return b["prompts_per_epoch"] * b["K"] * b["G"] * (b["steps"] * f_fwd + n_t * (f_fwd + f_ref + f_train))
+
+
 def epoch_cost(b, world, cost):
     """Samples per GPU and estimated seconds per epoch per GPU of budget b, from per-sample costs (seconds per
     sample of one sampler step, of decoding, of one training timestep) and seconds per optimizer step.
@@ -335,6 +345,14 @@ def main(argv=None):
         print(f"  {name:<56} {g:7.2f} GiB")
     print("  (reward models and activations come on top; "
           "the peaks below hold the transformer, its LoRA and the VAE)")
+    print(f"\n== per GPU per epoch from FLOPs, before any measurement: at an assumed MFU of "
+          f"{assumed_mfu:.0%} of an H100 SXM's dense bf16 peak (989 TFLOP/s); the same micro-batches on any "
+          f"GPU count, so the memory a GPU needs does not change with the count")
+    print(f"  {'config':<28} {'PFLOP/epoch':>11} " + " ".join(f"{f'{w} GPU s':>9}" for w in (1, 2, 4, 8)))
+    for path in BUDGETS:
+        fl = epoch_flops(read_budget(path), f_fwd, f_ref, f_train)
+        print(f"  {path:<28} {fl / 1e15:>11.1f} "
+              + " ".join(f"{fl / w / (assumed_mfu * 989e12):>9.0f}" for w in (1, 2, 4, 8)))
     count_only = not cuda and not tiny and count_activations
     if not tiny and (cuda or count_only):
         # Phase I backpropagates batch_prompts x (K-1) sequences through the three frozen encoders (counted

@@ -414,7 +414,8 @@ def grounding_dino_detector(name, device, box_thr, text_thr):
         from rewards import _from_pretrained
         hint = " (or --detector=geneval, or --detector_model=tiny to check the plumbing)"
         model = _from_pretrained(GroundingDinoForObjectDetection, name, "Grounding DINO detector", hint)
-        proc = _from_pretrained(GroundingDinoProcessor, name, "Grounding DINO processor", hint)
+        proc = _from_pretrained(GroundingDinoProcessor, name, "Grounding DINO processor", hint,
+                                backend=rewards.IMAGE_BACKEND)
     model.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -596,6 +597,13 @@ def main(argv=None):
     from sample import bars, pick_device, quiet, write_json_atomic
     from tqdm import tqdm
     cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would score the whole folder on one GPU
+        raise SystemExit("eval_diversity.py runs in one process: start it with python, not torchrun"
+                         if int(os.environ.get("RANK", 0)) == 0 else 1)
+    # full fp32 matmuls and convolutions on a GPU (PyTorch's default lets cuDNN's convolutions use TF32), so
+    # the metrics are the CPU's to float32 rounding
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     quiet()
     print(config_summary(cfg))
     wanted = parse_metrics(metrics)

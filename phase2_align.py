@@ -94,7 +94,11 @@ seed = 0
 device = "auto"
 # frozen transformer and text encoders: "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
 dtype = "auto"
-amp = True  # on CUDA, run the transformer under bf16 autocast (LoRA weights and the VAE stay fp32 regardless)
+# the transformer under bf16 autocast (LoRA weights and the VAE stay fp32 regardless): None = wherever the
+# frozen weights are bf16 (CUDA's default; a CPU with --dtype=bfloat16 runs the same path); True with
+# --dtype=float32 is DiffusionNFT's fp32 weights with half-precision compute (every weight re-cast at every
+# forward: slower)
+amp = None
 text_offload = False  # keep the text encoders on the CPU except while they encode (frees ~11 GB on SD3.5-M)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
@@ -290,6 +294,18 @@ def load_lora_into(transformer, name, path):
                          f"(unexpected keys like {res.unexpected_keys[0]})")
 
 
+def ddp_theta(transformer, dev):
+    """theta's DistributedDataParallel wrapper: its backward averages theta's gradients over ranks, and it
+    starts every rank from rank 0's LoRA weights (all three adapters). The frozen base is left out of that
+    start-up broadcast (every rank loaded it from the same files: 2.2 B parameters on SD3.5-M), and so are
+    the buffers, which DDP would otherwise also re-send at every forward (SD3's pos_embed, 453 MB in bf16,
+    never changes). peft's adapter switches go to the wrapped module directly."""
+    frozen = ([n for n, _ in transformer.named_parameters() if "lora_" not in n]
+              + [n for n, _ in transformer.named_buffers()])
+    DDP._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
+    return DDP(transformer, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
 def policy_velocities(transformer, x_t, t, c, with_ref=True, theta_model=None):
     """The three forwards of one training step on the same (x_t, t, condition): v_old (old adapter) and
     v_ref (adapters off: the base model, only when with_ref) without grad, then v_theta with grad,
@@ -347,25 +363,20 @@ STREAM_NOISE, STREAM_TIMES, STREAM_EPS, STREAM_STEPS = 0, 1, 2, 3
 EVAL_EPOCH = 10 ** 9  # the "epoch" of the fixed evaluation noises: no training epoch reaches it
 
 
-def samples_per_rank(n_prompts, K, G, world, train_batch, opt_steps):
+def samples_per_rank(n_prompts, K, G, world, opt_steps):
     """An epoch's n_prompts * K * G samples are one flat list cut into `world` equal slices (a group may
-    span ranks); each slice holds the same number of samples for every optimizer step (see
-    `step_assignment`), and that number must cut into whole micro-batches. On failure, the message
-    names values that work."""
+    span ranks), and each slice gives every optimizer step the same number of samples (see
+    `step_assignment`): N must be a multiple of world * opt_steps. Micro-batches then take train_batch
+    samples at a time, the last of a step fewer, so any GPU count that divides the work runs the same
+    samples and optimizer steps. On failure the message names a prompts_per_epoch that works."""
     N = n_prompts * K * G
-    unit = world * train_batch * opt_steps  # N must be a multiple of this
+    unit = world * opt_steps  # N must be a multiple of this
     if N % unit == 0:
         return N // world
     per_prompt = unit // math.gcd(K * G, unit)  # prompts_per_epoch must be a multiple of this
-    per_step = N // world // opt_steps if N % (world * opt_steps) == 0 else 0
-    fits = [b for b in range(train_batch, 0, -1) if per_step and per_step % b == 0]
-    hint = (f"prompts_per_epoch={per_prompt * max(1, round(n_prompts / per_prompt))} "
-            f"(any multiple of {per_prompt})")
-    if fits:
-        hint += f" or train_batch={fits[0]}"
-    raise SystemExit(f"prompts_per_epoch*K*G = {n_prompts}*{K}*{G} = {N} samples do not split "
-                     f"over {world} ranks x opt_steps_per_epoch={opt_steps} optimizer steps "
-                     f"into train_batch={train_batch} micro-batches: use {hint}")
+    raise SystemExit(f"prompts_per_epoch*K*G = {n_prompts}*{K}*{G} = {N} samples do not split over {world} "
+                     f"GPUs x opt_steps_per_epoch={opt_steps} optimizer steps: use prompts_per_epoch="
+                     f"{per_prompt * max(1, round(n_prompts / per_prompt))} (any multiple of {per_prompt})")
 
 
 def sample_seed(*parts):
@@ -567,18 +578,25 @@ def main(argv=None):
     if not beta > 0 or solver not in ("euler", "dpm2") or eval_solver not in ("euler", "dpm2"):
         raise SystemExit(f"beta={beta} must be > 0 and solver={solver!r}, eval_solver={eval_solver!r} "
                          f"one of 'euler', 'dpm2'")
+    if amp not in (None, True, False):
+        raise SystemExit(f"amp={amp!r} must be True, False or None (on wherever the frozen weights are bf16)")
+    if train_batch < 1 or sample_batch < 1:
+        raise SystemExit(f"train_batch={train_batch} and sample_batch={sample_batch} must be at least 1")
     n_train_t = math.floor(steps * timestep_fraction)
     if n_train_t < 1:
         raise SystemExit(f"steps={steps} x timestep_fraction={timestep_fraction} leaves no training timestep")
     world_env = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group starts
     N = prompts_per_epoch * K * G  # samples per epoch over all ranks
-    n_local = samples_per_rank(prompts_per_epoch, K, G, world_env, train_batch, opt_steps_per_epoch)
+    n_local = samples_per_rank(prompts_per_epoch, K, G, world_env, opt_steps_per_epoch)
     # unknown reward names stop here
-    needs_meta = [n for n in RW.parse_spec(reward) if n in ("geneval", "shapes")]
+    needs_meta = [n for n in RW.parse_spec(reward) if n in ("geneval", "shapes", "colour_share")]
     if needs_meta and not all(m.get("tag") for m in metadata):
         raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata "
                          f"(.jsonl with 'tag' and 'include'); {prompts} has none: "
                          "make it with data/geneval/prepare.py (or data/shapes/prepare.py)")
+    if "colour_share" in needs_meta and not all(any(c.get("color") for c in m["include"]) for m in metadata):
+        raise SystemExit(f"the colour_share reward needs prompts that ask for a colour; {prompts} has some "
+                         "that do not: use data/shapes/train_colors.jsonl")
     check_run_folder(out_dir, resume, overwrite)
     S.quiet()
     rank, world, dev, dt = S.setup_distributed(device, dtype)
@@ -592,7 +610,10 @@ def main(argv=None):
     if prompts_per_epoch > len(prompt_list):
         log(f"note: prompts_per_epoch={prompts_per_epoch} > {len(prompt_list)} prompts: "
             f"each epoch draws prompts with replacement")
-    reward_fn = RW.build_reward(reward, dev, dt, tiny=model == "tiny", opts=reward_opts)
+    # reward models in fp32 whatever the run's dtype: they are small next to SD3.5, and in bf16 PickScore's
+    # logit_scale alone moves every score by 1 % and detector scores can cross GenEval's 0.3 / 0.9
+    # thresholds, so a logged reward would differ from eval_diversity.py's (fp32) on the same image
+    reward_fn = RW.build_reward(reward, dev, torch.float32, tiny=model == "tiny", opts=reward_opts)
 
     # ---- models: frozen SD3, three LoRA adapters on the transformer
     torch.manual_seed(seed)  # the same adapter init on every rank (and DDP broadcasts rank 0's below)
@@ -609,8 +630,8 @@ def main(argv=None):
         transformer.enable_gradient_checkpointing()
     params = adapter_params(transformer, "default")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    use_amp = amp and dev.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    use_amp = dt == torch.bfloat16 if amp is None else amp
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     shape = S.latent_shape(pipe, resolution)
     sigmas = S.sigma_grid(pipe.scheduler, steps)  # shared by sampling and training
     eval_sigmas = S.sigma_grid(pipe.scheduler, eval_steps)
@@ -630,10 +651,7 @@ def main(argv=None):
         if master:
             trim_log(log_path, st["epoch"])
         log(f"resumed from {ck}: epoch {start_epoch}, step {step}")
-    # DDP averages theta's gradients over ranks in its backward, and starts every rank from rank 0's
-    # weights (all three adapters included). peft's adapter switches go to the wrapped module directly.
-    theta_model = (transformer if world == 1
-                   else DDP(transformer, device_ids=[dev.index] if dev.type == "cuda" else None))
+    theta_model = transformer if world == 1 else ddp_theta(transformer, dev)
     torch.manual_seed(seed + rank)
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -733,23 +751,26 @@ def main(argv=None):
             micro = [mine[a:a + train_batch] for a in range(0, len(mine), train_batch)]
             for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not S.bars(rank),
                                            leave=False)):
-                b = torch.tensor(chunk)
-                jb = [js[i] for i in b.tolist()]
-                x0_b, r_b = x0[b.to(dev)], r[b.to(dev)]
+                jb = [js[i] for i in chunk]
+                b = S.to_device(torch.tensor(chunk), dev)
+                x0_b, r_b = x0[b], r[b]
+                # the micro-batch's training times and their eps, drawn on the CPU from each sample's own
+                # seeds and sent to the device in one copy each (not one per training time)
                 perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(
                                          sample_seed(seed, epoch, j, STREAM_TIMES)))
                                      for j in jb])[:, :n_train_t]
+                t_all = S.to_device(sigmas[perms], dev)  # [B, n_train_t]
+                eps_all = S.to_device(torch.stack([torch.stack([
+                    torch.randn(shape, generator=torch.Generator().manual_seed(
+                        sample_seed(seed, epoch, j, STREAM_EPS, ti)))
+                    for ti in range(n_train_t)]) for j in jb]), dev)  # [B, n_train_t, C, H, W]
                 for ti in range(n_train_t):
-                    t = sigmas[perms[:, ti]].to(dev)
-                    eps = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-                                           sample_seed(seed, epoch, j, STREAM_EPS, ti)))
-                                       for j in jb]).to(dev)
+                    t, eps = t_all[:, ti].contiguous(), eps_all[:, ti]
                     x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * eps
                     # ---- E²PO change 2, reference-anchored training: every sample is trained on C^orig,
                     # whatever condition sampled it
                     # (use_anchor=False: on that condition at this t, the ablation)
-                    c = (tuple(q[b.to(q.device)] for q in c_orig) if use_anchor
-                         else condition_at(t, b.to(c_orig[0].device)))
+                    c = tuple(q[b] for q in c_orig) if use_anchor else condition_at(t, b)
                     # gradients accumulate over the step's micro-batches and times; DDP averages them over
                     # ranks in the step's last backward only (no_sync before it)
                     last = m == len(micro) - 1 and ti == n_train_t - 1

@@ -112,6 +112,12 @@ def _looks_like_path(name):
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
 
 
+# transformers 5 resizes images with torchvision where it is installed and with PIL otherwise, and the two
+# differ in their last bits (antialiasing, rounding): every image processor here is PIL's, so that scores on
+# a GPU machine (torchvision installed) are the scores of a CPU machine without it
+IMAGE_BACKEND = "pil"
+
+
 def _from_pretrained(cls, name, what, hint="", **kw):
     """cls.from_pretrained(name, **kw) that stops with one sentence instead of a traceback, and fails fast
     offline: a local folder, else the local hub cache (local_files_only, no network), else the hub, but
@@ -210,7 +216,7 @@ def load_clip(name, device="cpu", dtype=torch.float32, processor=None):
     else:
         from transformers import CLIPModel, CLIPProcessor
         model = _from_pretrained(CLIPModel, name, "CLIP model", dtype=dtype)
-        proc = _from_pretrained(CLIPProcessor, processor or name, "CLIP processor")
+        proc = _from_pretrained(CLIPProcessor, processor or name, "CLIP processor", backend=IMAGE_BACKEND)
     return model.to(device, dtype).requires_grad_(False).eval(), proc
 
 
@@ -616,28 +622,28 @@ def _instances(outputs, pixel_mask, sizes, max_per_image=100, floor=THRESHOLD):
     probs = outputs.class_queries_logits.float().softmax(-1)[..., :-1]  # [B, Q, C]; last = no object
     logits = outputs.masks_queries_logits.float()  # [B, Q, h/4, w/4]
     ph, pw = pixel_mask.shape[-2:]
+    valid = pixel_mask.bool().cpu()  # each image's unpadded extent, read once
     result = []
     for i, (H, W) in enumerate(sizes):
         C = probs.shape[-1]
         score, idx = probs[i].flatten().topk(min(max_per_image, probs[i].numel()))
         query, label = idx // C, idx % C
-        vh, vw = int(pixel_mask[i].any(1).sum()), int(pixel_mask[i].any(0).sum())
+        vh, vw = int(valid[i].any(1).sum()), int(valid[i].any(0).sum())
         m = F.interpolate(logits[i, query][None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
         m = F.interpolate(m[None, :, :vh, :vw], size=(H, W), mode="bilinear",
                           align_corners=False)[0].sigmoid()
         binary = m > 0.5
         area = binary.flatten(1).sum(1)
         score = score * (m * binary).flatten(1).sum(1) / (area + 1e-6)
+        # the objects above the floor with a non-empty mask, most confident first, copied to the host in one
+        # go per image (not several device syncs per object)
+        order = torch.argsort(score, descending=True)
+        keep = order[(score[order] > floor) & (area[order] > 0)]
         dets = []
-        for j in torch.argsort(score, descending=True).tolist():
-            if score[j] <= floor:
-                break
-            if area[j] == 0:
-                continue
-            ys, xs = binary[j].any(1).nonzero(), binary[j].any(0).nonzero()
+        for s, lab, mask in zip(score[keep].tolist(), label[keep].tolist(), binary[keep].cpu()):
+            ys, xs = mask.any(1).nonzero(), mask.any(0).nonzero()
             box = (float(xs[0]), float(ys[0]), float(xs[-1]) + 1, float(ys[-1]) + 1)
-            dets.append({"label": int(label[j]), "score": float(score[j]), "box": box,
-                         "mask": binary[j].cpu().numpy()})
+            dets.append({"label": lab, "score": s, "box": box, "mask": mask.numpy()})
         result.append(dets)
     return result
 
@@ -674,7 +680,8 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
         det_model = _from_pretrained(Mask2FormerForUniversalSegmentation, detector, "Mask2Former detector",
                                      dtype=dtype)
         det_proc = _from_pretrained(AutoImageProcessor, detector, "Mask2Former image processor",
-                                    size={"shortest_edge": detector_size, "longest_edge": 1333})
+                                    size={"shortest_edge": detector_size, "longest_edge": 1333},
+                                    backend=IMAGE_BACKEND)
     if det_model.config.num_labels != len(GENEVAL_CLASSES):
         raise SystemExit(
             f"detector '{detector}' has {det_model.config.num_labels} labels, GenEval needs a COCO instance "

@@ -44,7 +44,7 @@ batch_size = 8  # images per transformer forward, across prompts
 seed = 0
 out_dir = "out/samples"  # PNGs, a grid per prompt, index.jsonl (eval_diversity.py --samples=DIR reads it)
 device = "auto"  # "auto" = cuda if available else cpu
-dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
+dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -93,8 +93,11 @@ def pick_device(name="auto", dtype_name="auto"):
     dev = torch.device(name)
     if dtype_name == "auto":
         return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    if dtype_name not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"dtype '{dtype_name}' is not one of auto, float32, bfloat16, float16")
+    if dtype_name == "float16":  # accepted once, then every autocast op re-cast it to bf16
+        raise SystemExit("dtype 'float16' is not supported: T5-XXL overflows in fp16 and training in fp16 "
+                         "would need a gradient scaler; use bfloat16 (or float32)")
+    if dtype_name not in ("float32", "bfloat16"):
+        raise SystemExit(f"dtype '{dtype_name}' is not one of auto, float32, bfloat16")
     return dev, getattr(torch, dtype_name)
 
 
@@ -139,9 +142,16 @@ def setup_distributed(device_name="auto", dtype_name="auto"):
                           int(os.environ.get("LOCAL_RANK", 0)))
     dev, dtype = pick_device(device_name, dtype_name)
     if dev.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"LOCAL_RANK {local} has no GPU: this machine shows "
+                             f"{torch.cuda.device_count()}; run torchrun with --nproc_per_node at most that")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # device_id binds the process group to this GPU now: a wrong mapping fails here, not at the
+        # first collective
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dist.init_process_group("gloo")
     # leave the process group cleanly however the script ends (a finished run or a SystemExit)
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return rank, world, dev, dtype
@@ -204,17 +214,28 @@ def load_text(model_id, device="cpu", dtype=torch.float32, t5_len=128, seed=0, p
 
 @contextlib.contextmanager
 def text_on(text, device, offload=True):
-    """Within the block the text encoders sit on `device`; with offload they go back to the CPU after it,
-    so that SD3.5-M's ~11 GB of encoders hold no GPU memory between the moments they encode."""
-    if offload:
-        for e in text["encoders"].values():
-            e.to(device)
+    """Within the block the text encoders sit on `device`; with offload they are back on the CPU after it,
+    so that SD3.5-M's ~11 GB of encoders hold no GPU memory between the moments they encode. The encoders
+    are frozen, so going back copies nothing: every tensor keeps its CPU copy (pinned when the device is a
+    GPU: the copy in is asynchronous and host memory is not reallocated at each encoding) and gets it back."""
+    if not offload:
+        yield text
+        return
+    device = torch.device(device)
+    if "cpu_copies" not in text:  # once: (tensor, its CPU data) of every parameter and buffer
+        tensors = [t for e in text["encoders"].values() for t in (*e.parameters(), *e.buffers())]
+        for t in tensors:
+            t.data = t.data.to("cpu")
+            if device.type == "cuda":
+                t.data = t.data.pin_memory()
+        text["cpu_copies"] = [(t, t.data) for t in tensors]
+    for t, cpu in text["cpu_copies"]:
+        t.data = cpu.to(device, non_blocking=True)
     try:
         yield text
     finally:
-        if offload:
-            for e in text["encoders"].values():
-                e.to("cpu")
+        for t, cpu in text["cpu_copies"]:
+            t.data = cpu
 
 
 # ----------------------------------------------------------------------------- encoding with perturbations
@@ -426,10 +447,12 @@ def mix_condition(c_opt, c_orig, sigma, rho):
     g = gamma(sigma, rho)
     out = []
     for opt, orig in zip(c_opt, c_orig):
-        gg = torch.as_tensor(g, dtype=orig.dtype, device=orig.device)
-        # per-sample sigma broadcasts over features
-        gg = gg.reshape(-1, *([1] * (orig.dim() - 1))) if gg.dim() else gg
-        out.append(torch.lerp(orig, opt.to(orig.dtype), gg.expand_as(orig) if gg.dim() else gg))
+        # a float gamma goes to lerp as a scalar (no tensor made on the GPU at every step); a per-sample one
+        # broadcasts over features. In fp32 whatever the conditions' dtype: gamma itself is not rounded to
+        # bf16 (0.3 would become 0.30078), only the mixed condition is, once.
+        w = (g.to(orig.device, torch.float32).reshape(-1, *([1] * (orig.dim() - 1))).expand(orig.shape)
+             if torch.is_tensor(g) else g)
+        out.append(torch.lerp(orig.float(), opt.float(), w).to(orig.dtype))
     return tuple(out)
 
 
@@ -446,8 +469,12 @@ def velocity(transformer, x, sigma, cond):
     sigma: a float, or a [B] tensor (training draws a different t per sample). x goes in at the
     transformer's dtype; the timestep stays fp32, as diffusers' pipeline passes it (bf16 would round
     t * 1000 to steps of 4 near 1000)."""
-    t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]) * 1000
-    x = x.to(getattr(transformer, "dtype", x.dtype))
+    # torch.full fills on the device (a float sent with torch.as_tensor would be a host-to-device copy at
+    # every sampler step); either way t is fp32(sigma) * 1000 computed in fp32
+    t = (sigma.to(x.device, torch.float32).expand(x.shape[0]) if torch.is_tensor(sigma)
+         else torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)) * 1000
+    # the DDP wrapper (theta's forward in training) has no .dtype: its module has
+    x = x.to(getattr(getattr(transformer, "module", transformer), "dtype", x.dtype))
     return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1],
                        return_dict=False)[0]
 
@@ -514,8 +541,16 @@ def decode(vae, latents):
 def image_noise(seeds, shape, device):
     """Initial noise (fp32), one seeded generator per image, so each image is reproducible from its seed
     alone."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds]).to(device)
+    return to_device(torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                                  for s in seeds]), device)
+
+
+def to_device(x, device):
+    """A CPU tensor on `device`; to a GPU through pinned memory without blocking (a copy from pageable
+    memory makes the host wait for it)."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def latent_shape(pipe, resolution):

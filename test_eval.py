@@ -546,3 +546,52 @@ def test_cli_sdi_with_the_geneval_detector(tiny_samples):
     assert g["sdi_prompts"] == 3 and 0 <= g["sdi"] <= 1
     assert (json.loads((tiny_samples / "sdi.json").read_text())["groups"]["all"]["sdi"]
             == pytest.approx(g["sdi"]))
+
+
+def test_cli_refuses_torchrun_and_keeps_gpu_arithmetic_fp32(synthetic_folder, monkeypatch):
+    """Under torchrun every rank would score the whole folder on one GPU and write the same file: rank 0
+    stops with one sentence, the others quietly. The run itself turns TF32 off (PyTorch lets cuDNN's
+    convolutions use it by default), so a GPU's metrics are the CPU's to float32 rounding."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, code in (("0", "eval_diversity.py runs in one process: start it with python, not torchrun"),
+                       ("1", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as err:
+            ed.main([f"--samples={synthetic_folder}", "--metrics=pvs", f"--out={synthetic_folder}/x.json"])
+        assert err.value.code == code
+    assert not os.path.exists(os.path.join(synthetic_folder, "x.json"))
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    ed.main([f"--samples={synthetic_folder}", "--metrics=pvs", "--device=cpu",
+             f"--out={synthetic_folder}/x.json"])
+    assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+
+
+def test_image_processors_are_pils_on_every_machine(monkeypatch):
+    """transformers 5 picks torchvision's image processors where torchvision is installed (a GPU machine)
+    and PIL's here, and their resizing differs in the last bits: every processor load asks for PIL's."""
+    import types
+
+    import rewards
+
+    class Stub:  # stands for whatever was loaded
+        config = types.SimpleNamespace(num_labels=len(rewards.GENEVAL_CLASSES))
+
+        def to(self, *a, **kw):
+            return self
+
+        def eval(self):
+            return self
+
+        def requires_grad_(self, *a):
+            return self
+    seen = []
+    monkeypatch.setattr(rewards, "_from_pretrained", lambda cls, name, what, hint="", **kw: (
+        seen.append((what, kw.get("backend"))), Stub())[1])
+    rewards.load_clip("some/clip")
+    rewards.geneval(detector="some/mask2former", clip="some/clip")
+    ed.grounding_dino_detector("some/gdino", "cpu", 0.35, 0.25)
+    procs = [w for w, b in seen if "processor" in w]
+    assert len(procs) == 4 and all(b == "pil" for w, b in seen if "processor" in w), seen
+    assert all(b is None for w, b in seen if "processor" not in w)  # models take no such option
