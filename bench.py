@@ -522,10 +522,9 @@ def main(argv=None):
         out = []
         for a in range(0, len(noise), sample_batch):
             b = slice(a, a + sample_batch)
-            cf = lambda sigma: S.mix_condition(tuple(c[b] for c in c_opt), tuple(c[b] for c in c_orig),
-                                               sigma, rho)
             with autocast():
-                out.append(S.sample(tr, sigmas, noise[b], cond_fn=cf, solver=solver))
+                out.append(S.sample(tr, sigmas, noise[b], tuple(c[b] for c in c_orig),
+                                    tuple(c[b] for c in c_opt), rho, solver=solver))
         x0_e = torch.cat(out).float()
         P2.use_adapter(tr, "default")
         tr.train()

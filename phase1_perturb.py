@@ -241,4 +241,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    S.run_main(main)

@@ -13,9 +13,11 @@ and every sample is trained with C^orig as its condition (reference-anchored bat
     # the DiffusionNFT baseline (48 prompts x G=24 = the same 1152 samples an epoch; K=1, no Phase I)
     torchrun --nproc_per_node=8 phase2_align.py config/geneval_nft_g24.py
 
-The file reads top to bottom: config, the two formulas (`advantages`, `nft_loss`), LoRA helpers,
-then `main()`: distributed init -> models -> per epoch {sample with the old policy, score, normalise
-within groups, train on C^orig, update old and EMA adapters} -> checkpoints.
+The file reads top to bottom: config; the formulas (`advantages`, `nft_loss`, `nft_objective`); the LoRA
+adapters; the E²PO group of a prompt; the per-sample seeds that make 1 and 8 GPUs see the same samples; the
+run folder and checkpoints; the stages of an epoch (`rollouts`: E²PO change 1, `score`, `train`: E²PO
+change 2, `evaluate`); and `main()`, which is the README's diagram: settings -> models -> per epoch
+{sample with the old policy, reward, advantages, train theta, old <- theta, log} -> checkpoints.
 """
 import contextlib
 import json
@@ -24,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -357,10 +360,39 @@ def group_conditions(text, pert, prompt_list, idx, ks):
     return c_orig, c_opt
 
 
-# ----------------------------------------------------------------------------- small helpers
-# sample_seed(seed, epoch, j, STREAM) keys every random draw of sample j; the streams keep them apart
+# ---------------------------------------------------- reproducibility: 1 GPU and 8 GPUs see the same samples
+# Every random draw of sample j of an epoch (its noise, its training times, their eps) comes from its own
+# generator seeded by sample_seed(seed, epoch, j, STREAM), the prompts of an epoch and its optimizer steps
+# from (seed, epoch) alone: which GPU holds a sample changes nothing, and a resumed run replays exactly.
 STREAM_NOISE, STREAM_TIMES, STREAM_EPS, STREAM_STEPS = 0, 1, 2, 3
 EVAL_EPOCH = 10 ** 9  # the "epoch" of the fixed evaluation noises: no training epoch reaches it
+
+
+def sample_seed(*parts):
+    """A 63-bit seed from (seed, epoch, index, stream, ...) by FNV-1a-style mixing."""
+    FNV_OFFSET, FNV_PRIME = 1469598103934665603, 1099511628211
+    h = FNV_OFFSET
+    for p in parts:
+        h = ((h ^ int(p)) * FNV_PRIME) % (1 << 63)
+    return h
+
+
+def draw_prompts(epoch, n_prompts):
+    """The epoch's prompt indices, one per group: without replacement when the file holds enough."""
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch))
+    return (torch.randperm(n_prompts, generator=g)[:prompts_per_epoch] if prompts_per_epoch <= n_prompts
+            else torch.randint(n_prompts, (prompts_per_epoch,), generator=g)).tolist()
+
+
+def training_draws(epoch, jb, sigmas, shape, n_t, dev):
+    """The training times of samples jb (the first n_t entries of a per-sample permutation of the sampler's
+    grid) and the eps of each, drawn on the CPU and sent to the device in one copy each:
+    t [B, n_t], eps [B, n_t, C, H, W]."""
+    gen = lambda *k: torch.Generator().manual_seed(sample_seed(seed, epoch, *k))
+    perms = torch.stack([torch.randperm(steps, generator=gen(j, STREAM_TIMES)) for j in jb])[:, :n_t]
+    eps = torch.stack([torch.stack([torch.randn(shape, generator=gen(j, STREAM_EPS, ti))
+                                    for ti in range(n_t)]) for j in jb])
+    return S.to_device(sigmas[perms], dev), S.to_device(eps, dev)
 
 
 def samples_per_rank(n_prompts, K, G, world, opt_steps):
@@ -379,17 +411,6 @@ def samples_per_rank(n_prompts, K, G, world, opt_steps):
                      f"{per_prompt * max(1, round(n_prompts / per_prompt))} (any multiple of {per_prompt})")
 
 
-def sample_seed(*parts):
-    """A 63-bit seed from (seed, epoch, index, stream, ...) by FNV-1a-style mixing: each sample's
-    randomness is its own, so it does not depend on how samples are split over ranks, and a resumed run
-    replays it exactly."""
-    FNV_OFFSET, FNV_PRIME = 1469598103934665603, 1099511628211
-    h = FNV_OFFSET
-    for p in parts:
-        h = ((h ^ int(p)) * FNV_PRIME) % (1 << 63)
-    return h
-
-
 def step_assignment(N, opt_steps, seed, epoch):
     """Which optimizer step trains each of the epoch's N samples, and in what order: a function of the
     global sample list alone, so the same samples share a step on 1 or 8 GPUs. Every block of
@@ -401,6 +422,8 @@ def step_assignment(N, opt_steps, seed, epoch):
     return step, torch.rand(N, generator=g)
 
 
+
+# ----------------------------------------------------------------------------- distributed helpers
 def any_rank(flag, world, device):
     """True on every rank if `flag` is True on any rank (one tiny all-reduce): ranks decide to stop
     together."""
@@ -539,37 +562,179 @@ def last_good(out):
     return f"the last good checkpoint is {found}" if found else "no checkpoint was written"
 
 
-# ----------------------------------------------------------------------------- evaluation
+def start_run(run, cfg):
+    """The run folder: resumed from its last complete checkpoint (--resume=True: the adapters, the optimizer
+    and the RNG state; the log trimmed to that epoch) or started anew (--overwrite=True removes an earlier
+    run's checkpoint now that this one is ready). Returns (optimizer steps done, first epoch, log file)."""
+    log_path = os.path.join(out_dir, "log.jsonl")
+    step, start_epoch = 0, 0
+    if resume:
+        ck = checkpoint_dirs(out_dir)[0]
+        if run.master:
+            restore_checkpoint(out_dir)
+        if run.world > 1:
+            dist.barrier()
+        st = load_checkpoint(ck, run.transformer, run.opt)
+        for group in run.opt.param_groups:  # the settings this run is given, not the saved ones
+            group.update(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+        torch.set_rng_state(st["rng"])
+        step, start_epoch = st["step"], st["epoch"] + 1
+        if run.master:
+            trim_log(log_path, st["epoch"])
+        run.log(f"resumed from {ck}: epoch {start_epoch}, step {step}")
+    if not run.master:
+        return step, start_epoch, None
+    os.makedirs(out_dir, exist_ok=True)
+    if not resume:
+        for d in checkpoint_dirs(out_dir):
+            shutil.rmtree(d, ignore_errors=True)
+    S.write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
+    return step, start_epoch, open(log_path, "a" if resume else "w")
+
+
+def checkpoint(run, epoch, step, probe, cfg):
+    """Save a checkpoint that can resume: every adapter finite and giving finite outputs on one training
+    input (`probe`: a step that diverged can leave finite but enormous weights), and the same adapters on
+    every rank (the guard against ranks silently training different models)."""
+    if any_rank(not adapters_finite(run.transformer, *probe), run.world, run.dev):
+        raise SystemExit(f"the weights after epoch {epoch} (step {step}) give non-finite outputs: training "
+                         f"diverged (try a lower --lr); not saved, {last_good(out_dir)}")
+    if not same_on_all_ranks([p for a in ADAPTERS for p in adapter_params(run.transformer, a)], run.world):
+        raise SystemExit(f"the LoRA adapters differ between ranks at epoch {epoch}: a bug; not saved")
+    if run.master:
+        save_checkpoint(out_dir, run.transformer, run.opt, {"step": step, "epoch": epoch}, cfg)
+
+
+# ----------------------------------------------------------------------------- the stages of an epoch
+def rollouts(run, epoch, js, c_orig, c_opt):
+    """The epoch's samples js drawn with the old policy by the deterministic ODE: x0 latents (fp32). Each
+    starts from its own seeded noise (shared_noise: the K conditions of a group's noise g from one x_1, a
+    paired design)."""
+    use_adapter(run.transformer, "old")
+    noise_ids = [(j // (K * G)) * K * G + j % G if shared_noise else j for j in js]
+    noise = S.image_noise([sample_seed(seed, epoch, j, STREAM_NOISE) for j in noise_ids], run.shape, run.dev)
+    x0 = []
+    for a in tqdm(range(0, len(js), sample_batch), desc=f"epoch {epoch} sample", disable=not S.bars(run.rank),
+                  leave=False):
+        b = slice(a, a + sample_batch)
+        orig_b, opt_b = tuple(c[b] for c in c_orig), tuple(c[b] for c in c_opt)
+        # ---- E²PO change 1, the noise-aware schedule: S.sample draws sample i on
+        #      C_i(t) = gamma(sigma_t) * C^opt_i + (1 - gamma(sigma_t)) * C^orig_i   (S.mix_condition)
+        # at every step, so the perturbation shapes the layout while sigma > 1 - rho and is gone before
+        # details are drawn; k = 0 rows mix C^orig with itself, exactly. use_schedule=False: the static
+        # C^opt_i at every step, the paper's ablation.
+        cond = (orig_b, opt_b) if use_schedule else (opt_b, None)
+        with run.autocast():
+            x0.append(S.sample(run.transformer, run.sigmas, noise[b], *cond, rho=rho, guidance=guidance,
+                               solver=solver))
+    use_adapter(run.transformer, "default")
+    return torch.cat(x0).float()
+
+
+def score(run, epoch, x0, idx):
+    """The rewards of all the epoch's samples [N], gathered over ranks, and the mean of each reward of a
+    weighted sum. Scored in chunks of sample_batch, so that a sample's reward does not depend on how many
+    samples its GPU holds."""
+    R, parts = [], {}
+    for a in range(0, len(idx), sample_batch):
+        sel = idx[a:a + sample_batch]
+        total, per = run.reward_fn(S.decode(run.vae, x0[a:a + sample_batch]),
+                                   [run.prompt_list[i] for i in sel], [run.metadata[i] for i in sel])
+        R.append(total.float().to(run.dev))
+        for n, v in per.items():
+            parts.setdefault(n, []).append(v.float().to(run.dev))
+    R = all_gather_cat(torch.cat(R), run.world)
+    if not torch.isfinite(R).all():  # R is the same on every rank: all stop here
+        raise SystemExit(f"non-finite reward at epoch {epoch}; {last_good(out_dir)}")
+    return R, ({f"reward_{n}": all_gather_cat(torch.cat(v), run.world).mean().item()
+                for n, v in parts.items()} if len(parts) > 1 else {})
+
+
+def train(run, epoch, step, js, x0, r, c_orig, c_opt):
+    """The epoch's optimizer steps on the samples js (x0, r). Each sample is trained at its own training times
+    (`training_draws`), re-noised with a fresh eps; which samples share a step is keyed by the global sample
+    list (`step_assignment`). Returns (steps done, the mean loss terms, the mean gradient norm, one training
+    input for the checkpoint's check)."""
+    step_of, key = step_assignment(len(js) * run.world, opt_steps_per_epoch, seed, epoch)
+    step_of, key = step_of[js.start:js.stop], key[js.start:js.stop]
+    sums, grad_norms, n_t = torch.zeros(3, device=run.dev), [], run.n_train_t
+    run.transformer.train()
+    for s in range(opt_steps_per_epoch):
+        mine = [i for i in torch.argsort(key).tolist() if step_of[i] == s]  # local indices, in step order
+        micro = [mine[a:a + train_batch] for a in range(0, len(mine), train_batch)]
+        for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not S.bars(run.rank),
+                                       leave=False)):
+            b = S.to_device(torch.tensor(chunk), run.dev)
+            x0_b, r_b, orig_b, opt_b = x0[b], r[b], tuple(q[b] for q in c_orig), tuple(q[b] for q in c_opt)
+            t_all, eps_all = training_draws(epoch, [js[i] for i in chunk], run.sigmas, run.shape, n_t,
+                                            run.dev)
+            for ti in range(n_t):
+                t, eps = t_all[:, ti].contiguous(), eps_all[:, ti]
+                x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * eps
+                # ---- E²PO change 2, reference-anchored training: every sample is trained on C^orig, whatever
+                # condition sampled it (use_anchor=False: on that condition at this t, the ablation)
+                c = (orig_b if use_anchor else S.mix_condition(opt_b, orig_b, t, rho) if use_schedule
+                     else opt_b)
+                # gradients accumulate over the step's micro-batches and times; DDP averages them over ranks
+                # in the step's last backward only (no_sync before it)
+                last = m == len(micro) - 1 and ti == n_t - 1
+                with run.autocast(), (contextlib.nullcontext() if run.world == 1 or last
+                                      else run.theta_model.no_sync()):
+                    v_old, v_ref, v_theta = policy_velocities(
+                        run.transformer, x_t, t, c, with_ref=kl_beta > 0, theta_model=run.theta_model)
+                    loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b, beta, adv_clip,
+                                                  kl_beta)
+                    # each sample weighs 1/len(mine) in its rank's step (the same count on every rank);
+                    # averaged over ranks, this is DiffusionNFT's mean over the step's samples and times
+                    (loss.sum() / (len(mine) * n_t)).backward()
+                sums += torch.stack([v.detach().sum() for v in (loss, nft, kl)]) / (len(js) * n_t)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, grad_clip)
+        if not torch.isfinite(grad_norm):  # the gradients are averaged over ranks: every rank sees it
+            raise SystemExit(f"non-finite loss or gradient at epoch {epoch}, step {step + 1}; "
+                             f"{last_good(out_dir)}")
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        step += 1
+        grad_norms.append(grad_norm.item())
+        blend_adapter(run.transformer, "ema", "default", ema_decay(step, ema_max))  # for eval and checkpoints
+    run.transformer.eval()
+    if run.world > 1:
+        dist.all_reduce(sums)
+        sums /= run.world
+    return (step, dict(zip(("loss", "nft", "kl"), sums.tolist())), sum(grad_norms) / len(grad_norms),
+            (x_t[:1], t[:1], tuple(q[:1] for q in c)))
+
+
 @torch.no_grad()
-def evaluate(transformer, vae, text, sigmas, prompt_list, metadata, reward_fn, shape, dev, autocast, rank,
-             world, seed, G=1, batch=16, solver="euler", guidance=1.0, offload_text=False):
-    """Mean reward of held-out prompts sampled with the EMA adapter from fixed noises (C^orig only),
-    G noises per prompt, `batch` images per forward; the prompts are spread over ranks."""
-    use_adapter(transformer, "ema")
-    mine = list(range(rank, len(prompt_list), world))
-    todo = [(i, g) for i in mine for g in range(G)]
-    with S.text_on(text, dev, offload=offload_text):  # every condition first: the encoders move once
-        conds = {i: S.encode(text, [prompt_list[i]]) for i in mine}
-    scores = torch.zeros(len(prompt_list) * G, device=dev)
-    for a in range(0, len(todo), batch):
-        chunk = todo[a:a + batch]
+def evaluate(run, prompt_list, metadata):
+    """Mean reward of held-out prompts sampled with the EMA adapter from fixed noises (C^orig only), eval_G
+    noises a prompt, sample_batch images a forward; the prompts are spread over ranks."""
+    use_adapter(run.transformer, "ema")
+    mine = list(range(run.rank, len(prompt_list), run.world))
+    todo = [(i, g) for i in mine for g in range(eval_G)]
+    with S.text_on(run.text, run.dev, offload=text_offload):  # every condition first: the encoders move once
+        conds = {i: S.encode(run.text, [prompt_list[i]]) for i in mine}
+    scores = torch.zeros(len(prompt_list) * eval_G, device=run.dev)
+    for a in range(0, len(todo), sample_batch):
+        chunk = todo[a:a + sample_batch]
         idx = [i for i, _ in chunk]
         c = tuple(torch.cat([conds[i][n] for i in idx]) for n in range(2))
-        noise = S.image_noise([sample_seed(seed, EVAL_EPOCH, i, g) for i, g in chunk], shape, dev)
-        with autocast():
-            x0 = S.sample(transformer, sigmas, noise, c, None, guidance=guidance, solver=solver)
-        R = reward_fn(S.decode(vae, x0), [prompt_list[i] for i in idx], [metadata[i] for i in idx])[0].float()
-        scores[torch.tensor([i * G + g for i, g in chunk], device=dev)] = R.to(dev)
-    if world > 1:
+        noise = S.image_noise([sample_seed(seed, EVAL_EPOCH, i, g) for i, g in chunk], run.shape, run.dev)
+        with run.autocast():
+            x0 = S.sample(run.transformer, run.eval_sigmas, noise, c, guidance=guidance, solver=eval_solver)
+        R = run.reward_fn(S.decode(run.vae, x0), [prompt_list[i] for i in idx],
+                          [metadata[i] for i in idx])[0].float()
+        scores[torch.tensor([i * eval_G + g for i, g in chunk], device=run.dev)] = R.to(run.dev)
+    if run.world > 1:
         dist.all_reduce(scores)
-    use_adapter(transformer, "default")
+    use_adapter(run.transformer, "default")
     return scores.mean().item()
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None):
-    cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
-    # ---- check every setting before anything is loaded or written
+def check_settings():
+    """Every setting checked before anything is loaded or written; the first bad one stops the run with one
+    sentence. Returns the training prompts and metadata and the held-out ones."""
     prompt_list, metadata = S.read_prompts(prompts)
     eval_list, eval_meta = S.read_prompts(eval_prompts) if eval_prompts else ([], [])
     if K < 1 or G < 1:
@@ -582,267 +747,128 @@ def main(argv=None):
         raise SystemExit(f"amp={amp!r} must be True, False or None (on wherever the frozen weights are bf16)")
     if train_batch < 1 or sample_batch < 1:
         raise SystemExit(f"train_batch={train_batch} and sample_batch={sample_batch} must be at least 1")
-    n_train_t = math.floor(steps * timestep_fraction)
-    if n_train_t < 1:
+    if math.floor(steps * timestep_fraction) < 1:
         raise SystemExit(f"steps={steps} x timestep_fraction={timestep_fraction} leaves no training timestep")
-    world_env = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group starts
-    N = prompts_per_epoch * K * G  # samples per epoch over all ranks
-    n_local = samples_per_rank(prompts_per_epoch, K, G, world_env, opt_steps_per_epoch)
-    # unknown reward names stop here
-    needs_meta = [n for n in RW.parse_spec(reward) if n in ("geneval", "shapes", "colour_share")]
+    needs_meta = [n for n in RW.parse_spec(reward) if n in ("geneval", "shapes", "colour_share")]  # names too
     if needs_meta and not all(m.get("tag") for m in metadata):
-        raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata "
-                         f"(.jsonl with 'tag' and 'include'); {prompts} has none: "
-                         "make it with data/geneval/prepare.py (or data/shapes/prepare.py)")
+        raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata (.jsonl with 'tag' and "
+                         f"'include'); {prompts} has none: make it with data/geneval/prepare.py (or "
+                         "data/shapes/prepare.py)")
     if "colour_share" in needs_meta and not all(any(c.get("color") for c in m["include"]) for m in metadata):
         raise SystemExit(f"the colour_share reward needs prompts that ask for a colour; {prompts} has some "
                          "that do not: use data/shapes/train_colors.jsonl")
     check_run_folder(out_dir, resume, overwrite)
+    return prompt_list, metadata, eval_list, eval_meta
+
+
+def main(argv=None):
+    cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    prompt_list, metadata, eval_list, eval_meta = check_settings()
+    N = prompts_per_epoch * K * G  # samples per epoch over all GPUs
+    # WORLD_SIZE is known before the process group starts: a count that does not divide the work stops here
+    n_local = samples_per_rank(prompts_per_epoch, K, G, int(os.environ.get("WORLD_SIZE", 1)),
+                               opt_steps_per_epoch)
     S.quiet()
     rank, world, dev, dt = S.setup_distributed(device, dtype)
-    master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    log(config_summary(cfg))
-    n_step = N // opt_steps_per_epoch  # samples per optimizer step, over all ranks
-    log(f"epoch = {prompts_per_epoch} prompts x K={K} x G={G} = {N} samples ({n_local} per rank x {world}); "
-        f"{opt_steps_per_epoch} optimizer step(s) of {n_step} samples, micro-batches of {train_batch}, "
-        f"{n_train_t} training timesteps each")
+    run = SimpleNamespace(rank=rank, world=world, dev=dev, master=rank == 0, prompt_list=prompt_list,
+                          metadata=metadata, n_train_t=math.floor(steps * timestep_fraction))
+    run.log = (lambda *a: print(*a, flush=True)) if run.master else (lambda *a: None)
+    run.log(config_summary(cfg))
+    run.log(f"epoch = {prompts_per_epoch} prompts x K={K} x G={G} = {N} samples ({n_local} per GPU x "
+            f"{world}); {opt_steps_per_epoch} optimizer step(s) of {N // opt_steps_per_epoch} samples, "
+            f"micro-batches of {train_batch}, {run.n_train_t} training timesteps each")
     if prompts_per_epoch > len(prompt_list):
-        log(f"note: prompts_per_epoch={prompts_per_epoch} > {len(prompt_list)} prompts: "
-            f"each epoch draws prompts with replacement")
-    # reward models in fp32 whatever the run's dtype: they are small next to SD3.5, and in bf16 PickScore's
-    # logit_scale alone moves every score by 1 % and detector scores can cross GenEval's 0.3 / 0.9
-    # thresholds, so a logged reward would differ from eval_diversity.py's (fp32) on the same image
-    reward_fn = RW.build_reward(reward, dev, torch.float32, tiny=model == "tiny", opts=reward_opts)
+        run.log(f"note: prompts_per_epoch={prompts_per_epoch} > {len(prompt_list)} prompts: "
+                f"each epoch draws prompts with replacement")
+    # reward models in fp32 whatever the run's dtype: small next to SD3.5, and in bf16 PickScore's logit_scale
+    # alone moves every score by 1 % and detector scores can cross GenEval's 0.3 / 0.9 thresholds
+    run.reward_fn = RW.build_reward(reward, dev, torch.float32, tiny=model == "tiny", opts=reward_opts)
 
-    # ---- models: frozen SD3, three LoRA adapters on the transformer
-    torch.manual_seed(seed)  # the same adapter init on every rank (and DDP broadcasts rank 0's below)
+    # ---- models: frozen SD3, three LoRA adapters on the transformer (theta, old, EMA)
+    torch.manual_seed(seed)  # the same adapter init on every rank (and DDP broadcasts rank 0's)
     pipe = S.load_pipeline(model, dev, dt)
-    text = S.load_text(model, dev, dt, t5_len, pipe=pipe)
-    pert = S.load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None
-    # where the text encoders are while they encode
-    encoding = lambda: S.text_on(text, dev, offload=text_offload)
-    if text_offload:
-        text["encoders"] = {n: e.to("cpu") for n, e in text["encoders"].items()}
-    transformer, vae = pipe.transformer, pipe.vae
-    add_adapters(transformer, lora_rank, lora_alpha)
+    run.text = S.load_text(model, dev, dt, t5_len, pipe=pipe)
+    pert = S.load_perturbations(perturbations, run.text, prompt_list, K) if K > 1 else None
+    if text_offload:  # on the CPU except while they encode (S.text_on)
+        run.text["encoders"] = {n: e.to("cpu") for n, e in run.text["encoders"].items()}
+    run.transformer, run.vae = pipe.transformer, pipe.vae
+    add_adapters(run.transformer, lora_rank, lora_alpha)
     if grad_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    params = adapter_params(transformer, "default")
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+        run.transformer.enable_gradient_checkpointing()
+    run.params = adapter_params(run.transformer, "default")
+    run.opt = torch.optim.AdamW(run.params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     use_amp = dt == torch.bfloat16 if amp is None else amp
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-    shape = S.latent_shape(pipe, resolution)
-    sigmas = S.sigma_grid(pipe.scheduler, steps)  # shared by sampling and training
-    eval_sigmas = S.sigma_grid(pipe.scheduler, eval_steps)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    step, start_epoch = 0, 0
-    if resume:
-        ck = checkpoint_dirs(out_dir)[0]
-        if master:
-            restore_checkpoint(out_dir)
-        if world > 1:
-            dist.barrier()
-        st = load_checkpoint(ck, transformer, opt)
-        for group in opt.param_groups:  # the resumed run uses the settings it was given, not the saved ones
-            group.update(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
-        torch.set_rng_state(st["rng"])
-        step, start_epoch = st["step"], st["epoch"] + 1
-        if master:
-            trim_log(log_path, st["epoch"])
-        log(f"resumed from {ck}: epoch {start_epoch}, step {step}")
-    theta_model = transformer if world == 1 else ddp_theta(transformer, dev)
+    run.autocast = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_amp
+                    else contextlib.nullcontext)
+    run.shape = S.latent_shape(pipe, resolution)
+    run.sigmas = S.sigma_grid(pipe.scheduler, steps)  # shared by sampling and training
+    run.eval_sigmas = S.sigma_grid(pipe.scheduler, eval_steps)
+    step, start_epoch, logf = start_run(run, cfg)
+    run.theta_model = run.transformer if world == 1 else ddp_theta(run.transformer, dev)
     torch.manual_seed(seed + rank)
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        # --overwrite=True: the earlier run's checkpoint goes now that the new one is ready to start
-        if not resume:
-            for d in checkpoint_dirs(out_dir):
-                shutil.rmtree(d, ignore_errors=True)
-        S.write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
-    logf = open(log_path, "a" if resume else "w") if master else None
-    run_eval = lambda: evaluate(transformer, vae, text, eval_sigmas, eval_list, eval_meta, reward_fn, shape,
-                                dev, autocast, rank, world, seed, G=eval_G, batch=sample_batch,
-                                solver=eval_solver, guidance=guidance, offload_text=text_offload)
-    # the held-out reward of the starting model (as DiffusionNFT evaluates at step 0)
-    if eval_list and not resume:
-        rec = {"epoch": -1, "step": 0, "eval_reward": run_eval()}
-        log(f"before training | eval {rec['eval_reward']:.4f}")
-        if master:
+    if eval_list and not resume:  # the held-out reward of the starting model (as DiffusionNFT, at step 0)
+        rec = {"epoch": -1, "step": 0, "eval_reward": evaluate(run, eval_list, eval_meta)}
+        run.log(f"before training | eval {rec['eval_reward']:.4f}")
+        if run.master:
             logf.write(json.dumps(rec) + "\n")
 
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        # ---- the epoch's groups: prompts_per_epoch prompts x K conditions x G noises, one flat list
-        # over ranks
-        g = torch.Generator().manual_seed(sample_seed(seed, epoch))
-        draw = (torch.randperm(len(prompt_list), generator=g)[:prompts_per_epoch]
-                if prompts_per_epoch <= len(prompt_list)
-                else torch.randint(len(prompt_list), (prompts_per_epoch,), generator=g)).tolist()
+        # ---- the epoch's groups: prompts_per_epoch prompts x K conditions x G noises, one list over GPUs
+        draw = draw_prompts(epoch, len(prompt_list))
         js, idx, ks = epoch_samples(prompts_per_epoch, K, G, rank, n_local, draw)
-        with encoding():
-            c_orig, c_opt = group_conditions(text, pert, prompt_list, idx, ks)
-
-        # ---- E²PO change 1, the noise-aware schedule: variant k is sampled on
-        #      C_k(t) = gamma(sigma_t) * C^opt_k + (1 - gamma(sigma_t)) * C^orig,
-        # so the perturbation shapes the layout while sigma > 1 - rho and is gone before details are drawn
-        # (use_schedule=False: a static C^opt_k, the paper's ablation).
-        # k = 0 rows mix C^orig with itself: exact.
-        def condition_at(sigma, b):
-            opt_b, orig_b = tuple(c[b] for c in c_opt), tuple(c[b] for c in c_orig)
-            return S.mix_condition(opt_b, orig_b, sigma, rho) if use_schedule else opt_b
-
-        # ---- sample with the old policy, deterministic ODE (shared_noise: the K conditions of noise g of a
-        # group start from one x_1, a paired design; otherwise every sample has its own)
-        use_adapter(transformer, "old")
-        noise_ids = [(j // (K * G)) * K * G + j % G if shared_noise else j for j in js]
-        noise = S.image_noise([sample_seed(seed, epoch, j, STREAM_NOISE) for j in noise_ids], shape, dev)
-        x0 = []
-        for a in tqdm(range(0, n_local, sample_batch), desc=f"epoch {epoch} sample", disable=not S.bars(rank),
-                      leave=False):
-            b = slice(a, a + sample_batch)
-            with autocast():
-                x0.append(S.sample(transformer, sigmas, noise[b],
-                                   cond_fn=lambda sigma: condition_at(sigma, b),
-                                   guidance=guidance, solver=solver))
-        x0 = torch.cat(x0).float()
-        use_adapter(transformer, "default")
+        with S.text_on(run.text, dev, offload=text_offload):
+            c_orig, c_opt = group_conditions(run.text, pert, prompt_list, idx, ks)
+        # ---- sample with the old policy (E²PO change 1 inside: the condition schedule)
+        x0 = rollouts(run, epoch, js, c_orig, c_opt)
         t1 = time.time()
-
-        # ---- rewards, gathered with group ids over ranks, normalised within groups. Scored in chunks of
-        # sample_batch, so that a sample's reward does not depend on how many samples a rank holds
-        R_local, parts = [], {}
-        for a in range(0, n_local, sample_batch):
-            sel = idx[a:a + sample_batch]
-            total, per = reward_fn(S.decode(vae, x0[a:a + sample_batch]), [prompt_list[i] for i in sel],
-                                   [metadata[i] for i in sel])
-            R_local.append(total.float().to(dev))
-            for n_, v_ in per.items():
-                parts.setdefault(n_, []).append(v_.float().to(dev))
-        R = all_gather_cat(torch.cat(R_local), world)
-        parts = ({f"reward_{n}": all_gather_cat(torch.cat(v), world).mean().item()
-                  for n, v in parts.items()} if len(parts) > 1 else {})
+        # ---- reward, gathered over GPUs with each sample's group
+        R, parts = score(run, epoch, x0, idx)
         gid = torch.arange(N, device=dev) // (K * G)  # the group (prompt slot) of every sample of the epoch
-        if not torch.isfinite(R).all():  # R is the same on every rank: all stop here
-            raise SystemExit(f"non-finite reward at epoch {epoch}; {last_good(out_dir)}" if master else 1)
-        r_all = advantages(R, gid, global_std, adv_clip)
-        r = r_all[rank * n_local:(rank + 1) * n_local]
+        # ---- advantages: normalised within groups, r in [0, 1]; this GPU keeps its slice
+        r = advantages(R, gid, global_std, adv_clip)[rank * n_local:(rank + 1) * n_local]
         grp_std, collapsed = group_stats(R.cpu(), gid.cpu())
-        # the k = 0 and k > 0 samples apart, and with shared noise how far a perturbation moves a sample
-        by_k = condition_stats(R.cpu(), gid.cpu(), (torch.arange(N) // G) % K)
-        if shared_noise and K > 1:
-            dist_sum = paired_distance(x0, js, K, G)
+        by_k = condition_stats(R.cpu(), gid.cpu(), (torch.arange(N) // G) % K)  # k = 0 and k > 0 apart
+        if shared_noise and K > 1:  # how far a perturbation moves a sample from its noise's k = 0 sample
+            d = paired_distance(x0, js, K, G)
             if world > 1:
-                dist.all_reduce(dist_sum)
-            by_k["dist_kp"] = (dist_sum[0] / dist_sum[1]).item() if dist_sum[1] > 0 else None
+                dist.all_reduce(d)
+            by_k["dist_kp"] = (d[0] / d[1]).item() if d[1] > 0 else None
         t2 = time.time()
-
-        # ---- train each sample at its own permutation of the sampler's time grid (the first n_train_t
-        # entries), re-noised with a fresh eps; which samples share an optimizer step is keyed by the
-        # global sample list (step_assignment)
-        step_of, key = step_assignment(N, opt_steps_per_epoch, seed, epoch)
-        step_of, key = step_of[js.start:js.stop], key[js.start:js.stop]
-        sums = {k_: torch.zeros((), device=dev) for k_ in ("loss", "nft", "kl")}
-        grad_norms = []
-        transformer.train()
-        for s in range(opt_steps_per_epoch):
-            # local indices, in the step's order
-            mine = [i for i in torch.argsort(key).tolist() if step_of[i] == s]
-            micro = [mine[a:a + train_batch] for a in range(0, len(mine), train_batch)]
-            for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not S.bars(rank),
-                                           leave=False)):
-                jb = [js[i] for i in chunk]
-                b = S.to_device(torch.tensor(chunk), dev)
-                x0_b, r_b = x0[b], r[b]
-                # the micro-batch's training times and their eps, drawn on the CPU from each sample's own
-                # seeds and sent to the device in one copy each (not one per training time)
-                perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(
-                                         sample_seed(seed, epoch, j, STREAM_TIMES)))
-                                     for j in jb])[:, :n_train_t]
-                t_all = S.to_device(sigmas[perms], dev)  # [B, n_train_t]
-                eps_all = S.to_device(torch.stack([torch.stack([
-                    torch.randn(shape, generator=torch.Generator().manual_seed(
-                        sample_seed(seed, epoch, j, STREAM_EPS, ti)))
-                    for ti in range(n_train_t)]) for j in jb]), dev)  # [B, n_train_t, C, H, W]
-                for ti in range(n_train_t):
-                    t, eps = t_all[:, ti].contiguous(), eps_all[:, ti]
-                    x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * eps
-                    # ---- E²PO change 2, reference-anchored training: every sample is trained on C^orig,
-                    # whatever condition sampled it
-                    # (use_anchor=False: on that condition at this t, the ablation)
-                    c = tuple(q[b] for q in c_orig) if use_anchor else condition_at(t, b)
-                    # gradients accumulate over the step's micro-batches and times; DDP averages them over
-                    # ranks in the step's last backward only (no_sync before it)
-                    last = m == len(micro) - 1 and ti == n_train_t - 1
-                    with autocast(), (contextlib.nullcontext() if world == 1 or last
-                                      else theta_model.no_sync()):
-                        v_old, v_ref, v_theta = policy_velocities(
-                            transformer, x_t, t, c, with_ref=kl_beta > 0, theta_model=theta_model)
-                        loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b,
-                                                      beta, adv_clip, kl_beta)
-                        # each sample weighs 1/len(mine) in its rank's step (the same count on every rank);
-                        # averaged over ranks, this is DiffusionNFT's mean over the step's samples and times
-                        (loss.sum() / (len(mine) * n_train_t)).backward()
-                    for k_, v_ in (("loss", loss), ("nft", nft), ("kl", kl)):
-                        sums[k_] += v_.detach().sum() / (n_local * n_train_t)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            if not torch.isfinite(grad_norm):  # the gradients are averaged over ranks: every rank sees it
-                raise SystemExit(f"non-finite loss or gradient at epoch {epoch}, step {step + 1}; "
-                                 f"{last_good(out_dir)}" if master else 1)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            grad_norms.append(grad_norm.item())
-            # EMA of theta, for eval and checkpoints
-            blend_adapter(transformer, "ema", "default", ema_decay(step, ema_max))
-        transformer.eval()
+        # ---- train theta on C^orig (E²PO change 2 inside), AdamW, EMA
+        step, losses, grad_norm, probe = train(run, epoch, step, js, x0, r, c_orig, c_opt)
         # ---- the sampling policy follows theta once per epoch: old <- d*old + (1-d)*theta
-        blend_adapter(transformer, "old", "default",
+        blend_adapter(run.transformer, "old", "default",
                       old_decay(step, old_decay_rate, old_decay_max, old_decay_flat))
         t3 = time.time()
 
         # ---- log: rank 0 prints one line and appends to log.jsonl
-        tot = torch.stack([sums[k_] for k_ in ("loss", "nft", "kl")])
-        if world > 1:
-            dist.all_reduce(tot)
-            tot /= world
-        rec = {"epoch": epoch, "step": step,
-               "reward_mean": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
-               "group_std": grp_std, "collapsed_groups": collapsed, **by_k, **parts,
-               **dict(zip(("loss", "nft", "kl"), tot.tolist())),
-               "grad_norm": sum(grad_norms) / len(grad_norms),
+        rec = {"epoch": epoch, "step": step, "reward_mean": R.mean().item(),
+               "reward_std": R.std(unbiased=False).item(), "group_std": grp_std,
+               "collapsed_groups": collapsed, **by_k, **parts, **losses, "grad_norm": grad_norm,
                "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
                "img_per_s": N / (t3 - t0)}
         if eval_list and (epoch + 1) % eval_every == 0:
-            rec["eval_reward"] = run_eval()
-        log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
-            f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} kl {rec['kl']:.2e} | "
-            f"sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s | {rec['img_per_s']:.2f} img/s"
-            + (f" | k=0/k>0 reward {rec['reward_k0']:.3f}/{rec['reward_kp']:.3f} "
-               f"std {rec['group_std_k0']:.3f}/{rec['group_std_kp']:.3f}" if by_k else "")
-            + (f" | eval {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
-        if master:
+            rec["eval_reward"] = evaluate(run, eval_list, eval_meta)
+        run.log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
+                f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} "
+                f"kl {rec['kl']:.2e} | sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s | "
+                f"{rec['img_per_s']:.2f} img/s"
+                + (f" | k=0/k>0 reward {rec['reward_k0']:.3f}/{rec['reward_kp']:.3f} "
+                   f"std {rec['group_std_k0']:.3f}/{rec['group_std_kp']:.3f}" if by_k else "")
+                + (f" | eval {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
+        if run.master:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
         if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
-            # a checkpoint must be one that can resume: every adapter finite and giving finite outputs
-            if any_rank(not adapters_finite(transformer, x_t[:1], t[:1], tuple(q[:1] for q in c)),
-                        world, dev):
-                raise SystemExit(f"the weights after epoch {epoch} (step {step}) give non-finite outputs: "
-                                 f"training diverged (try a lower --lr); "
-                                 f"not saved, {last_good(out_dir)}" if master else 1)
-            if not same_on_all_ranks([p for a in ADAPTERS for p in adapter_params(transformer, a)], world):
-                raise SystemExit(f"the LoRA adapters differ between ranks at epoch {epoch}: a bug; not saved"
-                                 if master else 1)
-            if master:
-                save_checkpoint(out_dir, transformer, opt, {"step": step, "epoch": epoch}, cfg)
+            checkpoint(run, epoch, step, probe, cfg)
         if world > 1:
             dist.barrier()
-    if master:
+    if run.master:
         logf.close()
-        log(f"done: LoRA (theta, old, EMA) in {out_dir}/checkpoint/lora, lora_old, lora_ema; "
-            f"log in {log_path}")
+        run.log(f"done: LoRA (theta, old, EMA) in {out_dir}/checkpoint/lora, lora_old, lora_ema; "
+                f"log in {os.path.join(out_dir, 'log.jsonl')}")
 
 
 if __name__ == "__main__":
-    main()
+    S.run_main(main)

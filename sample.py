@@ -132,6 +132,17 @@ def bars(rank=0):
     return rank == 0 and sys.stderr.isatty()
 
 
+def run_main(main):
+    """A script's main, with one message per bad setting under torchrun: every rank stops at the same check,
+    rank 0 prints the sentence and the others exit quietly with the same code (1)."""
+    try:
+        main()
+    except SystemExit as err:
+        if isinstance(err.code, str) and int(os.environ.get("RANK", 0)) > 0:
+            raise SystemExit(1) from None
+        raise
+
+
 def setup_distributed(device_name="auto", dtype_name="auto"):
     """Single process unless launched by torchrun (RANK/WORLD_SIZE set): then one process per GPU with
     nccl, or gloo on CPU. Returns (rank, world_size, device, dtype)."""
@@ -480,14 +491,13 @@ def velocity(transformer, x, sigma, cond):
 
 
 @torch.no_grad()
-def sample(transformer, sigmas, noise, c_orig=None, c_opt=None, rho=0.4, guidance=1.0, c_neg=None,
-           solver="dpm2", batch_size=None, return_traj=False, cond_fn=None):
+def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0, c_neg=None,
+           solver="dpm2", batch_size=None, return_traj=False):
     """Integrate the flow ODE from `noise` (sigma=1) to x0 over `sigmas`.
 
     c_orig, c_opt: per-sample conditions (prompt_embeds [B, S, D], pooled [B, P]). Sample i is conditioned
-    on mix_condition(c_opt[i], c_orig[i], sigma) at each step; c_opt=None (or a row equal to c_orig)
-    is the plain original condition. cond_fn: instead of both, a function sigma -> the condition at that
-    step (phase2_align.py writes the schedule this way). c_neg: the negative/empty condition for CFG
+    on mix_condition(c_opt[i], c_orig[i], sigma, rho) at each step (E²PO's schedule); c_opt=None (or a row
+    equal to c_orig) is the plain original condition. c_neg: the negative/empty condition for CFG
     (guidance > 1).
     solver: "euler", or "dpm2" = DPM-Solver++(2M) in x0 form on alpha=1-t, sigma=t (2nd order, no extra
     forward passes; first order on the first and the last step, the same scheme as DiffusionNFT's).
@@ -500,8 +510,7 @@ def sample(transformer, sigmas, noise, c_orig=None, c_opt=None, rho=0.4, guidanc
     traj, x0_prev = [x], None
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        cond = (cond_fn(s) if cond_fn is not None
-                else c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho))
+        cond = c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho)
         v = []
         for j in range(0, B, batch_size):  # chunk the batch to bound memory
             sl = slice(j, j + batch_size)
@@ -730,4 +739,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

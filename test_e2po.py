@@ -1051,6 +1051,21 @@ def test_phase2_a_nan_on_one_rank_stops_every_rank_with_one_sentence(tiny_folder
     assert "non-finite loss or gradient at epoch 0, step 1; no checkpoint was written" in out
 
 
+def test_a_bad_setting_under_torchrun_is_said_once(phase1_file, tmp_path):
+    """Under torchrun every rank checks the settings and stops at the same one: rank 0 prints the sentence,
+    the other ranks exit quietly with the same code (the sentence is not printed once per GPU)."""
+    pf, out = phase1_file
+    for script, args in (("phase2_align.py", _phase2(tmp_path / "run", out, pf, "--beta=0")),
+                         ("phase1_perturb.py", ["config/tiny_cpu.py", f"--prompts={pf}", "--K=0",
+                                                f"--perturbations={tmp_path / 'p.safetensors'}"])):
+        with pytest.raises(AssertionError) as failed:
+            _torchrun(script, args, 2)
+        said = str(failed.value)
+        sentence = "beta=0.0 must be > 0" if script == "phase2_align.py" else "K=0"
+        assert said.count(sentence) == 1, said[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_phase2_geneval_reward_needs_geneval_metadata(phase1_file, tmp_path):
     pf, out = phase1_file
     with pytest.raises(SystemExit, match="needs GenEval metadata"):
