@@ -301,242 +301,229 @@ def interleaved(fns, dev, n):
     return {k: statistics.median(v) for k, v in times.items()}, peaks
 
 
-def main(argv=None):
-    from configurator import configure
-    configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
-    S.quiet()  # before diffusers' pipeline module imports transformers' image processors
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    dev, dtype = S.pick_device(device)
-    if shape != "tiny":
-        dtype = torch.bfloat16  # SD3.5-M runs in bf16 (under bf16 autocast, LoRA in fp32) on any device
-    cuda, tiny, nan = dev.type == "cuda", shape == "tiny", float("nan")
-    res, tlen, rank = (resolution or (64 if tiny else 512), t5_len or (32 if tiny else 128),
-                       lora_rank or (4 if tiny else 32))
-    peak = (lookup_peak(torch.cuda.get_device_name(dev) if cuda else "cpu", peak_tflops)
-            if cuda or peak_tflops else None)
-    gib = lambda m: "n/a (CPU)" if m is None else m if isinstance(m, str) else f"{m:.1f} GiB"
-    rate = lambda fl, s: (f"{fl / s / 1e12:.3g} TFLOP/s, MFU "
-                          + (f"{fl / s / 1e12 / peak:.1%}" if peak else "n/a"))
-    print(f"== bench: shape={shape}, {res} px, T5 {tlen} tokens, LoRA r={rank}, {dev} {dtype}, peak "
-          + (f"{peak:.0f} TFLOP/s (dense bf16, vendor datasheet)" if peak
-             else "n/a (CPU or unknown device; --peak_tflops=)"))
-
-    # ---- the exact figures first: they need no compute, so they print even where the timings do not run
-    torch.manual_seed(0)
-    if tiny:
-        pipe = S.tiny_pipeline(0)
-        tr, vae, sched = pipe.transformer, pipe.vae, pipe.scheduler
-    cfg = tr.config if tiny else SimpleNamespace(**SD35M)
-    Li, Lt = (res // 8 // cfg.patch_size) ** 2, S.CLIP_LEN + tlen
-    f_fwd, f_ref, f_train = (transformer_flops(cfg, Li, Lt, rank), transformer_flops(cfg, Li, Lt, 0),
-                             transformer_flops(cfg, Li, Lt, rank, train=True))
-    print(f"\n== model FLOPs per sample ({Li} image + {Lt} text tokens; matmuls only, see transformer_flops)")
-    print(f"forward with LoRA {f_fwd / 1e9:.4g} GFLOP, without {f_ref / 1e9:.4g}; "
-          f"LoRA training fwd+bwd {f_train / 1e9:.4g} = {f_train / f_fwd:.2f}x forward "
-          f"(frozen base; the 3x-forward convention would say {3 * f_fwd / 1e9:.4g})")
+# ----------------------------------------------------------------------------- the measurements
+def exact_figures(m):
+    """What needs no compute, so it prints on any machine: model FLOPs per sample, the resident weights of a
+    real SD3.5-M run (parameter counts on the meta device) and, at SD3.5-M's shape, per-epoch FLOPs and
+    estimated times."""
+    print(f"\n== model FLOPs per sample ({m.Li} image + {m.Lt} text tokens; matmuls only, see "
+          f"transformer_flops)")
+    print(f"forward with LoRA {m.f_fwd / 1e9:.4g} GFLOP, without {m.f_ref / 1e9:.4g}; "
+          f"LoRA training fwd+bwd {m.f_train / 1e9:.4g} = {m.f_train / m.f_fwd:.2f}x forward "
+          f"(frozen base; the 3x-forward convention would say {3 * m.f_fwd / 1e9:.4g})")
     n = meta_param_counts(lora_rank or 32)
     print(f"\n== resident weights of a real SD3.5-M run "
           f"(exact: parameter counts on the meta device; LoRA r={lora_rank or 32})")
     print(f"parameters: transformer {n['transformer']:,}, CLIP-L {n['clip_l']:,}, CLIP-G {n['clip_g']:,}, "
           f"T5-XXL {n['t5']:,}, VAE {n['vae']:,}, LoRA {n['lora']:,} per adapter")
-    weights = weight_table(n)
-    for name, g in weights:
+    m.weights = weight_table(n)
+    for name, g in m.weights:
         print(f"  {name:<56} {g:7.2f} GiB")
     print("  (reward models and activations come on top; "
           "the peaks below hold the transformer, its LoRA and the VAE)")
+    if m.is_tiny:
+        return
     print(f"\n== per GPU per epoch from FLOPs, before any measurement: at an assumed MFU of "
           f"{assumed_mfu:.0%} of an H100 SXM's dense bf16 peak (989 TFLOP/s); the same micro-batches on any "
           f"GPU count, so the memory a GPU needs does not change with the count")
     print(f"  {'config':<28} {'PFLOP/epoch':>11} " + " ".join(f"{f'{w} GPU s':>9}" for w in (1, 2, 4, 8)))
     for path in BUDGETS:
-        fl = epoch_flops(read_budget(path), f_fwd, f_ref, f_train)
+        fl = epoch_flops(read_budget(path), m.f_fwd, m.f_ref, m.f_train)
         print(f"  {path:<28} {fl / 1e15:>11.1f} "
               + " ".join(f"{fl / w / (assumed_mfu * 989e12):>9.0f}" for w in (1, 2, 4, 8)))
-    count_only = not cuda and not tiny and count_activations
-    if not tiny and (cuda or count_only):
-        # Phase I backpropagates batch_prompts x (K-1) sequences through the three frozen encoders (counted
-        # before the transformer is built: on a CPU, T5-XXL and SD3.5-M side by side would crowd the RAM)
-        import phase1_perturb as P1
-        enc = encoder_activation_bytes(dev, t5_tokens=tlen)
-        K1 = read_budget("config/geneval_g4k12.py")["K"]
-        seqs = P1.batch_prompts * (K1 - 1)
-        held = sum(enc.values()) * seqs / 2 ** 30
-        text_weights = sum(g for name, g in weights if "text encoder" in name)
-        print("\n== activations of Phase I (counted, bf16): a sequence keeps "
-              + ", ".join(f"{k} {v / 2 ** 20:.0f} MiB" for k, v in enc.items())
-              + f"; batch_prompts={P1.batch_prompts} at K={K1} ({seqs} sequences): {held:.1f} GiB, "
-              f"{held + text_weights:.1f} GiB with the encoders' weights")
-    if not cuda and not tiny and device == "auto" and not count_only:
-        print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "
-              "run `python bench.py --shape=tiny` (or --device=cpu to insist), or "
-              "`python bench.py --count_activations=True` to count Phase I's and II's activations here")
-        return
 
-    # ---- the timed models: bf16 transformer under autocast with fp32 LoRA, fp32 VAE, as phase2_align on CUDA
-    if not tiny:
-        with built_in(dev, dtype):
-            tr = SD3Transformer2DModel(**SD35M)
-        with torch.device(dev):
-            vae = AutoencoderKL(**SD3_VAE)
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+def phase1_activations(m):
+    """What Phase I's backward through the three frozen encoders keeps: batch_prompts x (K-1) sequences
+    (counted before the transformer is built: on a CPU, T5-XXL and SD3.5-M side by side crowd the RAM)."""
+    import phase1_perturb as P1
+    enc = encoder_activation_bytes(m.dev, t5_tokens=m.tlen)
+    K1 = read_budget("config/geneval_g4k12.py")["K"]
+    seqs = P1.batch_prompts * (K1 - 1)
+    held = sum(enc.values()) * seqs / 2 ** 30
+    text_weights = sum(g for name, g in m.weights if "text encoder" in name)
+    print("\n== activations of Phase I (counted, bf16): a sequence keeps "
+          + ", ".join(f"{k} {v / 2 ** 20:.0f} MiB" for k, v in enc.items())
+          + f"; batch_prompts={P1.batch_prompts} at K={K1} ({seqs} sequences): {held:.1f} GiB, "
+          f"{held + text_weights:.1f} GiB with the encoders' weights")
+
+
+def build_models(m):
+    """The timed models, as phase2_align runs them on CUDA: the transformer in bf16 (fp32 for the tiny shape
+    on a CPU) with the three fp32 LoRA adapters, under bf16 autocast; the VAE in fp32; AdamW on theta."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    if not m.is_tiny:
+        with built_in(m.dev, m.dtype):
+            m.tr = SD3Transformer2DModel(**SD35M)
+        with torch.device(m.dev):
+            m.vae = AutoencoderKL(**SD3_VAE)
+        m.sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     with S.diffusers_notes_off():  # .to(dtype) warns about fp32-only modules these models lack
-        tr.to(dev, dtype).requires_grad_(False).eval()
-        vae.to(dev, torch.float32).requires_grad_(False).eval()
-    P2.add_adapters(tr, rank, 2 * rank)
-    params = P2.adapter_params(tr, "default")
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
-                else (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16
-                else (lambda: torch.autocast("cpu", enabled=False)))
-    sigmas, n_t, lat = (S.sigma_grid(sched, steps), math.floor(steps * timestep_fraction),
-                        (cfg.in_channels, res // 8, res // 8))
-    cond = lambda B: (torch.randn(B, Lt, cfg.joint_attention_dim, device=dev, dtype=dtype),
-                      torch.randn(B, cfg.pooled_projection_dim, device=dev, dtype=dtype))
-    base_mem = torch.cuda.memory_allocated() / 2 ** 30 if cuda else None
+        m.tr.to(m.dev, m.dtype).requires_grad_(False).eval()
+        m.vae.to(m.dev, torch.float32).requires_grad_(False).eval()
+    P2.add_adapters(m.tr, m.rank, 2 * m.rank)
+    m.params = P2.adapter_params(m.tr, "default")
+    m.opt = torch.optim.AdamW(m.params, lr=3e-4, weight_decay=1e-4)
+    m.autocast = ((lambda: torch.autocast(m.dev.type, dtype=torch.bfloat16)) if m.dtype == torch.bfloat16
+                  else (lambda: torch.autocast(m.dev.type, enabled=False)))
+    m.sigmas, m.n_t = S.sigma_grid(m.sched, steps), math.floor(steps * timestep_fraction)
+    m.lat = (m.cfg.in_channels, m.res // 8, m.res // 8)
+    m.cond = lambda B: (torch.randn(B, m.Lt, m.cfg.joint_attention_dim, device=m.dev, dtype=m.dtype),
+                        torch.randn(B, m.cfg.pooled_projection_dim, device=m.dev, dtype=m.dtype))
+    m.base_mem = torch.cuda.memory_allocated() / 2 ** 30 if m.cuda else None
 
-    # ---- activations: what the theta forward of a training timestep keeps for its backward without
-    # gradient checkpointing (v_old and v_ref run without grad and keep nothing), counted on a batch of two
-    # and halved: from two samples on the count is linear in the batch (test_bench; a batch of one shares
-    # a few storages that larger batches do not), so a micro-batch holds train_batch times a sample's
-    P2.use_adapter(tr, "default")
-    tr.disable_gradient_checkpointing()
-    tr.train()
-    with autocast():
-        act = saved_activation_bytes(lambda: P2.policy_velocities(tr, torch.randn(2, *lat, device=dev),
-                                                                  torch.full((2,), 0.5, device=dev),
-                                                                  cond(2)), tr.parameters()) / 2 ** 31
-    tr.eval()
-    total, offload = weights[-2][1], weights[-1][1]
+
+def training_activations(m):
+    """What theta's forward of a training timestep keeps for its backward without gradient checkpointing
+    (v_old and v_ref run without grad and keep nothing), counted on a batch of two and halved: from two
+    samples on the count is linear in the batch (test_bench; a batch of one shares a few storages that
+    larger batches do not), so a micro-batch holds train_batch times a sample's."""
+    P2.use_adapter(m.tr, "default")
+    m.tr.disable_gradient_checkpointing()
+    m.tr.train()
+    with m.autocast():
+        act = saved_activation_bytes(lambda: P2.policy_velocities(m.tr, torch.randn(2, *m.lat, device=m.dev),
+                                                                  torch.full((2,), 0.5, device=m.dev),
+                                                                  m.cond(2)), m.tr.parameters()) / 2 ** 31
+    m.tr.eval()
+    total, offload = m.weights[-2][1], m.weights[-1][1]
     size = lambda g: f"{g:.2f} GiB" if g >= 0.1 else f"{g * 1024:.2f} MiB"
-    print(f"\n== activations of a training forward without gradient checkpointing (counted, {dtype}): "
+    print(f"\n== activations of a training forward without gradient checkpointing (counted, {m.dtype}): "
           f"{size(act)} a sample, {size(act * train_batch)} a micro-batch of {train_batch}")
-    if not tiny:
+    if not m.is_tiny:
         print(f"  + the resident weights above: {total + act * train_batch:.1f} GiB "
               f"({offload + act * train_batch:.1f} GiB with --text_offload=True), before the backward's "
               f"transients and the reward models")
-    if count_only:
-        return
 
-    # ---- sampling: ours vs diffusers' pipeline on the same transformer (old adapter), same steps, no CFG.
-    # The pipeline has no text encoders: given prompt_embeds, only its transformer loop runs, which is what
-    # the ratio compares. It steps with its Euler scheduler, ours with `solver`: the same forwards.
-    x, cs = torch.randn(sample_batch, *lat, device=dev), cond(sample_batch)
-    pipe_d = StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=vae,
+
+def sampling(m):
+    """Ours against diffusers' pipeline on the same transformer (old adapter), same steps, no CFG. The
+    pipeline has no text encoders: given prompt_embeds, only its transformer loop runs, which is what the
+    ratio compares. It steps with its Euler scheduler, ours with `solver`: the same forwards."""
+    from diffusers import StableDiffusion3Pipeline
+    x, cs = torch.randn(sample_batch, *m.lat, device=m.dev), m.cond(sample_batch)
+    pipe_d = StableDiffusion3Pipeline(transformer=m.tr, scheduler=m.sched, vae=m.vae,
                                       text_encoder=None, tokenizer=None,
                                       text_encoder_2=None, tokenizer_2=None,
                                       text_encoder_3=None, tokenizer_3=None)
     pipe_d.set_progress_bar_config(disable=True)
-    P2.use_adapter(tr, "old")
-
-    ours = lambda: S.sample(tr, sigmas, x, cs, solver=solver)
+    P2.use_adapter(m.tr, "old")
+    ours = lambda: S.sample(m.tr, m.sigmas, x, cs, solver=solver)
     theirs = lambda: pipe_d(prompt_embeds=cs[0], pooled_prompt_embeds=cs[1], guidance_scale=1.0,
-                            num_inference_steps=steps, latents=x.to(dtype), height=res, width=res,
+                            num_inference_steps=steps, latents=x.to(m.dtype), height=m.res, width=m.res,
                             output_type="latent").images
-    with autocast():
-        ts, mem = interleaved({"ours": ours, "diffusers": theirs}, dev, repeats)
-        x0 = ours().float()
+    with m.autocast():
+        m.ts, mem = interleaved({"ours": ours, "diffusers": theirs}, m.dev, repeats)
+        m.x0 = ours().float()
     print(f"\n== sampling: batch {sample_batch} x {steps} steps, median of {repeats} interleaved "
-          f"(resident before: {gib(base_mem)})")
+          f"(resident before: {m.gib(m.base_mem)})")
     for k in mem:
-        s = (f"{ts[k]:.3f} s = {sample_batch / ts[k]:.1f} img/s, "
-             f"{rate(steps * sample_batch * f_fwd, ts[k])}, "
-             if k in ts else "")
-        print(f"  {k:<10} {s}peak {gib(mem[k])}")
-    if len(ts) == 2:
-        print(f"  ours / diffusers = {ts['ours'] / ts['diffusers']:.3f}")
+        s = (f"{m.ts[k]:.3f} s = {sample_batch / m.ts[k]:.1f} img/s, "
+             f"{m.rate(steps * sample_batch * m.f_fwd, m.ts[k])}, " if k in m.ts else "")
+        print(f"  {k:<10} {s}peak {m.gib(mem[k])}")
+    if len(m.ts) == 2:
+        print(f"  ours / diffusers = {m.ts['ours'] / m.ts['diffusers']:.3f}")
 
-    # ---- VAE decode of one sampled batch (phase2 decodes chunks of sample_batch for the reward)
-    td, dmem = interleaved({"decode": lambda: S.decode(vae, x0)}, dev, repeats)
-    td = td.get("decode", nan)
-    print(f"\n== VAE decode: batch {sample_batch} at {res} px: {td:.3f} s = {sample_batch / td:.1f} img/s, "
-          f"peak {gib(dmem['decode'])}")
 
-    # ---- the training step as phase2_align runs it: per micro-batch n_t timesteps of (v_old, v_ref, v_theta,
-    # NFT objective, backward), then once per optimizer step the tail: clip, AdamW, EMA blend
-    P2.use_adapter(tr, "default")
+def decoding(m):
+    """The VAE decode of one sampled batch (phase2 decodes chunks of sample_batch for the reward)."""
+    td, dmem = interleaved({"decode": lambda: S.decode(m.vae, m.x0)}, m.dev, repeats)
+    m.td = td.get("decode", float("nan"))
+    print(f"\n== VAE decode: batch {sample_batch} at {m.res} px: {m.td:.3f} s = {sample_batch / m.td:.1f} "
+          f"img/s, peak {m.gib(dmem['decode'])}")
 
-    def train_micro(x0_b, c_b, r_b):
-        perms = torch.stack([torch.randperm(steps) for _ in range(len(x0_b))])[:, :n_t]
-        for ti in range(n_t):
-            t = sigmas[perms[:, ti]].to(dev)
-            x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * torch.randn_like(x0_b)
-            with autocast():
-                v_old, v_ref, v_theta = P2.policy_velocities(tr, x_t, t, c_b)
-                loss = P2.nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b)[0]
-                (loss.sum() / (len(x0_b) * n_t)).backward()
 
-    def train_tail():
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        P2.blend_adapter(tr, "ema", "default", P2.ema_decay(1))
-    xb, cb, rb, tails = (x0[:train_batch], tuple(c[:train_batch] for c in cs),
-                         torch.rand(train_batch, device=dev), [])
+def train_micro(m, x0_b, c_b, r_b):
+    """One training micro-batch as phase2_align runs it: n_t timesteps of (v_old, v_ref, v_theta, the NFT
+    objective, backward)."""
+    perms = torch.stack([torch.randperm(steps) for _ in range(len(x0_b))])[:, :m.n_t]
+    for ti in range(m.n_t):
+        t = m.sigmas[perms[:, ti]].to(m.dev)
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * torch.randn_like(x0_b)
+        with m.autocast():
+            v_old, v_ref, v_theta = P2.policy_velocities(m.tr, x_t, t, c_b)
+            loss = P2.nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b)[0]
+            (loss.sum() / (len(x0_b) * m.n_t)).backward()
 
-    def train_step(ckpt):
-        tr.enable_gradient_checkpointing() if ckpt else tr.disable_gradient_checkpointing()
-        tr.train()
-        train_micro(xb, cb, rb)
-        sync(dev)
+
+def train_tail(m):
+    """Once per optimizer step: clip, AdamW, the EMA blend."""
+    torch.nn.utils.clip_grad_norm_(m.params, 1.0)
+    m.opt.step()
+    m.opt.zero_grad(set_to_none=True)
+    P2.blend_adapter(m.tr, "ema", "default", P2.ema_decay(1))
+
+
+def training(m):
+    """A training micro-batch with and without gradient checkpointing, timed interleaved, with its peak
+    memory; the optimizer tail timed apart."""
+    P2.use_adapter(m.tr, "default")
+    xb, cb, rb, tails = (m.x0[:train_batch], tuple(c[:train_batch] for c in m.cond(sample_batch)),
+                         torch.rand(train_batch, device=m.dev), [])
+
+    def step(ckpt):
+        m.tr.enable_gradient_checkpointing() if ckpt else m.tr.disable_gradient_checkpointing()
+        m.tr.train()
+        train_micro(m, xb, cb, rb)
+        sync(m.dev)
         t0 = time.perf_counter()
-        train_tail()
-        sync(dev)
+        train_tail(m)
+        sync(m.dev)
         tails.append(time.perf_counter() - t0)
-        tr.eval()
-    tt, tmem = interleaved({"checkpointing on": lambda: train_step(True),
-                            "checkpointing off": lambda: train_step(False)}, dev, repeats)
-    tail = statistics.median(tails) if tails else nan
-    print(f"\n== training step: micro-batch {train_batch} x {n_t} timesteps x (3 forwards + backward), "
+        m.tr.eval()
+    tt, tmem = interleaved({"checkpointing on": lambda: step(True),
+                            "checkpointing off": lambda: step(False)}, m.dev, repeats)
+    m.tail = statistics.median(tails) if tails else float("nan")
+    print(f"\n== training step: micro-batch {train_batch} x {m.n_t} timesteps x (3 forwards + backward), "
           f"then clip, AdamW, EMA")
     for k in tmem:
-        s = (f"{tt[k]:.3f} s = {train_batch * n_t / tt[k]:.1f} sample-timesteps/s, "
-             f"{rate(n_t * train_batch * (f_fwd + f_ref + f_train), tt[k])}, "
-             if k in tt else "")
-        print(f"  {k:<18} {s}peak {gib(tmem[k])}")
+        s = (f"{tt[k]:.3f} s = {train_batch * m.n_t / tt[k]:.1f} sample-timesteps/s, "
+             f"{m.rate(m.n_t * train_batch * (m.f_fwd + m.f_ref + m.f_train), tt[k])}, " if k in tt else "")
+        print(f"  {k:<18} {s}peak {m.gib(tmem[k])}")
     print(f"  of which the optimizer tail (clip + AdamW + EMA blend, once per optimizer step): "
-          f"{tail * 1e3:.1f} ms")
+          f"{m.tail * 1e3:.1f} ms")
     # phase2's default is without checkpointing; where that did not fit, the estimates below use it on
-    t_micro = tt.get("checkpointing off", tt.get("checkpointing on", nan)) - tail
-    ckpt_used = "checkpointing off" not in tt
+    m.t_micro = tt.get("checkpointing off", tt.get("checkpointing on", float("nan"))) - m.tail
+    m.ckpt_used = "checkpointing off" not in tt
 
-    # ---- an epoch of E²PO (K=4) vs K=1 at equal N samples per prompt, as phase2's loop: sampling with the
-    # schedule's condition mixing (C^opt faked by random rows for k >= 1), training on C^orig, one optimizer
-    # step, old <- d*old + (1-d)*theta; no decode and no reward. Without gradient checkpointing, phase2's
-    # default (with it where the training step did not fit without).
-    tr.enable_gradient_checkpointing() if ckpt_used else tr.disable_gradient_checkpointing()
 
-    def epoch_inputs(K, G):
+def e2po_epoch(m):
+    """An epoch of E²PO (K=4) against K=1 at equal N samples per prompt, as phase2's loop: sampling with the
+    schedule's condition mixing (C^opt faked by random rows for k >= 1), training on C^orig, one optimizer
+    step, old <- d*old + (1-d)*theta; no decode and no reward. Without gradient checkpointing, phase2's
+    default (with it where the training step did not fit without)."""
+    m.tr.enable_gradient_checkpointing() if m.ckpt_used else m.tr.disable_gradient_checkpointing()
+
+    def inputs(K, G):
         _, idx, ks = P2.epoch_samples(epoch_prompts, K, G, 0, epoch_prompts * K * G,
                                       list(range(epoch_prompts)))
-        c_orig = tuple(c[idx] for c in cond(epoch_prompts))
-        pert = torch.tensor(ks, device=dev) > 0
+        c_orig = tuple(c[idx] for c in m.cond(epoch_prompts))
+        pert = torch.tensor(ks, device=m.dev) > 0
         c_opt = tuple(torch.where(pert.view(-1, *[1] * (o.dim() - 1)), f, o)
-                      for f, o in zip(cond(len(idx)), c_orig))
-        # random rewards
-        r = P2.advantages(torch.rand(len(idx), device=dev), torch.arange(len(idx), device=dev) // (K * G))
-        return torch.randn(len(idx), *lat, device=dev), c_orig, c_opt, r
+                      for f, o in zip(m.cond(len(idx)), c_orig))
+        r = P2.advantages(torch.rand(len(idx), device=m.dev),  # random rewards
+                          torch.arange(len(idx), device=m.dev) // (K * G))
+        return torch.randn(len(idx), *m.lat, device=m.dev), c_orig, c_opt, r
 
     def epoch(noise, c_orig, c_opt, r):
-        P2.use_adapter(tr, "old")
+        P2.use_adapter(m.tr, "old")
         out = []
         for a in range(0, len(noise), sample_batch):
             b = slice(a, a + sample_batch)
-            with autocast():
-                out.append(S.sample(tr, sigmas, noise[b], tuple(c[b] for c in c_orig),
+            with m.autocast():
+                out.append(S.sample(m.tr, m.sigmas, noise[b], tuple(c[b] for c in c_orig),
                                     tuple(c[b] for c in c_opt), rho, solver=solver))
         x0_e = torch.cat(out).float()
-        P2.use_adapter(tr, "default")
-        tr.train()
+        P2.use_adapter(m.tr, "default")
+        m.tr.train()
         for a in range(0, len(noise), train_batch):
             b = slice(a, a + train_batch)
-            train_micro(x0_e[b], tuple(c[b] for c in c_orig), r[b])
-        train_tail()
-        tr.eval()
-        P2.blend_adapter(tr, "old", "default", P2.old_decay(1))
-    inputs = {f"E²PO G={epoch_N // 4} K=4": epoch_inputs(4, epoch_N // 4),
-              f"K=1 G={epoch_N}": epoch_inputs(1, epoch_N)}
-    te, _ = interleaved({k: (lambda v=v: epoch(*v)) for k, v in inputs.items()}, dev, repeats)
+            train_micro(m, x0_e[b], tuple(c[b] for c in c_orig), r[b])
+        train_tail(m)
+        m.tr.eval()
+        P2.blend_adapter(m.tr, "old", "default", P2.old_decay(1))
+    runs = {f"E²PO G={epoch_N // 4} K=4": inputs(4, epoch_N // 4), f"K=1 G={epoch_N}": inputs(1, epoch_N)}
+    te, _ = interleaved({k: (lambda v=v: epoch(*v)) for k, v in runs.items()}, m.dev, repeats)
     print(f"\n== epoch at equal N: {epoch_prompts} prompts x {epoch_N} samples, "
           f"sampling + training (no decode, no reward)")
     for k in te:
@@ -545,11 +532,13 @@ def main(argv=None):
         a, b = te.values()
         print(f"  ratio = {a / b:.3f} (the same code path per sample: ~1 expected)")
 
-    # ---- per GPU per epoch for the paper's budgets, from the per-sample costs measured above
-    cost = dict(sample=ts.get("ours", nan) / (sample_batch * steps), decode=td / sample_batch,
-                train=t_micro / (train_batch * n_t), tail=tail)
-    print(f"\n== per GPU per epoch on {gpus} GPUs: {'the tiny model' if tiny else 'SD3.5-M'}'s "
-          f"per-sample costs above (training {'with' if ckpt_used else 'without'} checkpointing); "
+
+def per_gpu_epochs(m):
+    """Seconds per GPU per epoch for the paper's budgets, from the per-sample costs measured above."""
+    cost = dict(sample=m.ts.get("ours", float("nan")) / (sample_batch * steps), decode=m.td / sample_batch,
+                train=m.t_micro / (train_batch * m.n_t), tail=m.tail)
+    print(f"\n== per GPU per epoch on {gpus} GPUs: {'the tiny model' if m.is_tiny else 'SD3.5-M'}'s "
+          f"per-sample costs above (training {'with' if m.ckpt_used else 'without'} checkpointing); "
           "rewards excluded")
     print(f"  {'config':<28} {'G':>3} {'K':>3} {'prompts':>7} {'samples/GPU':>11} "
           f"{'sample s':>9} {'decode s':>9} {'train s':>9} {'total s':>9}")
@@ -562,6 +551,54 @@ def main(argv=None):
               f"{parts['sample']:>9.1f} {parts['decode']:>9.1f} {parts['train']:>9.1f} {total:>9.1f}"
               + (f"  (its batches {bud['sample_batch']}/{bud['train_batch']} differ from the measured ones)"
                  if other else ""))
+
+
+def main(argv=None):
+    from configurator import configure
+    configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    S.quiet()  # before diffusers' pipeline module imports transformers' image processors
+    dev, dtype = S.pick_device(device)
+    m = SimpleNamespace(dev=dev, cuda=dev.type == "cuda", is_tiny=shape == "tiny")
+    # SD3.5-M runs in bf16 (under bf16 autocast, LoRA in fp32) on any device
+    m.dtype = dtype if m.is_tiny else torch.bfloat16
+    m.res, m.tlen, m.rank = (resolution or (64 if m.is_tiny else 512), t5_len or (32 if m.is_tiny else 128),
+                             lora_rank or (4 if m.is_tiny else 32))
+    peak = (lookup_peak(torch.cuda.get_device_name(dev) if m.cuda else "cpu", peak_tflops)
+            if m.cuda or peak_tflops else None)
+    m.gib = lambda g: "n/a (CPU)" if g is None else g if isinstance(g, str) else f"{g:.1f} GiB"
+    m.rate = lambda fl, s: (f"{fl / s / 1e12:.3g} TFLOP/s, MFU "
+                            + (f"{fl / s / 1e12 / peak:.1%}" if peak else "n/a"))
+    print(f"== bench: shape={shape}, {m.res} px, T5 {m.tlen} tokens, LoRA r={m.rank}, {dev} {m.dtype}, peak "
+          + (f"{peak:.0f} TFLOP/s (dense bf16, vendor datasheet)" if peak
+             else "n/a (CPU or unknown device; --peak_tflops=)"))
+    torch.manual_seed(0)
+    if m.is_tiny:
+        import tiny
+        pipe = tiny.pipeline(0)
+        m.tr, m.vae, m.sched = pipe.transformer, pipe.vae, pipe.scheduler
+    m.cfg = m.tr.config if m.is_tiny else SimpleNamespace(**SD35M)
+    m.Li, m.Lt = (m.res // 8 // m.cfg.patch_size) ** 2, S.CLIP_LEN + m.tlen
+    m.f_fwd, m.f_ref, m.f_train = (transformer_flops(m.cfg, m.Li, m.Lt, m.rank),
+                                   transformer_flops(m.cfg, m.Li, m.Lt, 0),
+                                   transformer_flops(m.cfg, m.Li, m.Lt, m.rank, train=True))
+    exact_figures(m)
+    count_only = not m.cuda and not m.is_tiny and count_activations
+    if not m.is_tiny and (m.cuda or count_only):
+        phase1_activations(m)
+    if not m.cuda and not m.is_tiny and device == "auto" and not count_only:
+        print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "
+              "run `python bench.py --shape=tiny` (or --device=cpu to insist), or "
+              "`python bench.py --count_activations=True` to count Phase I's and II's activations here")
+        return
+    build_models(m)
+    training_activations(m)
+    if count_only:
+        return
+    sampling(m)
+    decoding(m)
+    training(m)
+    e2po_epoch(m)
+    per_gpu_epochs(m)
 
 
 if __name__ == "__main__":

@@ -378,36 +378,11 @@ def face_embeddings(app, images):
     return out
 
 
-def tiny_grounding_dino(seed=0):
-    """A seeded random-weight GroundingDinoForObjectDetection + processor of the real classes, built
-    offline (Swin backbone, BERT text encoder with a character-level WordPiece vocabulary)."""
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessorPil, GroundingDinoProcessor, SwinConfig)
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars)
-                                        + ["##" + c for c in chars])}
-    tok = BertTokenizer(vocab=vocab)
-    proc = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64}),
-        tokenizer=tok)
-    # real grounding-dino-tiny: Swin-T, BERT-base, d_model 256, 900 queries, 6+6 layers
-    cfg = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
-                                   num_heads=[1, 1, 2, 2], window_size=4, out_indices=[2, 3, 4]),
-        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=32, max_position_embeddings=256),
-        d_model=32, num_queries=10, encoder_layers=1,
-        decoder_layers=2,  # 2: the bbox-head tying needs > 1 decoder layer
-        encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_n_points=2, decoder_n_points=2)
-    torch.manual_seed(seed)
-    return GroundingDinoForObjectDetection(cfg).eval(), proc
-
-
 def grounding_dino_detector(name, device, box_thr, text_thr):
     """detect(PIL images, text queries) -> per-image xyxy pixel boxes [m, 4]."""
     if name == "tiny":
-        model, proc = tiny_grounding_dino()
+        import tiny
+        model, proc = tiny.grounding_dino()
     else:
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
         # local folder / cache first; fails fast when the hub is unreachable

@@ -55,6 +55,7 @@ import phase1_perturb as P1
 import phase2_align as P2
 import rewards as RW
 import sample as S
+import tiny
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -594,13 +595,13 @@ def reward_backbones(dev, tiny):
                               SwinConfig)
     if tiny:
         torch.manual_seed(seed)
-        clip = RW.tiny_clip(seed)[0]
+        clip = tiny.clip(seed)[0]
         with torch.no_grad():
             clip.logit_scale.fill_(LOGIT_SCALE)
         yield "CLIP (tiny)", clip.to(dev), "clip", clip.config.vision_config.image_size
         yield "PickScore (tiny CLIP)", clip.to(dev), "pickscore", clip.config.vision_config.image_size
         del clip
-        yield "Mask2Former (tiny)", RW.tiny_mask2former(seed)[0].to(dev), "mask2former", 64
+        yield "Mask2Former (tiny)", tiny.mask2former(seed)[0].to(dev), "mask2former", 64
         return
     for name, cfg, kind in (("CLIP ViT-L/14", CLIP_VIT_L, "clip"), ("PickScore ViT-H/14", PICKSCORE_VIT_H,
                                                                      "pickscore")):
@@ -708,14 +709,14 @@ def processor_classes(dev, work):
     from PIL import Image
     from transformers import AutoImageProcessor, CLIPImageProcessor, CLIPProcessor, Mask2FormerImageProcessor
     clip_dir, det_dir = os.path.join(work, "d_clip"), os.path.join(work, "d_mask2former")
-    model, proc = RW.tiny_clip(seed)
+    model, proc = tiny.clip(seed)
     model.save_pretrained(clip_dir)
     side = model.config.vision_config.image_size
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": side},
                                                      crop_size={"height": side, "width": side}),
                   tokenizer=proc.tokenizer).save_pretrained(clip_dir)
     det_size = {"shortest_edge": 64, "longest_edge": 128}
-    RW.tiny_mask2former(seed)[0].save_pretrained(det_dir)
+    tiny.mask2former(seed)[0].save_pretrained(det_dir)
     Mask2FormerImageProcessor(size=det_size).save_pretrained(det_dir)
     ours_clip = RW.load_clip(clip_dir, dev)[1].image_processor
     # rewards.geneval loads its detector's processor at shorter side detector_size: the plain one the same way

@@ -188,31 +188,12 @@ def _clip_embed(model, proc, pils=None, texts=None):
     return img, txt
 
 
-def tiny_clip(seed=0, image_size=32):
-    """A seeded random-weight CLIPModel + processor of the real classes, built offline (tests,
-    --model=tiny)."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
-    from sample import tiny_clip_tokenizer
-    tok = tiny_clip_tokenizer()
-    torch.manual_seed(seed)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=image_size, patch_size=8),
-                     projection_dim=16)
-    proc = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                                               crop_size={"height": image_size,
-                                                                          "width": image_size}),
-                         tokenizer=tok)
-    return CLIPModel(cfg).eval(), proc
-
-
 def load_clip(name, device="cpu", dtype=torch.float32, processor=None):
     """(CLIPModel, CLIPProcessor) from a hub id or local folder, or "tiny"; frozen, on `device`.
     `processor` loads the processor from another repo (PickScore ships no processor of its own)."""
     if name == "tiny":
-        model, proc = tiny_clip()
+        import tiny
+        model, proc = tiny.clip()
     else:
         from transformers import CLIPModel, CLIPProcessor
         model = _from_pretrained(CLIPModel, name, "CLIP model", dtype=dtype)
@@ -328,13 +309,9 @@ def hpsv2(device="cpu", dtype=torch.float32, checkpoint=HPS_REPO):
     architecture, weights and preprocessing, but the hpsv2 1.2.0 wheel on PyPI lacks the BPE vocabulary
     its tokenizer opens at import, and pins pytest==7.2.0."""
     open_clip = _need("open_clip", "open_clip_torch", "hpsv2")
-    if checkpoint == "tiny":  # a seeded random CLIP of open_clip's own class, with ViT-H-14's tokenizer
-        torch.manual_seed(0)
-        model = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=2, width=32,
-                                                                   head_width=16, patch_size=8),
-                                     text_cfg=dict(context_length=77, vocab_size=49408, width=32,
-                                                   heads=2, layers=2))
-        preprocess = open_clip.image_transform(32, is_train=False, resize_mode="longest")
+    if checkpoint == "tiny":
+        import tiny
+        model, preprocess = tiny.open_clip_model(open_clip)
     else:
         # pretrained=None: the laion weights would be overwritten by the HPS checkpoint anyway;
         # "longest": resize the longer side and pad, HPS's own evaluation transform
@@ -597,22 +574,6 @@ def geneval_benchmark(path=GENEVAL_BENCHMARK):
 
 
 # ----------------------------------------------------------------------------- GenEval: models
-def tiny_mask2former(seed=0, num_labels=len(GENEVAL_CLASSES)):
-    """A seeded random-weight Mask2FormerForUniversalSegmentation (tiny Swin backbone, 80 COCO labels) and
-    its image processor, built offline."""
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
-                              Mask2FormerImageProcessorPil, SwinConfig)
-    torch.manual_seed(seed)
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
-                          num_heads=[1, 1, 2, 2], window_size=4,
-                          out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
-                            encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=2,
-                            num_attention_heads=2, dim_feedforward=64, num_queries=10, num_labels=num_labels)
-    proc = Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128})
-    return Mask2FormerForUniversalSegmentation(cfg).eval(), proc
-
-
 def _instances(outputs, pixel_mask, sizes, max_per_image=100, floor=THRESHOLD):
     """Mask2Former outputs -> per image a list of {"label", "score", "box", "mask"} with score > floor,
     most confident first. As mmdetection's Mask2Former instance head (what GenEval ran): the top
@@ -674,7 +635,8 @@ def geneval(device="cpu", dtype=torch.float32, detector="facebook/mask2former-sw
         raise SystemExit(f"unknown geneval credit '{credit}': use 'server' (the public reward server's "
                          f"formula, the default) or 'fixed', e.g. {opts_hint('geneval', 'credit', 'fixed')}")
     if detector == "tiny":
-        det_model, det_proc = tiny_mask2former()
+        import tiny
+        det_model, det_proc = tiny.mask2former()
     else:
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
         det_model = _from_pretrained(Mask2FormerForUniversalSegmentation, detector, "Mask2Former detector",

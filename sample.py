@@ -180,7 +180,8 @@ def _offline_error(model_id, err):
 def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
     """The whole StableDiffusion3Pipeline (text encoders, transformer, VAE, scheduler)."""
     if model_id == "tiny":
-        pipe = tiny_pipeline(seed)
+        import tiny
+        pipe = tiny.pipeline(seed)
     else:
         from diffusers import StableDiffusion3Pipeline
         try:  # the VAE in fp32: decoding costs little next to the transformer (DiffusionNFT does the same)
@@ -204,7 +205,8 @@ def load_text(model_id, device="cpu", dtype=torch.float32, t5_len=128, seed=0, p
         toks = (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)
         encs = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
     elif model_id == "tiny":
-        toks, encs = tiny_text_components(seed)
+        import tiny
+        toks, encs = tiny.text_components(seed)
     else:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
         try:
@@ -594,79 +596,6 @@ def write_text_atomic(path, s):
 
 def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-# ----------------------------------------------------------------------------- the tiny model
-# A seeded, random-weight, SD3.5-Medium-shaped pipeline built offline: the same classes as the real
-# one with tiny widths. Real widths in comments. T5's d_model (96) stays >= CLIP-L + CLIP-G hidden
-# (32 + 48) so the zero-padding of the CLIP features mirrors the real 2048 -> 4096 one.
-
-def tiny_clip_tokenizer(pad_token="<|endoftext|>"):
-    """A real CLIPTokenizer (byte-level BPE) with the byte alphabet and no merges: every character is
-    a token, BOS/EOS are the two highest ids (as in real CLIP, so legacy argmax pooling finds EOS).
-    SD3's tokenizer pads with EOS, tokenizer_2 with '!' (id 0): pass pad_token="!" for the latter."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-    chars = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=CLIP_LEN)
-
-
-def tiny_t5_tokenizer():
-    """A real T5Tokenizer (unigram) over single characters; <pad>=0, </s>=1, <unk>=2 as in T5."""
-    from transformers import T5Tokenizer
-    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.!?'\"-:;()#&/"
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -3.0) for c in alphabet] + [("\u2581" + c, -2.5) for c in alphabet]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
-def tiny_text_components(seed=0):
-    """(tokenizers, encoders) of the tiny model; each encoder seeded on its own so that loading the
-    text side alone gives the same weights as the full pipeline."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    tok_l, tok_g, tok_t5 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
-    clip = dict(vocab_size=len(tok_l), max_position_embeddings=CLIP_LEN, num_hidden_layers=2,
-                num_attention_heads=2, hidden_act="gelu", bos_token_id=tok_l.bos_token_id,
-                eos_token_id=2)  # eos 2 = legacy argmax pooling, as SD3's configs
-    torch.manual_seed(seed + 1)
-    enc_l = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=32, intermediate_size=64, projection_dim=32, **clip))  # 768, proj 768
-    torch.manual_seed(seed + 2)
-    enc_g = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=48, **clip))  # 1280, proj 1280
-    torch.manual_seed(seed + 3)
-    enc_t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=96, d_kv=16, d_ff=64, num_layers=2,
-                                     num_heads=2, feed_forward_proj="gated-gelu",
-                                     is_encoder_decoder=False))  # T5-XXL: 4096
-    return (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5)
-
-
-def tiny_pipeline(seed=0):
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5) = tiny_text_components(seed)
-    torch.manual_seed(seed + 4)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16,  # SD3.5-M: 128, 2, 16, 16
-        num_layers=2,  # 24
-        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=96,  # 64, 24, 4096
-        caption_projection_dim=16, pooled_projection_dim=80, pos_embed_max_size=16,  # 1536, 2048, 384
-        dual_attention_layers=(0,), qk_norm="rms_norm")  # (0..12), rms_norm
-    torch.manual_seed(seed + 5)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
-                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 16, 16, 16), scaling_factor=1.5305, shift_factor=0.0609,
-                        use_quant_conv=False, use_post_quant_conv=False)  # 4 blocks: 8x down, as the real VAE
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
-                                    text_encoder=enc_l, tokenizer=tok_l,
-                                    text_encoder_2=enc_g, tokenizer_2=tok_g,
-                                    text_encoder_3=enc_t5, tokenizer_3=tok_t5)
 
 
 # ----------------------------------------------------------------------------- CLI

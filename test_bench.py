@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import phase2_align as P2
 import sample as S
+import tiny
 
 # A small SD3 transformer with what SD3.5-M has and the tiny one lacks: several dual-attention blocks, a
 # plain block between them and the context_pre_only last block, qk rms-norm, in_channels != out_channels.
@@ -40,7 +41,7 @@ def test_flops_match_flop_counter(which):
     dev = torch.device("meta" if which.startswith("SD3.5") else "cpu")
     with dev:
         if which == "tiny":
-            tr, H, Lt = S.tiny_pipeline(0).transformer, 8, 77 + 16
+            tr, H, Lt = tiny.pipeline(0).transformer, 8, 77 + 16
         else:
             tr, H, Lt = ((SD3Transformer2DModel(**SMALL), 12, 10) if which.startswith("small")
                          else (SD3Transformer2DModel(**bench.SD35M), 64, 77 + 128))

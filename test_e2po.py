@@ -14,6 +14,7 @@ import torch
 
 import phase1_perturb
 import sample
+import tiny
 from configurator import configure
 
 PROMPTS = ["a photo of a red cat", "two dogs on a green lawn", "Two dogs!", "an astronaut riding a horse"]
@@ -21,7 +22,7 @@ PROMPTS = ["a photo of a red cat", "two dogs on a green lawn", "Two dogs!", "an 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return sample.tiny_pipeline(0)
+    return tiny.pipeline(0)
 
 
 @pytest.fixture(scope="module")
@@ -654,7 +655,7 @@ def test_group_stats_and_decays():
 
 # ----------------------------------------------------------------------------- LoRA adapters
 def test_adapters_start_equal_and_save_loads_in_plain_diffusers(tmp_path):
-    pipe = sample.tiny_pipeline(0)
+    pipe = tiny.pipeline(0)
     tr = pipe.transformer
     torch.manual_seed(0)
     x, cond = torch.randn(2, 16, 8, 8), (torch.randn(2, 20, 96), torch.randn(2, 80))
@@ -677,7 +678,7 @@ def test_adapters_start_equal_and_save_loads_in_plain_diffusers(tmp_path):
     # lora_B started at 0
     assert all(torch.allclose(a, b) for a, b in zip(p_old[1::2], [0.75 * q for q in p_th[1::2]]))
     phase2_align.save_lora(tr, "default", str(tmp_path / "lora"))
-    fresh = sample.tiny_pipeline(0)
+    fresh = tiny.pipeline(0)
     fresh.load_lora_weights(str(tmp_path / "lora"))
     assert torch.allclose(sample.velocity(fresh.transformer, x, 0.7, cond), v_theta, atol=1e-5)
     assert not torch.allclose(v_theta, base, atol=1e-3)
@@ -747,7 +748,7 @@ def test_phase2_end_to_end_log_and_lora(phase1_file, tmp_path):
     assert all((ck / s / "pytorch_lora_weights.safetensors").is_file()
                for s in ("lora", "lora_old", "lora_ema"))
     assert json.loads((ck / "config.json").read_text())["K"] == 4
-    fresh = sample.tiny_pipeline(0)
+    fresh = tiny.pipeline(0)
     x, cond = torch.randn(1, 16, 8, 8), (torch.randn(1, 20, 96), torch.randn(1, 80))
     base = sample.velocity(fresh.transformer, x, 0.9, cond)
     fresh.load_lora_weights(str(ck / "lora"))
@@ -980,7 +981,7 @@ def tiny_folder(tmp_path_factory):
     """The tiny pipeline saved to a folder and loaded from it, as a real checkpoint is (the in-memory
     builder reseeds before every component, which hides rank-dependent seeding)."""
     d = tmp_path_factory.mktemp("tiny_model")
-    sample.tiny_pipeline(0).save_pretrained(str(d))
+    tiny.pipeline(0).save_pretrained(str(d))
     return str(d)
 
 
@@ -1355,7 +1356,7 @@ def test_perturbing_one_encoder_leaves_the_others_alone(prompt_file, tmp_path):
 def test_use_adapter_equals_peft_model_switching():
     """The cached per-layer switch gives bit for bit what diffusers/peft's model-level set_adapter and
     disable_adapters give, for every adapter and for the base model, in any order of switches."""
-    tr = sample.tiny_pipeline(0).transformer
+    tr = tiny.pipeline(0).transformer
     phase2_align.add_adapters(tr, 4, 8)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -1377,7 +1378,7 @@ def test_use_adapter_equals_peft_model_switching():
 
 
 def test_policy_velocities_use_old_base_and_trained_models():
-    tr = sample.tiny_pipeline(0).transformer
+    tr = tiny.pipeline(0).transformer
     torch.manual_seed(0)
     x, t, cond = (torch.randn(2, 16, 8, 8), torch.tensor([0.9, 0.4]),
                   (torch.randn(2, 20, 96), torch.randn(2, 80)))

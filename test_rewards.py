@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import rewards
+import tiny
 from rewards import GENEVAL_COLORS, geneval_rules, geneval_task, relative_position
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +43,7 @@ PROMPTS = ["a photo of a red cat", "two dogs on a lawn", "a blue bicycle left of
 @pytest.fixture(scope="module")
 def clip_ref():
     """The tiny CLIP the rewards build, built once more independently, and its reference logits."""
-    model, proc = rewards.tiny_clip()
+    model, proc = tiny.clip()
 
     def logits(imgs, prompts):  # logit_scale * cos, [images, prompts], through CLIPModel.forward
         inp = proc(text=prompts, images=rewards._to_pil(imgs), return_tensors="pt", padding=True)
@@ -150,9 +151,8 @@ def test_hpsv2_tiny_with_open_clip(images):
 def test_imagereward_scoring_path_on_a_standin(images):
     """_imagereward_fn on a stand-in with ImageReward's attributes (blip.tokenizer / visual_encoder /
     text_encoder, mlp, mean, std, preprocess): batched = one by one, and (r - mean) / std applied."""
-    from sample import tiny_clip_tokenizer
     torch.manual_seed(0)
-    tok = tiny_clip_tokenizer()
+    tok = tiny.clip_tokenizer()
     emb, patch, mlp = torch.nn.Embedding(len(tok), 8), torch.nn.Conv2d(3, 8, 8, 8), torch.nn.Linear(8, 1)
 
     def text_encoder(ids, attention_mask, encoder_hidden_states, encoder_attention_mask, return_dict):
@@ -535,13 +535,13 @@ def test_build_reward_rejects_bad_specs_before_loading(spec, match):
 
 def test_rewards_load_from_local_folders(images, tmp_path):
     """The non-tiny loading code (from_pretrained of a folder), on the tiny models saved to disk."""
-    model, proc = rewards.tiny_clip()
+    model, proc = tiny.clip()
     model.save_pretrained(tmp_path / "clip")
     proc.save_pretrained(tmp_path / "clip")
     clip_dir = str(tmp_path / "clip")
     s = rewards.REWARDS["pickscore"](model=clip_dir, processor=clip_dir)(images, PROMPTS)
     torch.testing.assert_close(s, rewards.REWARDS["pickscore"](model="tiny")(images, PROMPTS))
-    det, det_proc = rewards.tiny_mask2former()
+    det, det_proc = tiny.mask2former()
     det.save_pretrained(tmp_path / "det")
     det_proc.save_pretrained(tmp_path / "det")
     fn = rewards.REWARDS["geneval"](detector=str(tmp_path / "det"), clip=clip_dir, detector_size=64)
