@@ -60,7 +60,8 @@ def find_runs(roots):
             d = os.path.dirname(os.path.abspath(p))
             label = (os.path.basename(os.path.dirname(d)) if re.fullmatch(r"seed\d+", os.path.basename(d))
                      else os.path.basename(d))
-            found.setdefault(label, []).append(read_log(p) + final_records(d))
+            runs_ = found.setdefault(label, [])
+            runs_.append(read_log(p) + (final_records(d) or [{"run": os.path.basename(d)}]))
     return found
 
 
@@ -138,13 +139,18 @@ COLUMNS = (("std_first", "group std, first"), ("std_last", "group std, last"),
 MECHANISM = ("reward_k0", "reward_kp", "group_std_k0", "group_std_kp", "dist_kp")
 
 
-def paired_difference(figs, ref_figs):
-    """The final reward of a label minus that of the reference label, paired: per seed (runs matched by
-    their folder name, seed<N>) the mean over images of the difference (the same noises and prompts), then
-    the mean over seeds ± its standard error (std over seeds, ddof 1, / sqrt(seeds)); None without pairs."""
-    ref = {f["run"]: f["final_rewards"] for f in ref_figs if f.get("final_rewards")}
-    d = [sum(a - b for a, b in zip(f["final_rewards"], ref[f["run"]])) / len(f["final_rewards"])
-         for f in figs if f.get("final_rewards") and f["run"] in ref]
+def paired_difference(figs, ref_figs, key="final_reward"):
+    """A figure of a label minus that of the reference label, paired by seed (runs matched by their folder
+    name, seed<N>): the final reward as the mean over images of the per-image difference (the same noises
+    and prompts), any other figure as the difference of the two runs' values; then the mean over seeds ± its
+    standard error (std over seeds, ddof 1, / sqrt(seeds)). (None, None) without pairs."""
+    if key == "final_reward":
+        ref = {f["run"]: f["final_rewards"] for f in ref_figs if f.get("final_rewards")}
+        d = [sum(a - b for a, b in zip(f["final_rewards"], ref[f["run"]])) / len(f["final_rewards"])
+             for f in figs if f.get("final_rewards") and f["run"] in ref]
+    else:
+        ref = {f["run"]: f[key] for f in ref_figs if f.get(key) is not None}
+        d = [f[key] - ref[f["run"]] for f in figs if f.get(key) is not None and f["run"] in ref]
     if not d:
         return None, None
     m = sum(d) / len(d)
@@ -163,15 +169,16 @@ def table(groups, block=1, ref=None):
     # the final-evaluation columns only when some run has one
     cols = [(k, n) for k, n in COLUMNS
             if not k.startswith("final") or any(f.get(k) is not None for fs in figs_of.values() for f in fs)]
-    with_ref = ref in figs_of
+    # with a reference label: the group std of the last block and the final reward, each minus the reference's
+    paired = [k for k in ("std_last", "final_reward") if ref in figs_of
+              and any(f.get(k) is not None for f in figs_of[ref])]
     head = ("| run | seeds | steps | " + " | ".join(name for _, name in cols)
-            + (f" | final reward − {ref} (paired, ± SE) |" if with_ref else " |"))
-    lines = [head, "|" + "---|" * (3 + len(cols) + with_ref)]
+            + "".join(f" | {dict(COLUMNS)[k]} − {ref} (paired, ± SE)" for k in paired) + " |")
+    lines = [head, "|" + "---|" * (3 + len(cols) + len(paired))]
     for label, runs_ in groups.items():
         figs = figs_of[label]
         cells = [_cell(*mean_std([f.get(key) for f in figs])) for key, _ in cols]
-        if with_ref:
-            cells.append("" if label == ref else _cell(*paired_difference(figs, figs_of[ref])))
+        cells += ["" if label == ref else _cell(*paired_difference(figs, figs_of[ref], k)) for k in paired]
         lines.append(f"| {label} | {len(runs_)} | {max(f['steps'] for f in figs)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)

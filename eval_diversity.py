@@ -66,7 +66,7 @@ detector_model = "IDEA-Research/grounding-dino-tiny"  # hub id, local folder or 
 box_threshold = 0.35  # Grounding DINO box score threshold (IDEA's demo default)
 text_threshold = 0.25  # Grounding DINO phrase threshold (IDEA's demo default)
 # who judges the GenEval metric (and detector="geneval"'s SDI boxes): "geneval" (Mask2Former + CLIP, the
-# benchmark's models) or "shapes" (the shapes world's exact pixel detector; README "The shapes world")
+# benchmark's models) or "shapes" (the shapes world's exact pixel detector; docs/shapes_world.md)
 geneval_scorer = "geneval"
 # options of rewards.REWARDS[geneval_scorer] (dict or JSON string); tiny: {"detector": "tiny", "clip": "tiny"}
 geneval_opts = None

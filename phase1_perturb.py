@@ -1,6 +1,6 @@
 """
 Phase I of E²PO: learn K-1 token-embedding perturbations per prompt (the paper's Phase I,
-arXiv 2605.15803; README "The method, stage by stage"). The flow model
+arXiv 2605.15803; README, "The method, stage by stage"). The flow model
 is not involved and the text encoders stay frozen; only Δ = {δ_k} is optimised, per encoder.
 
     # the shapes world's prompts, CPU, seconds

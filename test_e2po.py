@@ -914,7 +914,7 @@ def test_text_on_keeps_one_cpu_copy_of_every_encoder_tensor():
 
 
 def test_phase2_gradient_checkpointing_changes_nothing_but_memory(phase1_file, tmp_path):
-    """grad_checkpointing (off by default: README "Performance") only re-runs theta's forward in the backward:
+    """grad_checkpointing (off by default: docs/performance.md) only re-runs theta's forward in the backward:
     two epochs with it on and off log the same losses and rewards and save the same LoRA, bit for bit (the
     re-run forward repeats the same float operations on the same inputs)."""
     from safetensors.torch import load_file
@@ -1479,7 +1479,7 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
               ("e2po", 0): [0.3, 0.7], ("e2po", 1): [0.5, 0.9]}
     for (label, seed), rewards_ in finals.items():
         d = tmp_path / label / f"seed{seed}"
-        _write_run(d, [0.4, 0.3, 0.2, 0.1], [0.3, 0.4])
+        _write_run(d, [0.4, 0.3, 0.2, 0.1] if label == "nft" else [0.5, 0.4, 0.3, 0.3], [0.3, 0.4])
         if label == "e2po":  # the per-condition fields, on every training record
             recs = [json.loads(ln) for ln in (d / "log.jsonl").read_text().splitlines()]
             for i, r in enumerate(x for x in recs if "group_std" in x):
@@ -1496,8 +1496,10 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
     # first / last blocks of two steps: (0.4 + 0.3) / 2, (0.2 + 0.1) / 2
     assert rows["nft"][head.index("group std, first")] == "0.3500 ± 0.0000"
     assert rows["nft"][head.index("group std, last")] == "0.1500 ± 0.0000"
-    # paired by seed: seed 0 (0.1 + 0.3) / 2 = 0.2, seed 1 (0 + 0.4) / 2 = 0.2 -> 0.2 ± 0
-    assert rows["e2po"][-1] == "0.2000 ± 0.0000" and rows["nft"][-1] == ""
+    # paired by seed: the final reward, seed 0 (0.1 + 0.3) / 2 = 0.2, seed 1 (0 + 0.4) / 2 = 0.2 -> 0.2 ± 0;
+    # the last block's group std (0.3 + 0.3) / 2 - 0.15 = 0.15 at both seeds
+    assert head[-2:] == ["group std, last − nft (paired, ± SE)", "final reward − nft (paired, ± SE)"]
+    assert rows["e2po"][-2:] == ["0.1500 ± 0.0000", "0.2000 ± 0.0000"] and rows["nft"][-2:] == ["", ""]
     assert rows["e2po"][head.index("final reward")] == "0.6000 ± 0.1000"
     # the mechanism table: k = 0 reward over the first two steps (0.5, 0.6) and the last two (0.7, 0.8)
     mech = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]

@@ -308,10 +308,10 @@ def test_eval_diversity_scores_a_shapes_sample_folder_with_the_shapes_detector(p
 
 @pytest.mark.parametrize("folder", ["prior", "prior_cfgfree"])
 def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour(folder):
-    # both committed priors: the trained one and its guidance-distilled copy (README "The shapes world")
+    # both committed priors: the trained one and its guidance-distilled copy (docs/shapes_world.md)
     prior = os.path.join(REPO, "data/shapes", folder)
     if not os.path.isfile(os.path.join(prior, "model_index.json")):
-        pytest.skip(f"no prior in data/shapes/{folder}: README 'The shapes world' has the command")
+        pytest.skip(f"no prior in data/shapes/{folder}: docs/shapes_world.md has the command")
     import sample
     from diffusers import StableDiffusion3Pipeline
     with open(os.path.join(prior, "shapes_prior.json")) as f:
@@ -386,7 +386,7 @@ def test_guidance_distillation_regresses_onto_the_teachers_cfg_velocity(monkeypa
 @pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR, "model_index.json")),
                     reason="no trained prior in data/shapes/prior: python data/shapes/train_prior.py")
 def test_distill_stage_writes_a_prior_that_keeps_the_teachers_vae_and_encoders(tmp_path):
-    # The command of README "The shapes world", shrunk: a folder that plain diffusers loads, the teacher's
+    # The command of docs/shapes_world.md, shrunk: a folder that plain diffusers loads, the teacher's
     # VAE and text encoders bit for bit, another transformer, its lineage in shapes_prior.json; bad input
     # stops before anything is written, and the teacher is never its own output.
     from diffusers import StableDiffusion3Pipeline
@@ -427,8 +427,8 @@ def test_phase2_on_the_shapes_prior_follows_a_dense_reward_both_ways(tmp_path, m
     # model's random images cannot show it): a sign error in r or in the NFT loss, a LoRA that is not
     # sampled with, or an optimizer that does not step would leave the held-out reward where it starts,
     # or move it the same way whatever the reward asks. E²PO's own shapes reward climbs too slowly on a
-    # CPU to guard this (README, "The variance finding on a CPU"); redness moves in a few steps. K=1
-    # needs no Phase I file. Measured (seed 0, 12 steps): redness 0.0129 -> 0.0350 when rewarded,
+    # CPU to guard this (docs/shapes_world.md, "The variance finding on a CPU"); redness moves in a few
+    # steps. K=1 needs no Phase I file. Measured (seed 0, 12 steps): redness 0.0129 -> 0.0350 when rewarded,
     # 0.0129 -> 0.0001 when penalised (seed 1: 0.0250 -> 0.0394); the bounds below are about half that.
     import phase2_align
     moved = {}
@@ -449,7 +449,7 @@ PRIOR_CFGFREE = os.path.join(REPO, "data/shapes/prior_cfgfree")
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(PRIOR_CFGFREE, "model_index.json")),
-                    reason="no distilled prior in data/shapes/prior_cfgfree: README 'The shapes world'")
+                    reason="no distilled prior in data/shapes/prior_cfgfree: docs/shapes_world.md")
 def test_the_first_command_learns_the_held_out_task_on_the_shapes_reward(tmp_path):
     # The guard that E²PO learns: the README's first command (config/shapes_quick.py: Phase I, then 30 steps
     # of Phase II, E²PO 4 x 4, on the guidance-distilled prior loaded from its folder), run the way users run

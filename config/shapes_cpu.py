@@ -2,8 +2,8 @@
 # shapes prior (data/shapes/prior) with the `shapes` reward, GenEval's rules on exact pixel detections.
 #   python phase1_perturb.py config/shapes_cpu.py && python phase2_align.py config/shapes_cpu.py
 #   bash data/shapes/experiment.sh      # the five-way variance experiment
-#                                       # (README "The variance finding on a CPU")
-# The settings are ours, chosen for a 2-core CPU (README "The shapes world"): 64 samples an epoch, 3 of the
+#                                       # (docs/shapes_world.md, "The variance finding on a CPU")
+# The settings are ours, chosen for a 2-core CPU (docs/shapes_world.md): 64 samples an epoch, 3 of the
 # 10 grid times trained per sample, no KL term; the rest is the GenEval recipe's.
 model = "data/shapes/prior"
 device = "cpu"

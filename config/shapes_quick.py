@@ -3,7 +3,7 @@
 #   python phase1_perturb.py config/shapes_quick.py && python phase2_align.py config/shapes_quick.py
 # Its held-out evaluation is the one held-out single-object task ("a photo of a triangle", 256 fixed noises,
 # EMA weights): this prior leaves about a fifth of those canvases empty, a failure that is a choice and that
-# RL fixes within these 30 steps (README "The shapes world"). The other settings are config/shapes_cpu.py's
+# RL fixes within these 30 steps (docs/shapes_world.md). The other settings are config/shapes_cpu.py's
 # but for Phase I's iters.
 model = "data/shapes/prior_cfgfree"
 device = "cpu"

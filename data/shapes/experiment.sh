@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The variance experiment of the README's "The variance finding on a CPU": five Phase II configurations on
-# the shapes prior with the same prompts, reward, sampler steps and samples per prompt (N = G*K = 16),
-# several seeds each; then one plot and one table (compare_runs.py) and sample grids of the prior and of
-# the trained EMA weights (sample.py: a K x G grid per prompt). Each run, and the prior, ends with a final
-# held-out evaluation larger than the one during training: the 22 test tasks x 64 noises (the same noises
-# for every run), judged by eval_diversity.py as GenEval judges (per-tag accuracy and their mean).
+# The variance experiment of docs/shapes_world.md's "The variance finding on a CPU": five Phase II
+# configurations on the shapes prior with the same prompts, reward, sampler steps and samples per prompt
+# (N = G*K = 16), several seeds each; then one plot and one table (compare_runs.py) and sample grids of the
+# prior and of the trained EMA weights (sample.py: a K x G grid per prompt). Each run, and the prior, ends
+# with a final held-out evaluation larger than the one during training: the 22 test tasks x 64 noises (the
+# same noises for every run), judged by eval_diversity.py as GenEval judges (per-tag accuracy and mean).
 #   bash data/shapes/experiment.sh
 #   SEEDS="0 1 2 3 4" EPOCHS=40 JOBS=1 OUT=out/shapes_exp2 bash data/shapes/experiment.sh
 # JOBS runs go side by side, one thread each (on this 2-core machine: JOBS=2).

@@ -42,7 +42,7 @@ Stages, top to bottom:
 With --distill_from=PRIOR, stages 2-4 give way to guidance distillation (distill_guidance): PRIOR's
 transformer learns to draw without CFG what it draws with CFG at scale distill_cfg; its VAE and text
 encoders are kept. The RL recipe samples without CFG, so this prior's failures are more often choices
-(no object drawn at all) than drawing skill, and RL fixes those within minutes (README "The shapes world").
+(no object drawn at all) than drawing skill, and RL fixes those within minutes (docs/shapes_world.md).
 
 Why threads = 1: on a shared 2-core machine, two OpenMP threads spin-wait whenever another process holds
 a core, and a training step became 5-9x slower than with one thread (measured); one thread is also
@@ -113,7 +113,7 @@ eval_steps = (10, 40)
 eval_only = False  # only evaluate the folder at out_dir
 # guidance distillation (ours, optional): with distill_from set, nothing is trained from scratch; that
 # prior's transformer learns to draw without CFG what it draws with CFG at scale distill_cfg, then it is
-# saved and evaluated as above (data/shapes/prior_cfgfree: README "The shapes world")
+# saved and evaluated as above (data/shapes/prior_cfgfree: docs/shapes_world.md)
 distill_from = ""
 distill_cfg = 3.0
 distill_steps = 2000
