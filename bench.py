@@ -53,6 +53,9 @@ SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num
              attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
              caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
              dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# SD3.5-Large: the same classes, 38 blocks of 38 heads, no dual-attention blocks
+SD35L = dict(SD35M, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+             pos_embed_max_size=192, dual_attention_layers=())
 SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
                block_out_channels=(128, 256, 512, 512),
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -138,15 +141,16 @@ def lookup_peak(name, override=0.0):
     return next((float(v) for keys, v in PEAK_TFLOPS if all(k.lower() in name.lower() for k in keys)), None)
 
 
-def meta_param_counts(rank):
-    """Exact parameter counts of what a real SD3.5-M run holds, from models built on the meta device (no
-    memory, no download): {name: count}, and LoRA's per adapter of the given rank."""
+def meta_param_counts(rank, transformer=None):
+    """Exact parameter counts of what a real SD3.5-M run (or another transformer config: SD35L) holds, from
+    models built on the meta device (no memory, no download): {name: count}, and LoRA's per adapter of the
+    given rank."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     count = lambda m: sum(p.numel() for p in m.parameters())  # tied tensors (T5's shared embedding) once
     clip = dict(vocab_size=49408, max_position_embeddings=77)
     with torch.device("meta"):
-        tr = SD3Transformer2DModel(**SD35M)
+        tr = SD3Transformer2DModel(**(transformer or SD35M))
         out = {"transformer": count(tr)}
         P2.add_adapters(tr, rank, 2 * rank)
         out["lora"] = sum(p.numel() for p in P2.adapter_params(tr, "default"))
@@ -157,12 +161,12 @@ def meta_param_counts(rank):
     return out
 
 
-def weight_table(n):
+def weight_table(n, model="SD3.5-M"):
     """(row, GiB) of a real run's resident tensors: frozen weights in bf16, the VAE in fp32 (load_pipeline
     keeps it so), LoRA adapters, gradients and AdamW's two moments in fp32."""
     rows = [(f"{name} ({'fp32' if b == 4 else 'bf16'})", n[key] * copies * b / 2 ** 30)
             for name, key, copies, b in (
-                ("SD3.5-M transformer", "transformer", 1, 2), ("CLIP-L text encoder", "clip_l", 1, 2),
+                (f"{model} transformer", "transformer", 1, 2), ("CLIP-L text encoder", "clip_l", 1, 2),
                 ("CLIP-G text encoder", "clip_g", 1, 2), ("T5-XXL text encoder", "t5", 1, 2),
                 ("VAE, as load_pipeline", "vae", 1, 4), ("LoRA theta, old, EMA", "lora", 3, 4),
                 ("theta's gradients", "lora", 1, 4), ("AdamW's two moments of theta", "lora", 2, 4))]
@@ -201,6 +205,37 @@ def built_in(dev, dtype):
             yield
     finally:
         torch.set_default_dtype(default)
+
+
+def transformer_activation_bytes(config, dev, res=512, t5_tokens=128, rank=32, depth=None):
+    """Bytes a sample that theta's training forward keeps for its backward without checkpointing, in a
+    transformer of `config` (bf16, LoRA r=rank in fp32, under bf16 autocast), as training_activations counts
+    SD3.5-M's: counted on a batch of two and halved, on copies of one and two blocks, extrapolated as
+    n1 + (depth - 1) * (n2 - n1) (tested against a full count), so no 8 B-parameter SD3.5-Large is built:
+    for configs whose blocks are all alike (SD3.5-L; not SD3.5-M, whose first 13 are dual-attention).
+    `depth` counts that depth in full instead."""
+    from diffusers import SD3Transformer2DModel
+    dev = torch.device(dev)
+    lat, Lt = (config["in_channels"], res // 8, res // 8), S.CLIP_LEN + t5_tokens
+
+    def count(layers):
+        cfg = dict(config, num_layers=layers,
+                   dual_attention_layers=tuple(i for i in config["dual_attention_layers"] if i < layers))
+        with built_in(dev, torch.bfloat16):
+            tr = SD3Transformer2DModel(**cfg)
+        tr.requires_grad_(False)
+        P2.add_adapters(tr, rank, 2 * rank)
+        tr.train()
+        c = (torch.randn(2, Lt, cfg["joint_attention_dim"], device=dev, dtype=torch.bfloat16),
+             torch.randn(2, cfg["pooled_projection_dim"], device=dev, dtype=torch.bfloat16))
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            return saved_activation_bytes(lambda: P2.policy_velocities(
+                tr, torch.randn(2, *lat, device=dev), torch.full((2,), 0.5, device=dev), c, with_ref=False),
+                tr.parameters()) / 2
+    if depth is not None:
+        return count(depth)
+    n1, n2 = count(1), count(2)
+    return n1 + (config["num_layers"] - 1) * (n2 - n1)
 
 
 def encoder_activation_bytes(dev, seqs=2, t5_tokens=128, layers=None):
@@ -323,6 +358,12 @@ def exact_figures(m):
           "the peaks below hold the transformer, its LoRA and the VAE)")
     if m.is_tiny:
         return
+    nl = meta_param_counts(lora_rank or 32, SD35L)
+    m.weights_large = weight_table(nl, "SD3.5-L")
+    print(f"\n== SD3.5-Large (exact, the same way): transformer {nl['transformer']:,} parameters "
+          f"({m.weights_large[0][1]:.2f} GiB in bf16), LoRA {nl['lora']:,} per adapter; every resident "
+          f"weight {m.weights_large[-2][1]:.1f} GiB, {m.weights_large[-1][1]:.1f} GiB with "
+          f"--text_offload=True")
     print(f"\n== per GPU per epoch from FLOPs, before any measurement: at an assumed MFU of "
           f"{assumed_mfu:.0%} of an H100 SXM's dense bf16 peak (989 TFLOP/s); the same micro-batches on any "
           f"GPU count, so the memory a GPU needs does not change with the count")
@@ -331,6 +372,17 @@ def exact_figures(m):
         fl = epoch_flops(read_budget(path), m.f_fwd, m.f_ref, m.f_train)
         print(f"  {path:<28} {fl / 1e15:>11.1f} "
               + " ".join(f"{fl / w / (assumed_mfu * 989e12):>9.0f}" for w in (1, 2, 4, 8)))
+
+
+def large_activations(m):
+    """What SD3.5-Large's training forward keeps for its backward (transformer_activation_bytes), and with its
+    resident weights: the memory a GPU needs for a micro-batch, as training_activations prints SD3.5-M's."""
+    act = transformer_activation_bytes(SD35L, m.dev, m.res, m.tlen, m.rank) / 2 ** 30
+    total, offload = m.weights_large[-2][1], m.weights_large[-1][1]
+    print(f"\n== activations of SD3.5-Large's training forward without checkpointing (counted on one and "
+          f"two blocks, extrapolated to 38): {act:.2f} GiB a sample, {act * train_batch:.1f} GiB a "
+          f"micro-batch of {train_batch}: {total + act * train_batch:.1f} GiB with every resident weight "
+          f"({offload + act * train_batch:.1f} GiB with --text_offload=True)")
 
 
 def phase1_activations(m):
@@ -585,6 +637,7 @@ def main(argv=None):
     count_only = not m.cuda and not m.is_tiny and count_activations
     if not m.is_tiny and (m.cuda or count_only):
         phase1_activations(m)
+        large_activations(m)
     if not m.cuda and not m.is_tiny and device == "auto" and not count_only:
         print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "
               "run `python bench.py --shape=tiny` (or --device=cpu to insist), or "

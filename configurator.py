@@ -16,7 +16,8 @@ import ast
 import os
 from ast import literal_eval
 
-STAGES = ("sample.py", "phase1_perturb.py", "phase2_align.py", "eval_diversity.py", "compare_runs.py")
+STAGES = ("sample.py", "phase1_perturb.py", "phase2_align.py", "eval_diversity.py", "compare_runs.py",
+          "export.py")
 
 
 def stage_keys():

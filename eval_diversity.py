@@ -70,13 +70,17 @@ text_threshold = 0.25  # Grounding DINO phrase threshold (IDEA's demo default)
 geneval_scorer = "geneval"
 # options of rewards.REWARDS[geneval_scorer] (dict or JSON string); tiny: {"detector": "tiny", "clip": "tiny"}
 geneval_opts = None
+# rewards of rewards.py whose mean over the images is reported, by name, comma-separated: the paper's second
+# table is "pickscore,aesthetic,imagereward,hpsv2,clipscore" beside IDS
+reward_means = ""
+reward_opts = {}  # {name: {option: value}}: their model ids or local paths, as phase2_align's reward_opts
 device = "auto"
 batch_size = 16
 seed = 0  # reference split and equal-count subsampling in ASC
 out = None  # JSON path; None = DIR/diversity.json
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
-               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, dict, type(None)))]
 
 METRICS = ("ids", "asc", "sdi", "pvs", "vendi", "geneval")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -532,6 +536,8 @@ def group_metrics(idx, rows, feats, ref, face_checked, seed):
     if "geneval" in feats:
         ge = [(feats["geneval"][i], rows[i]["prompt_index"]) for i in idx if feats["geneval"][i] is not None]
         res["geneval"] = geneval_summary([g for g, _ in ge], [p for _, p in ge]) if ge else None
+    for key in (k for k in feats if k.startswith("reward_")):  # the reward means
+        res[key] = float(np.mean([feats[key][i] for i in idx]))
     return res
 
 
@@ -540,6 +546,7 @@ def format_table(groups, labels):
     cols = [("images", "images", "{:d}"), ("prompts", "prompts", "{:d}")]
     cols += [(k, labels[k], "{:.4f}") for k in ("ids", "ids_per_prompt", "asc", "sdi", "pvs",
                                                 "pvs_per_prompt", "vendi", "cos", "geneval") if k in labels]
+    cols += [(k, v, "{:.4f}") for k, v in labels.items() if k.startswith("reward_")]
     head = ["group"] + [c[1] for c in cols]
     lines = []
     for name, g in groups.items():
@@ -606,6 +613,9 @@ def main(argv=None):
     style = (csd_embedder(style_model, dev) if style_model else clip) if "asc" in run else None
     gd = (grounding_dino_detector(detector_model, dev, box_threshold, text_threshold)
           if "sdi" in run and detector == "grounding_dino" else None)
+    # the rewards whose means are reported, each built once (in fp32, as training builds them)
+    scored = {n: rewards.REWARDS[n](dev, torch.float32, **dict(reward_opts.get(n, {})))
+              for n in rewards.parse_spec(reward_means)} if reward_means else {}
     scorer, opts = None, {}
     if "geneval" in run or ("sdi" in run and detector == "geneval"):
         if geneval_scorer not in getattr(rewards, "REWARDS", {}):
@@ -666,6 +676,9 @@ def main(argv=None):
             feats["pvs"] += [photo_stats(np.asarray(im, np.float64) / 255.0) for im in ims]
         if "geneval" in run:
             feats["geneval"] += geneval_batch(ims, rs)
+        for n, fn in scored.items():
+            feats[f"reward_{n}"] += fn(to_tensor(ims), [r["prompt"] for r in rs],
+                                       [r.get("metadata") or {} for r in rs]).float().tolist()
     for m in ("vendi", "asc", "pvs"):
         if m in feats:
             feats[m] = np.asarray(feats[m], np.float64)
@@ -690,6 +703,7 @@ def main(argv=None):
     labels.update({"pvs": "PVS", "pvs_per_prompt": "PVS_per_prompt"} if "pvs" in run else {})
     labels.update({"vendi": "Vendi[clip]", "cos": "cos[clip]"} if "vendi" in run else {})
     labels.update({"geneval": "GenEval"} if "geneval" in run else {})
+    labels.update({f"reward_{n}": n for n in scored})
     print(format_table(results, labels))
     for name, g in results.items():
         if g.get("ids_no_face"):
@@ -703,7 +717,8 @@ def main(argv=None):
                   + (f"  (no {', '.join(missing)})" if missing else ""))
     for m, why in skipped.items():
         print(f"skipped {m}: {why}")
-    report = {"samples": samples, "metrics": run, "skipped": skipped, "backbones": backbones,
+    report = {"samples": samples, "metrics": run, "rewards": list(scored), "skipped": skipped,
+              "backbones": backbones,
               "labels": labels, "images": len(rows), "prompts": len({r["prompt_index"] for r in rows}),
               "groups": results, "config": cfg}
     report = _json_safe(report)

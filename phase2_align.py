@@ -103,6 +103,11 @@ dtype = "auto"
 # forward: slower)
 amp = None
 text_offload = False  # keep the text encoders on the CPU except while they encode (frees ~11 GB on SD3.5-M)
+# also log to Weights & Biases (pip install wandb): the scalars of log.jsonl, each epoch's reward histogram
+# and each evaluation's grid; WANDB_MODE=offline writes it under out_dir/wandb with no account or network
+wandb_log = False
+wandb_project = "e2po"
+wandb_run_name = None  # None: out_dir's name
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, dict, type(None)))]
@@ -366,6 +371,7 @@ def group_conditions(text, pert, prompt_list, idx, ks):
 # from (seed, epoch) alone: which GPU holds a sample changes nothing, and a resumed run replays exactly.
 STREAM_NOISE, STREAM_TIMES, STREAM_EPS, STREAM_STEPS = 0, 1, 2, 3
 EVAL_EPOCH = 10 ** 9  # the "epoch" of the fixed evaluation noises: no training epoch reaches it
+GRID_PROMPTS, GRID_NOISES = 8, 4  # the evaluation grid: these held-out prompts x noises
 
 
 def sample_seed(*parts):
@@ -706,10 +712,16 @@ def train(run, epoch, step, js, x0, r, c_orig, c_opt):
 
 
 @torch.no_grad()
-def evaluate(run, prompt_list, metadata):
+def evaluate(run, prompt_list, metadata, step):
     """Mean reward of held-out prompts sampled with the EMA adapter from fixed noises (C^orig only), eval_G
-    noises a prompt, sample_batch images a forward; the prompts are spread over ranks."""
+    noises a prompt, sample_batch images a forward; the prompts are spread over ranks. Rank 0 also writes
+    OUT/evals/step_<step>.png: the first GRID_PROMPTS prompts x GRID_NOISES noises, each image captioned
+    with its reward, the same noises at every evaluation, so a user can watch the images change. Returns
+    (mean reward, the grid's path on rank 0, else None)."""
     use_adapter(run.transformer, "ema")
+    shown = {(i, g) for i in range(min(GRID_PROMPTS, len(prompt_list)))
+             for g in range(min(GRID_NOISES, eval_G))}
+    pictures = []
     mine = list(range(run.rank, len(prompt_list), run.world))
     todo = [(i, g) for i in mine for g in range(eval_G)]
     with S.text_on(run.text, run.dev, offload=text_offload):  # every condition first: the encoders move once
@@ -722,13 +734,61 @@ def evaluate(run, prompt_list, metadata):
         noise = S.image_noise([sample_seed(seed, EVAL_EPOCH, i, g) for i, g in chunk], run.shape, run.dev)
         with run.autocast():
             x0 = S.sample(run.transformer, run.eval_sigmas, noise, c, guidance=guidance, solver=eval_solver)
-        R = run.reward_fn(S.decode(run.vae, x0), [prompt_list[i] for i in idx],
-                          [metadata[i] for i in idx])[0].float()
+        images = S.decode(run.vae, x0)
+        R = run.reward_fn(images, [prompt_list[i] for i in idx], [metadata[i] for i in idx])[0].float()
         scores[torch.tensor([i * eval_G + g for i, g in chunk], device=run.dev)] = R.to(run.dev)
+        pictures += [(i, g, (im.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"), r)
+                     for (i, g), im, r in zip(chunk, images, R.tolist()) if (i, g) in shown]
     if run.world > 1:
         dist.all_reduce(scores)
+        every = [None] * run.world
+        dist.all_gather_object(every, pictures)  # a few small images, to rank 0's grid
+        pictures = [p for part in every for p in part]
     use_adapter(run.transformer, "default")
-    return scores.mean().item()
+    path = None
+    if run.master and pictures:
+        path = os.path.join(out_dir, "evals", f"step_{step:06d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        by_prompt = {}
+        for i, g, im, r in sorted(pictures, key=lambda p: p[:2]):
+            by_prompt.setdefault(i, []).append((im, f"{r:.3f}"))
+        S.captioned_grid([(prompt_list[i], row) for i, row in by_prompt.items()], path)
+    return scores.mean().item(), path
+
+
+def start_tracking(cfg):
+    """A Weights & Biases run (rank 0, wandb_log=True) holding the run's config."""
+    import wandb
+    return wandb.init(project=wandb_project, config=cfg, dir=out_dir,
+                      name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)))
+
+
+def track(tracker, rec, R=None, grid=None):
+    """One log.jsonl record to the tracker at its optimizer step: its numbers, the histogram of the epoch's
+    rewards and the evaluation grid."""
+    if tracker is None:
+        return
+    import wandb
+    logged = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+    if R is not None:
+        logged["reward_hist"] = wandb.Histogram(R.cpu().numpy())
+    if grid:
+        logged["eval_grid"] = wandb.Image(grid)
+    tracker.log(logged, step=rec["step"])
+
+
+def first_and_last_grid():
+    """OUT/evals/first_vs_last.png: the first and the last evaluation grids side by side."""
+    from PIL import Image
+    folder = os.path.join(out_dir, "evals")
+    grids = sorted(f for f in os.listdir(folder) if f.startswith("step_")) if os.path.isdir(folder) else []
+    if len(grids) < 2:
+        return
+    a, b = (Image.open(os.path.join(folder, f)) for f in (grids[0], grids[-1]))
+    both = Image.new("RGB", (a.width + b.width + 16, max(a.height, b.height)), "white")
+    both.paste(a, (0, 0))
+    both.paste(b, (a.width + 16, 0))
+    both.save(os.path.join(folder, "first_vs_last.png"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -757,6 +817,12 @@ def check_settings():
     if "colour_share" in needs_meta and not all(any(c.get("color") for c in m["include"]) for m in metadata):
         raise SystemExit(f"the colour_share reward needs prompts that ask for a colour; {prompts} has some "
                          "that do not: use data/shapes/train_colors.jsonl")
+    if wandb_log:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("wandb_log=True needs wandb: pip install wandb (WANDB_MODE=offline needs no "
+                             "account)")
     check_run_folder(out_dir, resume, overwrite)
     return prompt_list, metadata, eval_list, eval_meta
 
@@ -782,7 +848,8 @@ def main(argv=None):
                 f"each epoch draws prompts with replacement")
     # reward models in fp32 whatever the run's dtype: small next to SD3.5, and in bf16 PickScore's logit_scale
     # alone moves every score by 1 % and detector scores can cross GenEval's 0.3 / 0.9 thresholds
-    run.reward_fn = RW.build_reward(reward, dev, torch.float32, tiny=model == "tiny", opts=reward_opts)
+    run.reward_fn = RW.build_reward(reward, dev, torch.float32, tiny=model in S.TINY_MODELS,
+                                    opts=reward_opts)
 
     # ---- models: frozen SD3, three LoRA adapters on the transformer (theta, old, EMA)
     torch.manual_seed(seed)  # the same adapter init on every rank (and DDP broadcasts rank 0's)
@@ -806,11 +873,14 @@ def main(argv=None):
     step, start_epoch, logf = start_run(run, cfg)
     run.theta_model = run.transformer if world == 1 else ddp_theta(run.transformer, dev)
     torch.manual_seed(seed + rank)
+    tracker = start_tracking(cfg) if wandb_log and run.master else None
     if eval_list and not resume:  # the held-out reward of the starting model (as DiffusionNFT, at step 0)
-        rec = {"epoch": -1, "step": 0, "eval_reward": evaluate(run, eval_list, eval_meta)}
+        ev, grid = evaluate(run, eval_list, eval_meta, 0)
+        rec = {"epoch": -1, "step": 0, "eval_reward": ev}
         run.log(f"before training | eval {rec['eval_reward']:.4f}")
         if run.master:
             logf.write(json.dumps(rec) + "\n")
+            track(tracker, rec, grid=grid)
 
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
@@ -848,8 +918,9 @@ def main(argv=None):
                "collapsed_groups": collapsed, **by_k, **parts, **losses, "grad_norm": grad_norm,
                "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
                "img_per_s": N / (t3 - t0)}
+        grid = None
         if eval_list and (epoch + 1) % eval_every == 0:
-            rec["eval_reward"] = evaluate(run, eval_list, eval_meta)
+            rec["eval_reward"], grid = evaluate(run, eval_list, eval_meta, step)
         run.log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
                 f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} "
                 f"kl {rec['kl']:.2e} | sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s | "
@@ -860,14 +931,18 @@ def main(argv=None):
         if run.master:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
+            track(tracker, rec, R, grid)
         if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
             checkpoint(run, epoch, step, probe, cfg)
         if world > 1:
             dist.barrier()
     if run.master:
         logf.close()
+        first_and_last_grid()
+        if tracker is not None:
+            tracker.finish()
         run.log(f"done: LoRA (theta, old, EMA) in {out_dir}/checkpoint/lora, lora_old, lora_ema; "
-                f"log in {os.path.join(out_dir, 'log.jsonl')}")
+                f"log in {os.path.join(out_dir, 'log.jsonl')}; evaluation grids in {out_dir}/evals")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 ENCODERS = ("clip_l", "clip_g", "t5")  # the order of SD3's text encoders 1, 2, 3
+TINY_MODELS = ("tiny", "tiny-large")  # tiny.py's random models shaped like SD3.5-Medium and -Large
 CLIP_LEN = 77
 
 
@@ -179,9 +180,9 @@ def _offline_error(model_id, err):
 
 def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
     """The whole StableDiffusion3Pipeline (text encoders, transformer, VAE, scheduler)."""
-    if model_id == "tiny":
+    if model_id in TINY_MODELS:
         import tiny
-        pipe = tiny.pipeline(seed)
+        pipe = tiny.pipeline(seed, large=model_id == "tiny-large")
     else:
         from diffusers import StableDiffusion3Pipeline
         try:  # the VAE in fp32: decoding costs little next to the transformer (DiffusionNFT does the same)
@@ -204,7 +205,7 @@ def load_text(model_id, device="cpu", dtype=torch.float32, t5_len=128, seed=0, p
     if pipe is not None:
         toks = (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)
         encs = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
-    elif model_id == "tiny":
+    elif model_id in TINY_MODELS:
         import tiny
         toks, encs = tiny.text_components(seed)
     else:
@@ -585,6 +586,24 @@ def grid(images, ncol):
     for i, im in enumerate(images):
         out[:, (i // ncol) * h:(i // ncol + 1) * h, (i % ncol) * w:(i % ncol + 1) * w] = im
     return out
+
+
+def captioned_grid(rows, path):
+    """A PNG of one row per (label, [(image uint8 [H, W, 3], caption), ...]): the label above its row, each
+    caption under its image (PIL's default font); images shown at 256 px (128 when smaller than 256)."""
+    from PIL import Image, ImageDraw
+    side = max(img.shape[0] for _, items in rows for img, _ in items)
+    cell, line = (256 if side >= 256 else 128), 14
+    ncol = max(len(items) for _, items in rows)
+    canvas = Image.new("RGB", (ncol * cell, len(rows) * (cell + 2 * line)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, items) in enumerate(rows):
+        y = r * (cell + 2 * line)
+        draw.text((2, y + 1), label, fill="black")
+        for c, (img, caption) in enumerate(items):
+            canvas.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (c * cell, y + line))
+            draw.text((c * cell + 2, y + line + cell + 1), caption, fill="black")
+    canvas.save(path)
 
 
 def write_text_atomic(path, s):

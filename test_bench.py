@@ -202,3 +202,16 @@ def test_sd35m_on_cpu_prints_the_exact_parts_and_stops(capsys):
     out = capsys.readouterr().out
     assert "== resident weights" in out and "--shape=tiny" in out and "== sampling" not in out
     assert "--count_activations=True" in out and "== activations" not in out
+
+
+def test_transformer_activations_extrapolate_from_two_blocks():
+    """SD3.5-Large's count is taken on copies of one and two blocks and extrapolated: equal to the count of
+    the whole depth for a transformer whose blocks are alike (no dual-attention ones), here three."""
+    small = dict(bench.SD35L, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+                 pos_embed_max_size=16)
+    whole = bench.transformer_activation_bytes(small, "cpu", res=64, t5_tokens=8, rank=4, depth=3)
+    assert whole > 0
+    assert bench.transformer_activation_bytes(small, "cpu", res=64, t5_tokens=8, rank=4) == whole
+    deeper = bench.transformer_activation_bytes(dict(small, num_layers=5), "cpu", res=64, t5_tokens=8, rank=4)
+    assert deeper > whole

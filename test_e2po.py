@@ -1520,3 +1520,143 @@ def test_the_suite_hides_gpus_from_itself_and_its_subprocesses():
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("model", ["tiny", "data/shapes/prior_cfgfree"])
+def test_export_merges_the_lora_into_a_plain_pipeline(model, tmp_path):
+    """export.py fuses a trained LoRA (diffusers format, as phase2 saves it) into the transformer and writes
+    a folder that plain StableDiffusion3Pipeline.from_pretrained loads, with no adapter layers left. Its
+    velocity equals the LoRA applied on the fly up to float32 rounding: the merged W + (alpha/r) B A is
+    rounded once per weight, and a linear layer of fan-in at most d then differs by at most d u relative
+    (u = 2^-24); a token passes about 6 linears a block and 4 more in series, so the bound is
+    (6 blocks + 4) d u relative (measured 1e-7 and 3e-7), ten times below what the LoRA itself changes."""
+    import export
+    from diffusers import StableDiffusion3Pipeline
+    if model != "tiny" and not os.path.isfile(os.path.join(model, "model_index.json")):
+        pytest.skip(f"no prior in {model}")
+    pipe = sample.load_pipeline(model)
+    tr = pipe.transformer
+    phase2_align.add_adapters(tr, 4, 8)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking LoRA: lora_B away from its zero init
+        for p in phase2_align.adapter_params(tr, "ema"):
+            p.normal_(0, 0.1)
+    lora = tmp_path / "lora_ema"
+    phase2_align.save_lora(tr, "ema", str(lora))
+    out = tmp_path / "merged"
+    export.main([f"--model={model}", f"--lora={lora}", f"--out_dir={out}", "--device=cpu"])
+    merged = StableDiffusion3Pipeline.from_pretrained(str(out))
+    assert not any("lora" in n for n, _ in merged.transformer.named_parameters())
+    ref = sample.load_pipeline(model)
+    with sample.diffusers_notes_off():
+        ref.load_lora_weights(str(lora))
+    text = sample.load_text(model, t5_len=16, pipe=ref)
+    cond = sample.encode(text, ["a photo of a red circle", "two squares"])
+    shape = sample.latent_shape(ref, 64)
+    x, t = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        v_ref, v_merged = (sample.velocity(m, x, t, cond) for m in (ref.transformer, merged.transformer))
+        v_base = sample.velocity(sample.load_pipeline(model).transformer, x, t, cond)
+    c = tr.config
+    d = max(c.joint_attention_dim, c.num_attention_heads * c.attention_head_dim * 4)
+    bound = (6 * c.num_layers + 4) * d * 2.0 ** -24
+    assert (v_merged - v_ref).norm() <= bound * v_ref.norm()
+    assert (v_ref - v_base).norm() > 10 * bound * v_base.norm()  # an export without the merge fails
+    with pytest.raises(SystemExit, match="exists: pass --overwrite=True"):
+        export.main([f"--model={model}", f"--lora={lora}", f"--out_dir={out}", "--device=cpu"])
+    with pytest.raises(SystemExit, match="holds no pytorch_lora_weights"):
+        export.main([f"--model={model}", f"--lora={tmp_path}", f"--out_dir={tmp_path / 'x'}"])
+    assert not (tmp_path / "x").exists()
+
+
+def _wandb_history(run_dir, wait=30.0):
+    """The history rows of an offline wandb run (its .wandb file: LevelDB-style log blocks of protobuf
+    records; wandb 0.31 ships no reader of its own). wandb's service may still be writing the file when the
+    run's finish() returns: read it again until its closing record is there."""
+    import glob
+    import struct
+    import time
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    deadline = time.time() + wait
+    while True:
+        rows, done = _wandb_records(path, pb, struct)
+        if done or time.time() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def _wandb_records(path, pb, struct):
+    data, pos, part, rows, done = open(path, "rb").read(), 7, b"", [], False
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        part = chunk if kind in (1, 2) else part + chunk  # full, first / middle, last
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(part)
+            kind = rec.WhichOneof("record_type")
+            done |= kind == "exit"
+            if kind == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                             for i in rec.history.item})
+    return rows, done
+
+
+def test_phase2_evaluation_grids_and_offline_tracking(phase1_file, tmp_path, monkeypatch):
+    """Every evaluation writes OUT/evals/step_<step>.png (held-out prompts x noises, each image captioned
+    with its reward; the same noises each time) and the run ends with the first and last side by side.
+    With wandb_log=True and WANDB_MODE=offline (no account, no network) the run's wandb folder holds the
+    scalars of log.jsonl at their steps, each epoch's reward histogram and the evaluation grids."""
+    from PIL import Image
+    pf, out = phase1_file
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    d = tmp_path / "run"
+    phase2_align.main(_phase2(d, out, pf, "--epochs=2", f"--eval_prompts={pf}", "--eval_every=1",
+                              "--eval_G=3", "--wandb_log=True"))
+    n_prompts = len(sample.read_prompts(pf)[0])
+    grids = sorted(p.name for p in (d / "evals").iterdir())
+    assert grids == ["first_vs_last.png", "step_000000.png", "step_000001.png", "step_000002.png"]
+    # rows: min(8, prompts) of 128 px images with a line of text above and below; 3 noises a row
+    assert Image.open(d / "evals" / "step_000001.png").size == (3 * 128, min(8, n_prompts) * (128 + 28))
+    log = _log(d)
+    hist = {r["_step"]: r for r in _wandb_history(d)}
+    assert sorted(hist) == [r["step"] for r in log] == [0, 1, 2]
+    for r in log:
+        row = hist[r["step"]]
+        assert row["eval_reward"] == pytest.approx(r["eval_reward"])
+        assert row["eval_grid/_type"] == "image-file"
+        if r["epoch"] >= 0:
+            assert row["reward_mean"] == pytest.approx(r["reward_mean"])
+            assert row["group_std"] == pytest.approx(r["group_std"])
+            assert row["loss"] == pytest.approx(r["loss"])
+            # every sample of the epoch in the histogram: 2 prompts x K=4 x G=2
+            assert row["reward_hist/_type"] == "histogram" and sum(row["reward_hist/values"]) == 16
+
+
+def test_sd35_large_shape_runs_every_stage(prompt_file, tmp_path):
+    """--model=tiny-large: a tiny model of SD3.5-Large's transformer structure (no dual-attention blocks,
+    more heads) through Phase I, Phase II and sample.py: SD3.5-Large is the same code. Its config keeps the
+    paper's GenEval budget."""
+    pert = tmp_path / "p.safetensors"
+    phase1_perturb.main(["config/tiny_cpu.py", "--model=tiny-large", f"--prompts={prompt_file}",
+                         f"--perturbations={pert}", "--K=4", "--iters=3", "--t5_len=16"])
+    d = tmp_path / "run"
+    phase2_align.main(_phase2(d, str(pert), prompt_file, "--model=tiny-large", "--epochs=1"))
+    assert math.isfinite(_log(d)[0]["loss"])
+    sample.main(["config/tiny_cpu.py", "--model=tiny-large", f"--prompts={prompt_file}",
+                 f"--perturbations={pert}", "--K=4", "--G=1", "--t5_len=16", "--steps=2",
+                 f"--lora={d / 'checkpoint' / 'lora_ema'}", f"--out_dir={tmp_path / 'samples'}"])
+    assert len((tmp_path / "samples" / "index.jsonl").read_text().splitlines()) == 3 * 4  # prompts x K x G
+    tr = tiny.pipeline(0, large=True).transformer
+    assert not any(b.attn2 is not None for b in tr.transformer_blocks if hasattr(b, "attn2"))
+    assert any(getattr(b, "attn2", None) is not None for b in tiny.pipeline(0).transformer.transformer_blocks)
+    g = {k: getattr(phase2_align, k) for k in phase2_align.config_keys}
+    cfg = configure(g, phase2_align.config_keys, ["config/geneval_large_g4k12.py"])
+    assert cfg["model"] == "stabilityai/stable-diffusion-3.5-large"
+    assert cfg["prompts_per_epoch"] * cfg["K"] * cfg["G"] == 1152

@@ -595,3 +595,26 @@ def test_image_processors_are_pils_on_every_machine(monkeypatch):
     procs = [w for w, b in seen if "processor" in w]
     assert len(procs) == 4 and all(b == "pil" for w, b in seen if "processor" in w), seen
     assert all(b is None for w, b in seen if "processor" not in w)  # models take no such option
+
+
+def test_cli_reports_reward_means_beside_the_metrics(tiny_samples, capsys):
+    """--reward_means: each named reward of rewards.py averaged over every group's images (the paper's second
+    table: PickScore and the unseen rewards beside IDS), equal to the reward computed on the same files."""
+    import rewards
+    d = tiny_samples
+    rep = ed.main([f"--samples={d / 'samples'}", "--metrics=pvs",
+                   "--reward_means=pickscore,jpeg_incompressibility",
+                   """--reward_opts={"pickscore": {"model": "tiny"}}""", f"--out={d / 'rw.json'}"])
+    rows = ed.read_index(str(d / "samples"))
+    ims = ed.to_tensor([ed.load_rgb(os.path.join(d / "samples", r["file"])) for r in rows])
+    prompts, meta = [r["prompt"] for r in rows], [r["metadata"] for r in rows]
+    g = rep["groups"]["all"]
+    assert rep["rewards"] == ["pickscore", "jpeg_incompressibility"]
+    assert g["reward_pickscore"] == pytest.approx(
+        rewards.REWARDS["pickscore"](model="tiny")(ims, prompts, meta).mean().item(), rel=1e-6)
+    assert g["reward_jpeg_incompressibility"] == pytest.approx(
+        rewards.REWARDS["jpeg_incompressibility"]()(ims, prompts, meta).mean().item(), rel=1e-6)
+    head = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("group ")]
+    assert head and "pickscore" in head[0] and "jpeg_incompressibility" in head[0]  # the printed table
+    with pytest.raises(SystemExit, match="unknown reward 'pickscor'"):
+        ed.main([f"--samples={d / 'samples'}", "--metrics=pvs", "--reward_means=pickscor"])

@@ -58,17 +58,20 @@ def text_components(seed=0):
     return (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5)
 
 
-def pipeline(seed=0):
+def pipeline(seed=0, large=False):
+    """A StableDiffusion3Pipeline shaped like SD3.5-Medium, or with large=True like SD3.5-Large (more heads,
+    no dual-attention blocks; the same text encoders, VAE and scheduler)."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     (tok_l, tok_g, tok_t5), (enc_l, enc_g, enc_t5) = text_components(seed)
     torch.manual_seed(seed + 4)
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16,  # SD3.5-M: 128, 2, 16, 16
-        num_layers=2,  # 24
-        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=96,  # 64, 24, 4096
-        caption_projection_dim=16, pooled_projection_dim=80, pos_embed_max_size=16,  # 1536, 2048, 384
-        dual_attention_layers=(0,), qk_norm="rms_norm")  # (0..12), rms_norm
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16,  # SD3.5-M and -L: 128, 2, 16, 16
+        num_layers=2,  # 24; L: 38
+        attention_head_dim=8, num_attention_heads=3 if large else 2,  # 64, 24; L: 64, 38
+        joint_attention_dim=96, caption_projection_dim=24 if large else 16,  # 4096, 1536; L: 4096, 2432
+        pooled_projection_dim=80, pos_embed_max_size=16,  # 2048, 384; L: 2048, 192
+        dual_attention_layers=() if large else (0,), qk_norm="rms_norm")  # (0..12); L: none. rms_norm
     torch.manual_seed(seed + 5)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,

@@ -63,4 +63,6 @@ python sample.py $CFG $K4 --lora=$OUT/a_nft_k1g16/seed$first/checkpoint/lora_ema
     --out_dir=$OUT/grids/a_nft_k1g16 > $OUT/grids_a.log 2>&1
 python sample.py $CFG $K4 --lora=$OUT/b_e2po_g4k4/seed$first/checkpoint/lora_ema \
     --out_dir=$OUT/grids/b_e2po_g4k4 > $OUT/grids_b.log 2>&1
-echo "plot: $OUT/compare.png  table: $OUT/compare.md  grids: $OUT/grids/*/NNNNN_grid.png"
+# name only what was written (compare_runs.py draws no plot without matplotlib, and says so)
+[ -f "$OUT/compare.png" ] && echo "plot: $OUT/compare.png"
+echo "table: $OUT/compare.md  grids: $OUT/grids/*/NNNNN_grid.png"
