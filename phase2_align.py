@@ -591,8 +591,8 @@ def start_run(run, cfg):
     if not run.master:
         return step, start_epoch, None
     os.makedirs(out_dir, exist_ok=True)
-    if not resume:
-        for d in checkpoint_dirs(out_dir):
+    if not resume:  # the earlier run's checkpoint and evaluation grids
+        for d in (*checkpoint_dirs(out_dir), os.path.join(out_dir, "evals")):
             shutil.rmtree(d, ignore_errors=True)
     S.write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
     return step, start_epoch, open(log_path, "a" if resume else "w")

@@ -500,3 +500,22 @@ def test_final_eval_pairs_runs_image_by_image(tmp_path):
     assert outs[1]["rewards"] == a["rewards"]
     with pytest.raises(SystemExit, match="no config.json"):
         fe.main([f"--run={tmp_path / 'none'}"])
+    # the perturbation probe: with every delta zeroed, each perturbed sample is its noise's k = 0 sample
+    # exactly (the schedule mixes C^orig with itself), so the distance is 0 and no reward changes
+    import phase1_perturb
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    pert = tmp_path / "p.safetensors"
+    colors = os.path.join(REPO, "data/shapes/test_colors.jsonl")
+    phase1_perturb.main(["config/shapes_variance.py", f"--prompts={colors}", "--K=2", "--iters=2",
+                         f"--perturbations={pert}"])
+    with safe_open(str(pert), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) * 0 for k in f.keys()}, f.metadata()
+    save_file(tensors, str(pert), metadata=meta)
+    run = tmp_path / "seed0"
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(cfg, prompts=colors, steps=4, solver="dpm2", rho=0.4)))
+    fe.main([f"--run={run}", "--lora=none", "--noises=1", f"--perturbations={pert}", "--probe_noises=2"])
+    pr = json.loads((run / "final_eval.json").read_text())["probe"]
+    assert pr["K"] == 2 and pr["pixel_dist_kp"] == 0 and pr["changed_kp"] == 0
+    assert pr["reward_kp"] == pr["reward_k0"]

@@ -11,6 +11,13 @@ Diversity, per prompt over its images (then averaged over prompts), all computab
   pixel_dist  mean over pairs of the RMS difference of the two images (pixels in [0, 1]; 0 = identical)
   sdi         1 - mean Hungarian-IoU layout similarity of the shapes detector's boxes (eval_diversity.py)
   pvs         std of mean saturation + std of mean value + std of contrast (eval_diversity.py)
+
+With --perturbations=FILE (a Phase I file of the run's training prompts) it also probes how the model
+answers its own perturbations: each training prompt x --probe_noises noises x the file's K conditions,
+drawn as Phase II draws them (the schedule mixes C^opt_k into C^orig, rho of the run), every condition of a
+noise from one x_1; it reports the mean reward on C^orig (k = 0) and on the perturbations (k > 0), how far a
+perturbed image lies from its noise's k = 0 image (RMS pixel difference) and the share of those pairs
+whose reward differs. A model that became robust to its perturbations has k > 0 close to k = 0.
 """
 import argparse
 import json
@@ -40,6 +47,36 @@ def pixel_distance(images):
     return d2[iu[0], iu[1]].sqrt().mean().item()
 
 
+def probe(pipe, text, reward, cfg, path, n, batch):
+    """The perturbation probe (see the module docstring): {K, reward_k0, reward_kp, pixel_dist_kp,
+    changed_kp}, over the run's training prompts x n noises x K conditions."""
+    prompts, meta = S.read_prompts(cfg["prompts"])
+    pert = S.load_perturbations(path, text, prompts, None)
+    K, shape = pert["K"], S.latent_shape(pipe, cfg["resolution"])
+    sigmas = S.sigma_grid(pipe.scheduler, cfg["steps"])
+    R, images = {}, {}
+    for i in range(len(prompts)):
+        orig = S.encode(text, [prompts[i]])
+        opt = [torch.cat([o, p]) for o, p in zip(orig, S.perturbed_conditions(text, pert, prompts, [i]))]
+        items = [(k, g) for k in range(K) for g in range(n)]
+        for s in range(0, len(items), batch):
+            chunk = items[s:s + batch]
+            c_orig = tuple(torch.cat([c] * len(chunk)) for c in orig)
+            c_opt = tuple(torch.stack([c[k] for k, _ in chunk]) for c in opt)
+            noise = S.image_noise([2 * NOISE_SEED + i * n + g for _, g in chunk], shape, "cpu")
+            x0 = S.sample(pipe.transformer, sigmas, noise, c_orig, c_opt, cfg["rho"], solver=cfg["solver"])
+            ims = S.decode(pipe.vae, x0)
+            scores = reward(ims, [prompts[i]] * len(chunk), [meta[i]] * len(chunk))[0]
+            for (k, g), im, r in zip(chunk, ims, scores):
+                R[i, k, g], images[i, k, g] = float(r), im
+    pairs = [(i, k, g) for (i, k, g) in R if k > 0]
+    rms = lambda a, b: float(((a - b) ** 2).mean().sqrt())
+    return {"K": K, "noises": n, "reward_k0": float(np.mean([R[key] for key in R if key[1] == 0])),
+            "reward_kp": float(np.mean([R[key] for key in pairs])),
+            "pixel_dist_kp": float(np.mean([rms(images[i, k, g], images[i, 0, g]) for i, k, g in pairs])),
+            "changed_kp": float(np.mean([R[i, k, g] != R[i, 0, g] for i, k, g in pairs]))}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--run", required=True, help="a Phase II run folder (its config.json and checkpoint/)")
@@ -48,6 +85,8 @@ def main(argv=None):
     p.add_argument("--noises", type=int, default=64, help="images per held-out prompt")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--out", default="final_eval.json", help="output JSON, relative to the run (or absolute)")
+    p.add_argument("--perturbations", default=None, help="a Phase I file of the training prompts: the probe")
+    p.add_argument("--probe_noises", type=int, default=16, help="noises per training prompt in the probe")
     a = p.parse_args(argv)
     cfg_path = os.path.join(a.run, "config.json")
     if not os.path.isfile(cfg_path):
@@ -92,6 +131,8 @@ def main(argv=None):
     out = {"run": a.run, "lora": lora, "reward_spec": cfg["reward"], "prompts": cfg["eval_prompts"],
            "noises": a.noises, "rewards": R.tolist(), "per_prompt": per_prompt,
            **{k: float(np.nanmean(v)) for k, v in per_prompt.items()}}
+    if a.perturbations:
+        out["probe"] = probe(pipe, text, reward, cfg, a.perturbations, a.probe_noises, a.batch)
     path = a.out if os.path.isabs(a.out) else os.path.join(a.run, a.out)
     S.write_json_atomic(path, out)
     print(f"{a.run}: reward {out['reward']:.4f}, pixel_dist {out['pixel_dist']:.4f}, sdi {out['sdi']:.4f}, "
