@@ -69,7 +69,8 @@ def final_records(folder, sub="final"):
     """The final evaluation of a run folder, as one record: {"final_geneval", "final_credit"} from
     FOLDER/sub/diversity.json (eval_diversity.py's GenEval summary), and {"final_reward" (mean),
     "final_rewards" (per image), "final_pixel_dist", "final_sdi", "final_pvs"} from FOLDER/final_eval.json
-    (data/shapes/final_eval.py); [] when there is neither. "run" names the folder (seed<N> pairs runs)."""
+    (data/shapes/final_eval.py), with the perturbation probe of FOLDER/probe.json (final_eval.py
+    --perturbations) as "probe"; [] when there is none. "run" names the folder (seed<N> pairs runs)."""
     rec = {}
     path = os.path.join(folder, sub, "diversity.json")
     if os.path.isfile(path):
@@ -83,6 +84,10 @@ def final_records(folder, sub="final"):
             fe = json.load(f)
         rec.update(final_reward=fe["reward"], final_rewards=fe["rewards"], final_pixel_dist=fe["pixel_dist"],
                    final_sdi=fe["sdi"], final_pvs=fe["pvs"])
+    path = os.path.join(folder, "probe.json" if sub == "final" else sub.replace("final_eval", "probe"))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            rec["probe"] = json.load(f)["probe"]
     return [dict(rec, run=os.path.basename(folder))] if rec else []
 
 
@@ -125,6 +130,7 @@ def run_figures(records, block=1):
         _, v = curve(train, key)
         figs[f"{key}_first"], figs[f"{key}_last"] = block_mean(v, block), block_mean(v, block, last=True)
     figs.update({k: v for k, v in final.items() if k.startswith("final")})
+    figs.update({f"probe_{k}": v for k, v in final.get("probe", {}).items() if k in PROBE})
     figs["run"] = final.get("run")
     return figs
 
@@ -137,6 +143,8 @@ COLUMNS = (("std_first", "group std, first"), ("std_last", "group std, last"),
            ("final_pixel_dist", "final pixel dist"), ("final_sdi", "final SDI"), ("final_pvs", "final PVS"))
 # E²PO's variance by where it comes from (phase2_align.condition_stats, paired_distance): first and last block
 MECHANISM = ("reward_k0", "reward_kp", "group_std_k0", "group_std_kp", "dist_kp")
+# the final model's answer to its own perturbations (final_eval.py --perturbations: probe.json)
+PROBE = ("reward_k0", "reward_kp", "pixel_dist_kp", "changed_kp")
 
 
 def paired_difference(figs, ref_figs, key="final_reward"):
@@ -198,6 +206,33 @@ def mechanism_table(groups, block=1):
     for label, figs in figs_of.items():
         cells = [_cell(*mean_std([f[f"{k}_{end}"] for f in figs])) for k in keys for end in ("first", "last")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def probe_table(groups, roots):
+    """The perturbation probe of the final EMA weights (runs with a probe.json; the untrained prior from
+    ROOT/prior_probe.json): reward on C^orig and on the perturbations, their difference, how far a perturbed
+    image lies from its noise's C^orig image and the share of those pairs whose reward differs; mean ± std
+    over seeds. "" when no run has one."""
+    rows = {}
+    for root in roots:
+        for r in final_records(root, "prior_final_eval.json"):
+            if "probe" in r:
+                rows["prior (untrained)"] = [{f"probe_{k}": r["probe"][k] for k in PROBE}]
+    for label, runs_ in groups.items():
+        figs = [f for f in (run_figures(r) for r in runs_) if f.get("probe_reward_k0") is not None]
+        if figs:
+            rows[label] = figs
+    if not rows:
+        return ""
+    lines = ["| model | seeds | reward, k = 0 | reward, k > 0 | k > 0 − k = 0 | pixel distance to k = 0 | "
+             "reward changed |", "|---|---|---|---|---|---|---|"]
+    for label, figs in rows.items():
+        gap = [f["probe_reward_kp"] - f["probe_reward_k0"] for f in figs]
+        cells = [_cell(*mean_std([f[f"probe_{k}"] for f in figs])) for k in PROBE[:2]]
+        cells += [_cell(*mean_std(gap))]
+        cells += [_cell(*mean_std([f[f"probe_{k}"] for f in figs])) for k in PROBE[2:]]
+        lines.append(f"| {label} | {len(figs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -277,6 +312,9 @@ def main(argv=None):
     mech = mechanism_table(groups, block)
     if mech:
         print("\n" + mech)
+    probes = probe_table(groups, roots)
+    if probes:
+        print("\n" + probes)
     for root in roots:
         for r in final_records(root, "prior_final") + final_records(root, "prior_final_eval.json"):
             print(f"\nthe prior, untrained ({root}): "

@@ -1507,6 +1507,22 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
     assert mech["run"][:2] == ["reward_k0, first", "reward_k0, last"] and "nft" not in mech
     assert mech["e2po"][:2] == ["0.5500 ± 0.0000", "0.7500 ± 0.0000"]
     assert compare_runs.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    # the perturbation probe (probe.json beside a run's final_eval.json, prior_probe.json at the root)
+    for seed, (k0, kp) in enumerate(((0.9, 0.8), (0.7, 0.7))):
+        (tmp_path / "e2po" / f"seed{seed}" / "probe.json").write_text(json.dumps({"probe": {
+            "K": 4, "reward_k0": k0, "reward_kp": kp, "pixel_dist_kp": 0.1, "changed_kp": 0.2}}))
+    (tmp_path / "prior_final_eval.json").write_text(json.dumps(
+        {"reward": 0.5, "rewards": [0.5], "pixel_dist": 0.1, "sdi": 0.2, "pvs": 0.3}))
+    (tmp_path / "prior_probe.json").write_text(json.dumps({"probe": {
+        "K": 4, "reward_k0": 0.6, "reward_kp": 0.3, "pixel_dist_kp": 0.2, "changed_kp": 0.5}}))
+    compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}", "--block=2"])
+    probe = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+             for ln in capsys.readouterr().out.split("\n\n")[2].splitlines() if ln.startswith("| ")}
+    # e2po: k = 0 (0.9, 0.7) -> 0.8 ± 0.1; k > 0 (0.8, 0.7) -> 0.75 ± 0.05; gaps (-0.1, 0) -> -0.05 ± 0.05
+    assert probe["e2po"] == ["2", "0.8000 ± 0.1000", "0.7500 ± 0.0500", "-0.0500 ± 0.0500",
+                             "0.1000 ± 0.0000", "0.2000 ± 0.0000"]
+    assert probe["prior (untrained)"][:4] == ["1", "0.6000 ± 0.0000", "0.3000 ± 0.0000", "-0.3000 ± 0.0000"]
+    assert "nft" not in probe
     with pytest.raises(SystemExit, match="at least 1"):
         compare_runs.main([f"--runs={tmp_path}", "--block=0"])
 
