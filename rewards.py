@@ -32,6 +32,7 @@ at once when a hub id is not cached and the hub cannot be reached (_from_pretrai
 partial credit is the public reward server's (negative with many extra objects) unless credit="fixed".
 The GenEval rule engine (`geneval_rules`) is pure Python, separate from the detector.
 """
+import functools
 import io
 import os
 
@@ -741,16 +742,40 @@ SHAPES_PALETTE = {
     "blue": (20, 90, 220), "purple": (140, 20, 205), "pink": (255, 125, 220), "brown": (110, 65, 15),
     "black": (0, 0, 0), "white": (255, 255, 255)}
 SHAPES_BACKGROUND = (140, 140, 140)
-# object sizes, as fractions of the image side: the renderer draws SHAPES_SIZE; the detector drops
-# specks below SHAPES_MIN_SIDE and lowers the confidence of objects beyond the rendered sizes (a
-# canvas-filling colour is not "a square"), reaching 0 at SHAPES_MAX_SIDE
+# greys are no colour of the palette: a pixel nearer one of these than to any palette colour or the background
+# is named "grey" (a half-transparent white over the background, a dark or light grey shape), never pink,
+# white or brown
+SHAPES_GREYS = ((70, 70, 70), (200, 200, 200))
+# object sizes: the renderer draws SHAPES_SIZE (fractions of the image side); the detector drops specks whose
+# longer side is under SHAPES_MIN_PIXELS (absolute: a small extra object is seen, at any resolution) and
+# lowers the confidence of objects beyond the rendered sizes (a canvas-filling colour is not "a square"),
+# reaching 0 at SHAPES_MAX_SIDE
 SHAPES_SIZE = (0.22, 0.36)
-SHAPES_MIN_SIDE, SHAPES_MAX_SIDE = 0.08, 0.6
+SHAPES_MIN_PIXELS, SHAPES_MAX_SIDE = 4, 0.6
+# below this many pixels (longer side) no shape can be told from another (a 6-px disk is a diamond in pixels):
+# such an object is judged by the best IoU alone, on SHAPES_SMALL_IOU_RAMP, with no lookalike or solidity test
+SHAPES_RESOLVED, SHAPES_SMALL_IOU_RAMP = 8, (0.6, 0.7)
 # the IoU with its ideal shape at which an object's score starts to rise and reaches 1, per class.
 # Calibrated on VAE reconstructions of rendered shapes (a 1-2 px blur): 90 % of circles and squares
 # keep IoU >= 0.88, of triangles >= 0.73 (their apex and corners, long boundary for their area, blur
 # first); a diamond or ellipse judged as a circle stays <= 0.72, an upside-down triangle <= 0.57.
 SHAPES_IOU_RAMP = {"circle": (0.7, 0.85), "square": (0.7, 0.85), "triangle": (0.6, 0.75)}
+# the box's aspect (short / long side) at which the score starts to rise and reaches 1: every shape is drawn
+# in a square box; an equilateral triangle (0.866) is a triangle with room to spare
+SHAPES_ASPECT_RAMP = {"circle": (0.6, 0.85), "square": (0.6, 0.85), "triangle": (0.5, 0.75)}
+# the lookalikes (_lookalikes) a shape is compared with: (family, lo, hi) = the score is 0 when one of them
+# fits the object better than the ideal shape by -lo or more, 1 while it fits better by at most -hi. A turned
+# square read as a square is a square (a person agrees); read as a circle it is nothing. Calibrated on VAE
+# reconstructions of rendered shapes and on the distilled prior's samples, whose circles a turned square fits
+# up to 0.025 better, a hexagon up to 0.023, and whose squares a cut corner up to 0.021 (VAE: the middle
+# 99 %); the lookalikes drawn cleanly fit 0.036 to 0.17 better
+SHAPES_LOOKALIKES = {"circle": (("turned", -0.05, -0.03), ("polygons", -0.07, -0.04)),
+                     "square": (("cut", -0.035, -0.025),), "triangle": ()}
+# area over the convex hull's, against the ideal shape's own: 0 below lo, 1 from hi (None: not tested). A
+# bitten square keeps 0.83, a plus sign 0.78-0.82, a pac-man 0.86-0.90; VAE reconstructions of squares keep
+# >= 0.913 and of circles >= 0.967 (99.5 %). Triangles are not tested: no lookalike of theirs needs it, and a
+# VAE rounds their corners most.
+SHAPES_SOLIDITY = {"circle": (0.9, 0.95), "square": (0.86, 0.9), "triangle": None}
 
 
 def shape_mask(cls, w, h):
@@ -770,6 +795,55 @@ def shape_mask(cls, w, h):
     raise ValueError(f"unknown shape '{cls}': one of {', '.join(SHAPE_CLASSES)}")
 
 
+def _convex_mask(verts, w, h):
+    """A convex polygon (vertices in any units, scaled to fill the box) as a bool [h, w] mask, sampled at
+    pixel centres like shape_mask."""
+    import numpy as np
+    v = np.asarray(verts, np.float64)
+    v = (v - v.min(0)) / (v.max(0) - v.min(0))
+    X, Y = np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h)
+    turn = np.sign((v[1, 0] - v[0, 0]) * (v[2, 1] - v[1, 1]) - (v[1, 1] - v[0, 1]) * (v[2, 0] - v[1, 0]))
+    inside = np.ones((h, w), bool)
+    for a, b in zip(v, np.roll(v, -1, axis=0)):
+        inside &= turn * ((b[0] - a[0]) * (Y - a[1]) - (b[1] - a[1]) * (X - a[0])) >= -1e-9
+    return inside
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookalikes(w, h):
+    """Shapes a person tells apart from a circle or a square, in a w x h box: {"turned": squares turned by 5
+    to 45 degrees, "cut": squares with a corner cut off, "polygons": regular pentagons and hexagons, and
+    octagons from 32 px on (below, an octagon's flats lie within a pixel of its circle, which a VAE's blur
+    also moves)}, each a tuple of masks. SHAPES_LOOKALIKES says which ones each shape is compared with."""
+    import math
+    turn = lambda n, rot: [(math.cos(rot + 2 * math.pi * i / n), math.sin(rot + 2 * math.pi * i / n))
+                           for i in range(n)]
+    sq, cut = [(0, 0), (1, 0), (1, 1), (0, 1)], []
+    for f in (0.3, 0.5):
+        for c in range(4):
+            (px, py), prev, nxt = sq[c], sq[c - 1], sq[(c + 1) % 4]
+            cut.append(sq[:c] + [(px + (prev[0] - px) * f, py + (prev[1] - py) * f),
+                                 (px + (nxt[0] - px) * f, py + (nxt[1] - py) * f)] + sq[c + 1:])
+    polys = {"turned": [turn(4, math.radians(d) + math.pi / 4) for d in range(5, 46, 5)], "cut": cut,
+             "polygons": [turn(n, -math.pi / 2 + half * math.pi / n)
+                          for n in ((5, 6, 8) if min(w, h) >= 32 else (5, 6)) for half in (0, 1)]}
+    return {k: tuple(_convex_mask(p, w, h) for p in v) for k, v in polys.items()}
+
+
+def _solidity(mask):
+    """Area over the area of the convex hull of the mask's pixels (their corners): 1 for a convex shape
+    (less by its pixel staircase), lower for a bitten, notched or cross-shaped one."""
+    import numpy as np
+    from scipy.spatial import ConvexHull
+    ys, xs = np.nonzero(mask)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+    return float(mask.sum() / ConvexHull(corners).volume)
+
+
+def _iou(a, b):
+    return float((a & b).sum() / (a | b).sum())
+
+
 def _ramp(x, lo, hi):
     return min(max((x - lo) / (hi - lo), 0.0), 1.0)
 
@@ -778,50 +852,64 @@ def shapes_detect(image):
     """GenEval-format detections of one uint8 [H, W, 3] image: {class: [(box, score, colour), ...]},
     box = (x0, y0, x1, y1) in pixels (x1, y1 exclusive), unfiltered (geneval_rules applies thresholds).
 
-    Every pixel is named by its nearest colour among the palette and the background; the connected
-    non-background regions are the objects (regions smaller than SHAPES_MIN_SIDE on both sides are
-    specks and dropped). An object's class is the shape whose ideal mask in the object's own box
-    overlaps its (hole-filled) mask best (IoU); its colour is the majority name of its interior (one
-    pixel in from the edge, where a VAE blurs colours into each other). Its score is a product of
-    ramps in [0, 1], each 1 for a cleanly drawn shape: the best IoU (SHAPES_IOU_RAMP), its margin over
-    the second-best shape (0 -> 0.04; a perfect shape's margin is >= 0.21), the interior's colour purity
-    (0.6 -> 0.9), the box's aspect ratio (0.6 -> 0.85; every shape is drawn in a square box), the size
-    (1 up to 0.45 of the image side, 0 at SHAPES_MAX_SIDE), and half for an object touching the image
-    border (cut off). Rendered shapes score 1; blurred or misshapen ones fall under GenEval's counting
-    threshold (0.9) first and its detection threshold (0.3) later; noise and merged blobs score ~0."""
+    Every pixel is named by its nearest colour among the palette, the greys and the background; the
+    connected non-background regions are the objects (regions under SHAPES_MIN_PIXELS on both sides are
+    specks and dropped; those under SHAPES_RESOLVED are judged by their best IoU alone). An object's class
+    is the shape whose ideal mask in the object's own box overlaps its (hole-filled) mask best (IoU); its
+    colour is the majority name of its interior (one pixel in from
+    the edge, where a VAE blurs colours into each other), "grey" when greys win. Its score is a product of
+    ramps in [0, 1], each 1 for a cleanly drawn shape, as a person would judge it: the best IoU
+    (SHAPES_IOU_RAMP), its margin over the second-best shape (0 -> 0.04; a perfect shape's margin is >=
+    0.21) and over its lookalikes (SHAPES_LOOKALIKES: a circle against turned squares and regular
+    polygons, a square against squares with a cut corner), the solidity against the ideal shape's own
+    (SHAPES_SOLIDITY: a bitten, notched or cross-shaped object is no shape), the interior's colour
+    purity (0.6 -> 0.9), the box's aspect ratio (SHAPES_ASPECT_RAMP; every shape is drawn in a square
+    box), the size (1 up to 0.45 of the image side, 0 at SHAPES_MAX_SIDE), and half for an object touching
+    the image border (cut off).
+    Rendered shapes score 1; blurred or misshapen ones fall under GenEval's counting threshold (0.9) first
+    and its detection threshold (0.3) later; noise and merged blobs score ~0."""
     import numpy as np
     from scipy import ndimage
     H, W = image.shape[:2]
     S = min(H, W)
-    ref = np.array([SHAPES_PALETTE[c] for c in GENEVAL_COLORS] + [SHAPES_BACKGROUND], np.float32)
-    dist = ((image[..., None, :3].astype(np.float32) - ref) ** 2).sum(-1)  # [H, W, 11]
+    names = list(GENEVAL_COLORS) + ["grey"] * len(SHAPES_GREYS)
+    ref = np.array([SHAPES_PALETTE[c] for c in GENEVAL_COLORS] + list(SHAPES_GREYS) + [SHAPES_BACKGROUND],
+                   np.float32)
+    dist = ((image[..., None, :3].astype(np.float32) - ref) ** 2).sum(-1)  # [H, W, palette + greys + bg]
     name = dist.argmin(-1)
-    bg = len(GENEVAL_COLORS)
+    bg = len(names)
     regions, _ = ndimage.label(name != bg)  # 4-connected: shapes touching only at a corner stay apart
     out = {}
     for i, sl in enumerate(ndimage.find_objects(regions)):
         h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-        if max(h, w) < SHAPES_MIN_SIDE * S:
+        if max(h, w) < SHAPES_MIN_PIXELS:
             continue
         mask = ndimage.binary_fill_holes(regions[sl] == i + 1)
-        iou = {}
-        for cls in SHAPE_CLASSES:
-            t = shape_mask(cls, w, h)
-            iou[cls] = float((mask & t).sum() / (mask | t).sum())
+        iou = {cls: _iou(mask, shape_mask(cls, w, h)) for cls in SHAPE_CLASSES}
         ranked = sorted(SHAPE_CLASSES, key=lambda c: -iou[c])
+        best = ranked[0]
+        resolved = max(h, w) >= SHAPES_RESOLVED
+        alike = 1.0  # how little the lookalikes of the best shape fit better than it
+        for family, lo, hi in SHAPES_LOOKALIKES[best] if resolved else ():
+            alike *= _ramp(iou[best] - max(_iou(mask, t) for t in _lookalikes(w, h)[family]), lo, hi)
+        solid = (_ramp(_solidity(mask) / _solidity(shape_mask(best, w, h)), *SHAPES_SOLIDITY[best])
+                 if resolved and SHAPES_SOLIDITY[best] else 1.0)
         core = ndimage.binary_erosion(mask)
         if core.sum() < 0.25 * mask.sum():  # thin objects: use every pixel
             core = mask
         votes = np.bincount(name[sl][core], minlength=bg + 1)  # background-named holes count against purity
-        colour = int(votes[:bg].argmax())
-        purity = votes[colour] / max(int(core.sum()), 1)
+        top = int(votes[:len(GENEVAL_COLORS)].argmax())
+        grey = votes[len(GENEVAL_COLORS):bg].sum()
+        colour, n_colour = ("grey", grey) if grey > votes[top] else (GENEVAL_COLORS[top], votes[top])
+        purity = n_colour / max(int(core.sum()), 1)
         on_border = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == H or sl[1].stop == W
-        score = (_ramp(iou[ranked[0]], *SHAPES_IOU_RAMP[ranked[0]])
-                 * _ramp(iou[ranked[0]] - iou[ranked[1]], 0.0, 0.04)
-                 * _ramp(purity, 0.6, 0.9) * _ramp(min(h, w) / max(h, w), 0.6, 0.85)
+        score = (_ramp(iou[best], *(SHAPES_IOU_RAMP[best] if resolved else SHAPES_SMALL_IOU_RAMP))
+                 * _ramp(iou[best] - iou[ranked[1]], 0.0, 0.04)
+                 * alike * solid
+                 * _ramp(purity, 0.6, 0.9) * _ramp(min(h, w) / max(h, w), *SHAPES_ASPECT_RAMP[best])
                  * _ramp(-max(h, w) / S, -SHAPES_MAX_SIDE, -0.45) * (0.5 if on_border else 1.0))
         box = (float(sl[1].start), float(sl[0].start), float(sl[1].stop), float(sl[0].stop))
-        out.setdefault(ranked[0], []).append((box, float(score), GENEVAL_COLORS[colour]))
+        out.setdefault(best, []).append((box, float(score), colour))
     return out
 
 

@@ -519,3 +519,119 @@ def test_final_eval_pairs_runs_image_by_image(tmp_path):
     pr = json.loads((run / "final_eval.json").read_text())["probe"]
     assert pr["K"] == 2 and pr["pixel_dist_kp"] == 0 and pr["changed_kp"] == 0
     assert pr["reward_kp"] == pr["reward_k0"]
+
+
+# ------------------------------------------------------------------------ shapes a person would not accept
+def _hack(kind, S=64, colour="red", centre=(0.5, 0.5), r=0.15):
+    """One shape drawn with PIL (not the renderer's masks) on the background: the lookalikes and tricks
+    that a policy could draw to game a looser reward."""
+    import math
+
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (S, S), SHAPES_BACKGROUND)
+    d, c = ImageDraw.Draw(im), SHAPES_PALETTE.get(colour, colour)
+    cx, cy, r = centre[0] * S, centre[1] * S, r * S
+    poly = lambda n, rot, rr=r: [(cx + rr * math.cos(rot + 2 * math.pi * i / n),
+                                  cy + rr * math.sin(rot + 2 * math.pi * i / n)) for i in range(n)]
+    name, _, arg = kind.partition(":")
+    if name == "turned_square":
+        d.polygon(poly(4, math.radians(float(arg)) + math.pi / 4, r * 2 ** 0.5), fill=c)
+    elif name == "polygon":
+        d.polygon(poly(int(arg), -math.pi / 2, 1.1 * r), fill=c)
+    elif name == "plus":
+        d.rectangle([cx - r, cy - 0.35 * r, cx + r, cy + 0.35 * r], fill=c)
+        d.rectangle([cx - 0.35 * r, cy - r, cx + 0.35 * r, cy + r], fill=c)
+    elif name == "pacman":
+        d.pieslice([cx - r, cy - r, cx + r, cy + r], float(arg) / 2, 360 - float(arg) / 2, fill=c)
+    elif name == "bitten_square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=c)
+        d.ellipse([cx + 0.4 * r, cy - 0.6 * r, cx + 1.6 * r, cy + 0.6 * r], fill=SHAPES_BACKGROUND)
+    elif name == "cut_corner":
+        d.polygon([(cx - r, cy - r), (cx + 0.4 * r, cy - r), (cx + r, cy - 0.4 * r), (cx + r, cy + r),
+                   (cx - r, cy + r)], fill=c)
+    elif name == "equilateral":
+        h = r * 3 ** 0.5
+        d.polygon([(cx - r, cy + h / 2), (cx + r, cy + h / 2), (cx, cy - h / 2)], fill=c)
+    elif name == "disk":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
+    return np.asarray(im)
+
+
+def _judge(imgs, meta):
+    return rewards.shapes(strict=True).evaluate(as_batch(imgs), [meta] * len(imgs))
+
+
+def _task(tag, cls, count=1, color=None, prompt="x"):
+    clause = {"class": cls, "count": count, **({"color": color} if color else {})}
+    return {"tag": tag, "include": [clause], "prompt": prompt}
+
+
+@pytest.mark.parametrize("S", [64, 160])
+@pytest.mark.parametrize("kind,not_a", [
+    ("turned_square:10", ("circle", "square")), ("turned_square:20", ("circle", "square")),
+    ("turned_square:45", ("circle", "square")), ("polygon:5", ("circle",)), ("polygon:6", ("circle",)),
+    ("plus", ("circle", "square")), ("pacman:45", ("circle",)), ("pacman:90", ("circle",)),
+    ("bitten_square", ("square", "circle")), ("cut_corner", ("square",))])
+def test_lookalikes_are_not_the_shapes_they_resemble(kind, not_a, S):
+    """A turned square is a square or nothing, never a circle; a regular pentagon or hexagon, a plus sign,
+    a pac-man, a bitten square or a square with a cut corner is neither a circle nor a square: "a photo of a
+    <shape>" drawn that way is judged wrong, and the object stays under GenEval's detection threshold."""
+    img = _hack(kind, S)
+    for cls in not_a:
+        assert not _judge([img], _task("single_object", cls))[0]["correct"], (kind, cls)
+    assert all(s <= rewards.THRESHOLD for dets in shapes_detect(img).values() for _, s, _ in dets), kind
+
+
+def test_octagons_are_circles_below_32_px_and_not_above():
+    """An octagon's flats lie within a pixel of its circle below 32 px, where a VAE's blur moves edges as
+    much: there it is read as a circle (the limit), and from 32 px on it is not one."""
+    small, large = _hack("polygon:8", 64), _hack("polygon:8", 160)
+    assert _judge([small], _task("single_object", "circle"))[0]["correct"]
+    assert not _judge([large], _task("single_object", "circle"))[0]["correct"]
+
+
+def test_equilateral_triangles_count_with_margin():
+    """An equilateral triangle (height / base 0.866) is a triangle well inside the aspect ramp: three of them
+    are "three triangles", four are not, at every placement of the grid below."""
+    import numpy as np
+    for S in (64, 160):
+        spots = [(0.2, 0.25), (0.5, 0.25), (0.8, 0.25), (0.35, 0.72), (0.65, 0.72)]
+        for n in (3, 4):
+            img = np.full((S, S, 3), SHAPES_BACKGROUND, np.uint8)
+            for centre in spots[:n]:
+                one = _hack("equilateral", S, centre=centre, r=0.1)
+                drawn = (one != np.array(SHAPES_BACKGROUND, np.uint8)).any(-1)
+                img[drawn] = one[drawn]
+            meta = {"tag": "counting", "include": [{"class": "triangle", "count": 3}],
+                    "exclude": [{"class": "triangle", "count": 4}], "prompt": "a photo of three triangles"}
+            assert _judge([img], meta)[0]["correct"] == (n == 3), (S, n)
+            scores = [s for _, s, _ in shapes_detect(img).get("triangle", [])]
+            assert len(scores) == n and min(scores) > rewards.COUNTING_THRESHOLD, (S, n, scores)
+
+
+def test_a_small_extra_object_is_seen():
+    """The size floor is absolute (SHAPES_MIN_PIXELS): a third circle of 0.07 of the side makes "two
+    circles" wrong at 64 px as at 160 px."""
+    import numpy as np
+    for S in (64, 160):
+        img = np.full((S, S, 3), SHAPES_BACKGROUND, np.uint8)
+        for centre, r in (((0.25, 0.3), 0.12), ((0.7, 0.3), 0.12), ((0.5, 0.78), 0.035)):
+            one = _hack("disk", S, centre=centre, r=r)
+            drawn = (one != np.array(SHAPES_BACKGROUND, np.uint8)).any(-1)
+            img[drawn] = one[drawn]
+        meta = {"tag": "counting", "include": [{"class": "circle", "count": 2}],
+                "exclude": [{"class": "circle", "count": 3}], "prompt": "a photo of two circles"}
+        assert not _judge([img], meta)[0]["correct"], S
+    assert rewards.SHAPES_MIN_PIXELS == 4  # a 3-pixel speck is no object (the noise test)
+
+
+def test_greys_are_no_colour_of_the_palette():
+    """Light grey is not pink, dark grey is not brown, and a half-transparent white disk over the background
+    is grey: none of them is "a pink / brown / white circle", but each is a circle."""
+    half_white = tuple((np.array(SHAPES_BACKGROUND) + 255) // 2)
+    for grey, not_colour in (((200, 200, 200), "pink"), ((75, 75, 75), "brown"), (half_white, "pink"),
+                             (half_white, "white")):
+        img = _hack("disk", 64, colour=grey)
+        assert not _judge([img], _task("colors", "circle", color=not_colour))[0]["correct"], not_colour
+        assert _judge([img], _task("single_object", "circle"))[0]["correct"], grey
+        assert [col for _, _, col in shapes_detect(img)["circle"]] == ["grey"]

@@ -130,7 +130,8 @@ def main(argv=None):
         per_prompt["pvs"].append(ED.photographic_variance([ED.photo_stats(x) for x in rgb]))
     out = {"run": a.run, "lora": lora, "reward_spec": cfg["reward"], "prompts": cfg["eval_prompts"],
            "noises": a.noises, "rewards": R.tolist(), "per_prompt": per_prompt,
-           **{k: float(np.nanmean(v)) for k, v in per_prompt.items()}}
+           **{k: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")  # one image a prompt: nan
+              for k, v in per_prompt.items()}}
     if a.perturbations:
         out["probe"] = probe(pipe, text, reward, cfg, a.perturbations, a.probe_noises, a.batch)
     path = a.out if os.path.isabs(a.out) else os.path.join(a.run, a.out)
