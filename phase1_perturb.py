@@ -46,6 +46,19 @@ iters = 200
 # hold 42 GiB with the encoders' weights, 8 would hold 73 GiB
 batch_prompts = 4
 t5_len = 128
+# Phase I for prompts it has never seen (ours, beyond the paper; README "Phase I for prompts it has never
+# seen"): train one generator on `prompts` instead of a Delta per prompt; `perturbations` then names the
+# generator file, which sample.py and phase2_align.py read in place of a perturbation file, for any prompt
+amortize = False
+gen_rank = 16  # basis directions per token: the generator serves K up to gen_rank + 1
+gen_hidden = 256
+gen_iters = 1000
+gen_lr = 1e-3
+gen_batch = 8  # prompts a step; each step draws its K from 2 .. K
+calibrate_steps = 8  # bisection steps that scale each generated variant onto the ring (0: none)
+gen_eval_prompts = None  # held-out prompts: the generator measured there against per-prompt Phase I
+refine_iters = (0, 10, 25)  # in that measurement, per-prompt Adam steps warm-started from the generator
+refine_lr = 0.0125  # their Adam step in delta_lr's units: a quarter of it, not to throw the warm start away
 seed = 0
 device = "auto"
 dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
@@ -83,10 +96,11 @@ def embedding_loss(e, e_anc, mu, eps, lambda_div):
 
 
 def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_div, sigma_init, delta_lr,
-                        iters, seed):
+                        iters, seed, init=None):
     """Optimise Δ for the prompts `indices` together. Returns ({index: {encoder: [K-1, L, d]}},
     {encoder: stats}). δ_k ~ N(0, (sigma_init * table_std)^2) from a generator seeded by the prompt
-    index, so a prompt's perturbations do not depend on the batch or rank it landed in."""
+    index, so a prompt's perturbations do not depend on the batch or rank it landed in; or `init`
+    ({encoder: dense [len(indices) * (K-1), S, d]}, a generator's: a warm start)."""
     sub = [prompt_list[i] for i in indices]
     P, n = len(sub), K - 1
     tokens = S.tokenize(text, sub)
@@ -101,9 +115,12 @@ def learn_perturbations(text, prompt_list, indices, names, K, mu, eps, lambda_di
         table = S.token_embedding(enc).weight
         std = table.float().std().item()
         n_tok, d = tokens[name][0].shape[1], table.shape[1]
-        init = [torch.randn(n, n_tok, d, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + i))
-                for i in indices]
-        deltas[name] = (torch.cat(init) * sigma_init * std).to(enc.device).requires_grad_()
+        if init is not None:
+            deltas[name] = init[name].detach().float().clone().to(enc.device).requires_grad_()
+        else:
+            draws = [torch.randn(n, n_tok, d, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + i))
+                     for i in indices]
+            deltas[name] = (torch.cat(draws) * sigma_init * std).to(enc.device).requires_grad_()
         # lr in units of the table's std, per encoder
         groups.append({"params": [deltas[name]], "lr": delta_lr * std})
     opt = torch.optim.Adam(groups)
@@ -151,6 +168,104 @@ def summarize(stats, mu, eps):
     return summary, "\n".join(lines)
 
 
+# ---------------------------------------------------- Phase I for new prompts: train the amortized generator
+def lambda_for(K, lambda_div):
+    """lambda_div as main sets it: (K - 2) / 2 unless given."""
+    return (K - 2) / 2 if lambda_div is None else lambda_div
+
+
+def train_generator(text, prompt_list, names, K_max, mu, eps, lambda_div, rank, hidden, iters, lr, batch,
+                    seed):
+    """One sample.PerturbationGenerator trained on the prompts with Phase I's own objective, L_emb through the
+    frozen encoders (not by regression onto per-prompt Deltas): each step draws `batch` prompts and a K from
+    2 .. K_max, so one generator serves every K. Adam with cosine decay, as per-prompt Phase I."""
+    dims = {}
+    for name in names:
+        enc, table = text["encoders"][name], S.token_embedding(text["encoders"][name]).weight
+        h = enc.config.d_model if name == "t5" else enc.config.hidden_size
+        dims[name] = (table.shape[1], h, table.float().std().item())
+    torch.manual_seed(seed)
+    gen = S.PerturbationGenerator(dims, rank, hidden).to(text["encoders"][names[0]].device)
+    opt = torch.optim.Adam(gen.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / iters)))
+    g = torch.Generator().manual_seed(seed)
+    for it in range(iters):
+        idx = torch.randint(len(prompt_list), (batch,), generator=g).tolist()
+        K = int(torch.randint(2, K_max + 1, (1,), generator=g))
+        loss = generator_loss(gen, text, [prompt_list[i] for i in idx], K, mu, eps, lambda_for(K, lambda_div),
+                              seed)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return gen.eval().requires_grad_(False), dims
+
+
+def generator_loss(gen, text, sub, K, mu, eps, lam, seed, deltas=None):
+    """L_emb of the generator's Delta (or of `deltas`) for the prompts `sub`, summed over prompts and
+    encoders."""
+    tokens, n = S.tokenize(text, sub), K - 1
+    deltas = deltas or S.generator_deltas(gen, text, sub, K, seed, tokens)
+    with torch.no_grad():
+        anchor = S.run_encoders(text, sub, names=gen.names, tokens=tokens)
+    tok_rep = {k: tuple(t.repeat_interleave(n, 0) for t in v) for k, v in tokens.items()}
+    out = S.run_encoders(text, [p for p in sub for _ in range(n)], deltas, names=gen.names, tokens=tok_rep)
+    return sum(embedding_loss(out[m][1].float().view(len(sub), n, -1), anchor[m][1].float(), mu, eps, lam)
+               for m in gen.names)
+
+
+@torch.no_grad()
+def delta_stats(text, sub, deltas, names, K):
+    """Per encoder: the anchor cosine of every variant [P, K-1] and the pairwise cosines [P, pairs]."""
+    tokens, n = S.tokenize(text, sub), K - 1
+    anchor = S.run_encoders(text, sub, names=names, tokens=tokens)
+    tok_rep = {k: tuple(t.repeat_interleave(n, 0) for t in v) for k, v in tokens.items()}
+    out = S.run_encoders(text, [p for p in sub for _ in range(n)], deltas, names=names, tokens=tok_rep)
+    stats = {}
+    for m in names:
+        e = F.normalize(out[m][1].float().view(len(sub), n, -1), dim=-1)
+        i, j = torch.triu_indices(n, n, offset=1)
+        stats[m] = ((e * F.normalize(anchor[m][1].float(), dim=-1)[:, None]).sum(-1).cpu(),
+                    (e[:, i] * e[:, j]).sum(-1).cpu())
+    return stats
+
+
+def measure_generator(gen, text, prompt_list, names, K, mu, eps, eps_opt, lam, calibrate, refine, seed,
+                      iters):
+    """The generator on prompts it never saw, against per-prompt Phase I (`iters` Adam steps from a random
+    init): per method and encoder, the share of variants strictly inside the ring, the mean anchor cosine,
+    the mean and the minimum pairwise cosine, L_emb per prompt, and the seconds per prompt; the generator
+    alone, then warm-started with each count of `refine` per-prompt steps."""
+    rows, idx = {}, list(range(len(prompt_list)))
+
+    def record(label, deltas, seconds):
+        st = delta_stats(text, prompt_list, deltas, names, K)
+        with torch.no_grad():
+            loss = generator_loss(gen, text, prompt_list, K, mu, eps_opt, lam, seed, deltas=deltas).item()
+        rows[label] = {"seconds_per_prompt": seconds / len(idx), "L_emb_per_prompt": loss / len(idx)}
+        for m, (a, p) in st.items():
+            rows[label][m] = {"in_ring": ((a - mu).abs() <= eps).float().mean().item(),
+                              "cos_anchor": a.mean().item(),
+                              "pairwise_mean": p.mean().item() if p.numel() else None,
+                              "pairwise_min": p.min().item() if p.numel() else None}
+    content = S.tokenize(text, prompt_list)
+    dense = lambda r: {m: S.scatter_content([r[i][m].float() for i in idx], content[m][1]) for m in names}
+    t0 = time.time()
+    gen_d = S.generator_deltas(gen, text, prompt_list, K, seed, calibrate=calibrate)
+    record("generator" + (" + calibration" if calibrate else ""), gen_d, time.time() - t0)
+    t_gen = time.time() - t0
+    for r in (r for r in refine if r > 0):
+        t0 = time.time()
+        got, _ = learn_perturbations(text, prompt_list, idx, names, K, mu, eps_opt, lam, sigma_init,
+                                     refine_lr, r, seed, init=gen_d)
+        record(f"generator + {r} refinement steps", dense(got), t_gen + time.time() - t0)
+    t0 = time.time()
+    got, _ = learn_perturbations(text, prompt_list, idx, names, K, mu, eps_opt, lam, sigma_init, delta_lr,
+                                 iters, seed)
+    record(f"per-prompt Phase I ({iters} steps)", dense(got), time.time() - t0)
+    return rows
+
+
 def save_perturbations(path, rows, meta):
     """Atomic write: a temp file renamed over `path`, so a crash never leaves a half-written file."""
     from safetensors.torch import save_file
@@ -159,6 +274,47 @@ def save_perturbations(path, rows, meta):
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata={"e2po": json.dumps(meta)})
     os.replace(tmp, path)
+
+
+def main_amortized(cfg, text, prompt_list, eval_list):
+    """amortize=True: train the generator, measure it on the held-out prompts against per-prompt Phase I,
+    write it (atomically) where a perturbation file would go."""
+    from safetensors.torch import save_file
+    eps_opt = eps * (1 - ring_margin)
+    t0 = time.time()
+    gen, dims = train_generator(text, prompt_list, encoders, K, mu, eps_opt, lambda_div, gen_rank, gen_hidden,
+                                gen_iters, gen_lr, gen_batch, seed)
+    train_s = time.time() - t0
+    calibrate = (mu - eps_opt, calibrate_steps) if calibrate_steps else None
+    rows = (measure_generator(gen, text, eval_list, encoders, K, mu, eps, eps_opt, lambda_for(K, lambda_div),
+                              calibrate, refine_iters, seed, iters) if eval_list else {})
+    meta = {"kind": "generator", "model": model, "encoders": list(encoders), "K_max": K, "rank": gen_rank,
+            "hidden": gen_hidden, "dims": dims, "mu": mu, "eps": eps, "eps_opt": eps_opt,
+            "lambda_div": lambda_div, "t5_len": t5_len, "seed": seed, "calibrate": calibrate,
+            "prompts_path": prompts, "prompts_sha256": S.prompts_hash(prompt_list),
+            "n_prompts": len(prompt_list), "train_seconds": train_s, "held_out": rows, "config": cfg}
+    os.makedirs(os.path.dirname(os.path.abspath(perturbations)), exist_ok=True)
+    tmp = f"{perturbations}.tmp{os.getpid()}"
+    save_file({k: v.contiguous().cpu() for k, v in gen.state_dict().items()}, tmp,
+              metadata={"e2po": json.dumps(meta)})
+    os.replace(tmp, perturbations)
+    n_params = sum(p.numel() for p in gen.parameters())
+    size = os.path.getsize(perturbations) / 1e6
+    print(f"phase1 (amortized): a generator of {n_params:,} parameters ({size:.1f} MB) trained on "
+          f"{len(prompt_list)} prompts, K up to {K}, in {train_s:.1f}s -> {perturbations}")
+    if rows:
+        floor = (mu - eps_opt) ** 2 - (1 - (mu - eps_opt) ** 2) / (K - 2) if K > 2 else float("nan")
+        print(f"{len(eval_list)} held-out prompts ({gen_eval_prompts}), K={K}; the pairwise floor for K-1 "
+              f"variants evenly spread at cos {mu - eps_opt:.3f} to the anchor: {floor:.3f}")
+        print(f"{'method':<38} {'encoder':<7} {'in ring':>7} {'cos_anc':>7} {'pair mean':>9} {'pair min':>8} "
+              f"{'L_emb':>7} {'s/prompt':>8}")
+        for label, r in rows.items():
+            for m in encoders:
+                v = r[m]
+                print(f"{label:<38} {m:<7} {v['in_ring']:>7.1%} {v['cos_anchor']:>7.3f} "
+                      f"{v['pairwise_mean'] if v['pairwise_mean'] is not None else float('nan'):>9.3f} "
+                      f"{v['pairwise_min'] if v['pairwise_min'] is not None else float('nan'):>8.3f} "
+                      f"{r['L_emb_per_prompt']:>7.3f} {r['seconds_per_prompt']:>8.3f}")
 
 
 def main(argv=None):
@@ -173,13 +329,19 @@ def main(argv=None):
         raise SystemExit(f"encoders={encoders!r}: choose a non-empty subset of {S.ENCODERS}")
     if not 0 <= ring_margin < 1 or not eps >= 0:
         raise SystemExit(f"ring_margin={ring_margin} must lie in [0, 1) and eps={eps} be >= 0")
+    if amortize and (K - 1 > gen_rank or int(os.environ.get("WORLD_SIZE", 1)) > 1):
+        raise SystemExit(f"amortize=True trains one generator in one process, for K up to gen_rank + 1 = "
+                         f"{gen_rank + 1} (K={K}): run it with python, and K <= gen_rank + 1")
     prompt_list, _ = S.read_prompts(prompts)
+    eval_list = S.read_prompts(gen_eval_prompts)[0] if amortize and gen_eval_prompts else []
     S.quiet()
     rank, world, dev, dt = S.setup_distributed(device, dtype)
     if rank == 0:
         print(config_summary(cfg))
     torch.manual_seed(seed + rank)
     text = S.load_text(model, dev, dt, t5_len, seed=0)
+    if amortize:
+        return main_amortized(cfg, text, prompt_list, eval_list)
     # L_div is a mean over the (K-1)(K-2)/2 pairs but L_anc a sum over the K-1 variants, so with a fixed
     # lambda_div the spreading force on one variant falls as 2/(K-1): at K = 3 it beats the hinge and the
     # variants leave the ring. lambda_div = (K-2)/2 keeps that force the same for every K (README).

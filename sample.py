@@ -368,8 +368,11 @@ def perturbation_files(path):
 
 def load_perturbations(path, text, prompt_list, K=None):
     """Open a Phase I file (lazily, memory-mapped) and check it belongs to this model, these prompts
-    and these token lengths. Returns a dict: meta, K, and `rows(i)` -> {encoder: [K-1, L, d]}."""
+    and these token lengths. Returns a dict: meta, K, and `rows(i)` -> {encoder: [K-1, L, d]}. A generator
+    file (phase1_perturb.py --amortize=True) serves any prompts instead: rows(i) computes prompt i's Delta."""
     from safetensors import safe_open
+    if os.path.isfile(path) and _file_kind(path) == "generator":
+        return load_generator(path, text, prompt_list, K)
     handles, where, meta = [], {}, None
     for f in perturbation_files(path):
         try:
@@ -415,6 +418,44 @@ def load_perturbations(path, text, prompt_list, K=None):
             "rows": lambda i: {n: where[f"{i}.{n}"].get_tensor(f"{i}.{n}") for n in meta["encoders"]}}
 
 
+def _file_kind(path):
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as h:
+            return json.loads(h.metadata()["e2po"]).get("kind", "perturbations")
+    except Exception:
+        return "perturbations"  # load_perturbations says what is wrong with it
+
+
+def load_generator(path, text, prompt_list, K=None):
+    """A generator file as load_perturbations returns a perturbation file: rows(i) -> {encoder: [K-1, L, d]}
+    of prompt i, computed (and calibrated onto the ring) when asked, for any prompt list."""
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as h:
+        meta = json.loads(h.metadata()["e2po"])
+    if not same_model(meta["model"], text["model"]):
+        raise SystemExit(f"generator {path} was trained on model '{meta['model']}', not '{text['model']}': "
+                         "rerun phase1_perturb.py --amortize=True")
+    if meta["t5_len"] != text["t5_len"]:
+        raise SystemExit(f"generator {path} was trained with t5_len={meta['t5_len']}, not {text['t5_len']}")
+    K = K or meta["K_max"]
+    if not 2 <= K <= meta["K_max"]:
+        raise SystemExit(f"generator {path} serves K from 2 to {meta['K_max']}, not K={K}")
+    gen = PerturbationGenerator({n: tuple(v) for n, v in meta["dims"].items()}, meta["rank"], meta["hidden"])
+    gen.load_state_dict(load_file(path))
+    gen.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def rows(i):
+        enc = text["encoders"][gen.names[0]]
+        gen.to(enc.device)
+        tokens = tokenize(text, [prompt_list[i]])
+        d = generator_deltas(gen, text, [prompt_list[i]], K, meta["seed"], tokens, meta["calibrate"])
+        return {n: d[n][:, tokens[n][1][0].to(d[n].device)].to("cpu", torch.float16) for n in gen.names}
+    return {"meta": meta, "K": K, "encoders": list(gen.names), "rows": rows, "generator": gen}
+
+
 def same_model(a, b):
     """Whether two model ids name the same model: equal strings, or folders that resolve to the same
     place (`/path/model/` and `/path/model`)."""
@@ -423,6 +464,93 @@ def same_model(a, b):
     if os.path.isdir(os.path.expanduser(a)) and os.path.isdir(os.path.expanduser(b)):
         return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
     return False
+
+
+# ------------------------------------------------------- Phase I for new prompts: the amortized generator
+class PerturbationGenerator(torch.nn.Module):
+    """A prompt's frozen token embeddings -> its K-1 perturbations, for any prompt and any K up to rank + 1
+    (ours, beyond the paper: README "Phase I for prompts it has never seen"). Per encoder, an MLP reads
+    each content token's embedding and the encoder's hidden state there and writes `rank` directions for
+    that token, a basis B [rank, L, d] of the prompt's perturbations; variant k is
+        delta_k = std_e * sum_j W_kj B_j,   W = K-1 orthonormal rows of a rank x rank rotation
+    seeded by the prompt's text (prompt_rotation). Orthonormal weights keep the variants apart by
+    construction (a basis that collapsed to one direction would give one direction at different lengths,
+    which L_div penalises), serve any K, and give a prompt the same Delta every time. std_e is the std of
+    the encoder's token-embedding table, so the MLPs work in its units."""
+
+    def __init__(self, dims, rank=16, hidden=256):
+        """dims: {encoder: (token-embedding width d, hidden-state width h, table std)}."""
+        super().__init__()
+        self.rank, self.names = rank, tuple(dims)
+        self.nets = torch.nn.ModuleDict({n: torch.nn.Sequential(
+            torch.nn.Linear(d + h, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+            torch.nn.Linear(hidden, rank * d)) for n, (d, h, _) in dims.items()})
+        self.register_buffer("stds", torch.tensor([float(dims[n][2]) for n in self.names]))
+        for net in self.nets.values():  # start near Phase I's init: deltas of ~0.1 table std
+            torch.nn.init.normal_(net[-1].weight, std=0.1 / hidden ** 0.5)
+            torch.nn.init.zeros_(net[-1].bias)
+
+    def forward(self, name, emb, hid, W):
+        """emb [P, S, d], hid [P, S, h] (content tokens used, the rest zeroed by the caller's mask), W [P, n,
+        rank] -> deltas [P * n, S, d], prompt-major as run_encoders takes them."""
+        P, S, d = emb.shape
+        basis = self.nets[name](torch.cat([emb, hid.to(emb.dtype)], -1)).view(P, S, self.rank, d)
+        std = self.stds[self.names.index(name)]
+        return (torch.einsum("pnr,psrd->pnsd", W.to(basis.dtype), basis) * std).reshape(-1, S, d)
+
+
+def prompt_rotation(prompt, seed, n, rank):
+    """n orthonormal rows [n, rank] of a rotation seeded by (seed, the prompt's text): the same prompt always
+    combines its basis the same way, whatever file, batch or GPU it comes in."""
+    h = int(hashlib.sha256(f"{seed}:{prompt}".encode("utf-8")).hexdigest()[:15], 16)
+    q, _ = torch.linalg.qr(torch.randn(rank, rank, generator=torch.Generator().manual_seed(h),
+                                       dtype=torch.float64))
+    return q[:n].float()
+
+
+def generator_deltas(gen, text, prompt_list, K, seed, tokens=None, calibrate=None):
+    """Dense deltas {encoder: [P * (K-1), S, d]} of the generator for these prompts. With calibrate =
+    (target cosine, bisection steps), each variant is then scaled (no backward: batched encoder forwards)
+    so that the cosine of its global embedding to the prompt's lands on the target, as Phase I leaves its
+    variants inside the ring."""
+    n = K - 1
+    if not 1 <= n <= gen.rank:
+        raise SystemExit(f"K={K}: this generator serves K from 2 to {gen.rank + 1}")
+    tokens = tokens or tokenize(text, prompt_list)
+    W = torch.stack([prompt_rotation(p, seed, n, gen.rank) for p in prompt_list])
+    out = {}
+    with torch.no_grad():
+        plain = run_encoders(text, prompt_list, names=gen.names, tokens=tokens)
+    for name in gen.names:
+        enc = text["encoders"][name]
+        ids, content = (t.to(enc.device) for t in tokens[name])
+        emb, hid = token_embedding(enc)(ids).float(), plain[name][0].float()
+        mask = content.unsqueeze(-1).float()
+        out[name] = gen(name, emb * mask, hid * mask, W.to(emb.device))
+    if calibrate:
+        out = calibrate_scales(text, prompt_list, out, tokens, n, *calibrate)
+    return out
+
+
+@torch.no_grad()
+def calibrate_scales(text, prompt_list, deltas, tokens, n, target, steps):
+    """Scale each variant a in [0, 4] by bisection on cos(e_k(a delta_k), e_anc) = target (the cosine
+    falls as the perturbation grows), per encoder and variant: `steps` batched forwards."""
+    rep = [p for p in prompt_list for _ in range(n)]
+    tok_rep = {k: tuple(t.repeat_interleave(n, 0) for t in v) for k, v in tokens.items()}
+    anchor = run_encoders(text, prompt_list, names=tuple(deltas), tokens=tokens)
+    out = {}
+    for name, d in deltas.items():
+        e_anc = anchor[name][1].float().repeat_interleave(n, 0)
+        lo, hi = torch.zeros(len(rep), device=d.device), torch.full((len(rep),), 4.0, device=d.device)
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            e = run_encoders(text, rep, {name: d * mid.view(-1, 1, 1)}, names=(name,),
+                             tokens=tok_rep)[name][1]
+            far = F.cosine_similarity(e.float(), e_anc, dim=-1) < target  # too far: shrink
+            hi, lo = torch.where(far, mid, hi), torch.where(far, lo, mid)
+        out[name] = d * ((lo + hi) / 2).view(-1, 1, 1)
+    return out
 
 
 def perturbed_conditions(text, pert, prompt_list, indices):

@@ -1676,3 +1676,53 @@ def test_sd35_large_shape_runs_every_stage(prompt_file, tmp_path):
     cfg = configure(g, phase2_align.config_keys, ["config/geneval_large_g4k12.py"])
     assert cfg["model"] == "stabilityai/stable-diffusion-3.5-large"
     assert cfg["prompts_per_epoch"] * cfg["K"] * cfg["G"] == 1152
+
+
+def test_amortized_generator_serves_prompts_it_never_saw(prompt_file, tmp_path):
+    """phase1_perturb.py --amortize=True trains one generator on L_emb itself; its file stands in for a
+    perturbation file in sample.py and phase2_align.py, for prompts Phase I never saw: the same prompt gets
+    the same Delta whatever its list or position, any K up to the generator's, calibrated onto the ring.
+    Training lowers the held-out L_emb below the untrained generator's (the objective is learned, not
+    regressed onto per-prompt Deltas)."""
+    gen_file = tmp_path / "gen.safetensors"
+    args = ["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--t5_len=16", "--amortize=True",
+            "--gen_rank=4", "--gen_hidden=32", "--gen_batch=3"]
+    phase1_perturb.main(args + [f"--perturbations={gen_file}", "--gen_iters=60"])
+    phase1_perturb.main(args + [f"--perturbations={tmp_path / 'untrained.safetensors'}", "--gen_iters=1"])
+    unseen = ["a purple giraffe", "three red cubes on a table", "a photo of a cat"]
+    text = sample.load_text("tiny", t5_len=16)
+    losses = {}
+    for name in ("gen", "untrained"):
+        pert = sample.load_perturbations(str(tmp_path / f"{name}.safetensors"), text, unseen, 4)
+        gen = pert["generator"]
+        with torch.no_grad():
+            losses[name] = phase1_perturb.generator_loss(gen, text, unseen, 4, 0.85, 0.025, 1.0, 0).item()
+    assert losses["gen"] < losses["untrained"], losses
+    pert = sample.load_perturbations(str(gen_file), text, unseen, 4)
+    rows = pert["rows"](1)
+    assert set(rows) == {"clip_l", "clip_g", "t5"} and rows["t5"].shape[0] == 3
+    assert rows["clip_l"].shape[1] == sample.tokenize(text, [unseen[1]])["clip_l"][1].sum()
+    # K=3 from the same generator: the first two variants of K=4 (the first rows of the same rotation)
+    again = sample.load_perturbations(str(gen_file), text, list(reversed(unseen)), 3)["rows"](1)
+    assert all(torch.equal(again[n], rows[n][:2]) for n in rows)
+    same = sample.load_perturbations(str(gen_file), text, ["x", "y", unseen[1]], 4)["rows"](2)
+    assert all(torch.equal(same[n], rows[n]) for n in rows)  # by the prompt's text, not its position
+    # calibrated onto the ring: the anchor cosine of every variant at mu - eps * (1 - margin)
+    content = sample.tokenize(text, [unseen[1]])
+    dense = {n: sample.scatter_content([rows[n].float()], content[n][1]) for n in rows}
+    st = phase1_perturb.delta_stats(text, [unseen[1]], dense, ("clip_l", "clip_g", "t5"), 4)
+    assert all(((a - 0.825).abs() < 0.02).all() for a, _ in st.values()), st
+    # phase2 and sample.py take it in place of a perturbation file, on prompts it never saw
+    pf = tmp_path / "unseen.txt"
+    pf.write_text("\n".join(unseen) + "\n")
+    d = tmp_path / "run"
+    phase2_align.main(_phase2(d, str(gen_file), str(pf), "--epochs=1"))
+    assert math.isfinite(_log(d)[0]["loss"]) and "reward_kp" in _log(d)[0]
+    sample.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={gen_file}", "--K=4", "--G=1",
+                 "--t5_len=16", "--steps=2", f"--out_dir={tmp_path / 'samples'}"])
+    with pytest.raises(SystemExit, match="serves K from 2 to 4"):
+        sample.load_perturbations(str(gen_file), text, unseen, 6)
+    with pytest.raises(SystemExit, match="trained on model 'tiny'"):
+        sample.load_perturbations(str(gen_file), {**text, "model": "other"}, unseen, 4)
+    with pytest.raises(SystemExit, match="gen_rank"):
+        phase1_perturb.main(args + [f"--perturbations={tmp_path / 'x.safetensors'}", "--K=6"])
