@@ -442,6 +442,11 @@ def load_generator(path, text, prompt_list, K=None):
     K = K or meta["K_max"]
     if not 2 <= K <= meta["K_max"]:
         raise SystemExit(f"generator {path} serves K from 2 to {meta['K_max']}, not K={K}")
+    for name, (d, h, _) in meta["dims"].items():
+        table = token_embedding(text["encoders"][name]).weight if name in text["encoders"] else None
+        if table is None or table.shape[1] != d:
+            raise SystemExit(f"generator {path} was made for a {name} encoder of width {d}, which this model "
+                             "does not have: rerun phase1_perturb.py --amortize=True on it")
     gen = PerturbationGenerator({n: tuple(v) for n, v in meta["dims"].items()}, meta["rank"], meta["hidden"])
     gen.load_state_dict(load_file(path))
     gen.eval().requires_grad_(False)
@@ -526,7 +531,7 @@ def generator_deltas(gen, text, prompt_list, K, seed, tokens=None, calibrate=Non
         ids, content = (t.to(enc.device) for t in tokens[name])
         emb, hid = token_embedding(enc)(ids).float(), plain[name][0].float()
         mask = content.unsqueeze(-1).float()
-        out[name] = gen(name, emb * mask, hid * mask, W.to(emb.device))
+        out[name] = gen(name, emb * mask, hid * mask, W.to(emb.device)) * mask.repeat_interleave(n, 0)
     if calibrate:
         out = calibrate_scales(text, prompt_list, out, tokens, n, *calibrate)
     return out
@@ -534,20 +539,27 @@ def generator_deltas(gen, text, prompt_list, K, seed, tokens=None, calibrate=Non
 
 @torch.no_grad()
 def calibrate_scales(text, prompt_list, deltas, tokens, n, target, steps):
-    """Scale each variant a in [0, 4] by bisection on cos(e_k(a delta_k), e_anc) = target (the cosine
-    falls as the perturbation grows), per encoder and variant: `steps` batched forwards."""
+    """Scale each variant by a, found by bisection on cos(e_k(a delta_k), e_anc) = target (the cosine
+    falls as the perturbation grows), per encoder and variant: the bracket [0, 2] is first doubled (up to 4
+    times, for the variants still too close at its top), then `steps` bisection forwards, all batched."""
     rep = [p for p in prompt_list for _ in range(n)]
     tok_rep = {k: tuple(t.repeat_interleave(n, 0) for t in v) for k, v in tokens.items()}
     anchor = run_encoders(text, prompt_list, names=tuple(deltas), tokens=tokens)
     out = {}
     for name, d in deltas.items():
         e_anc = anchor[name][1].float().repeat_interleave(n, 0)
-        lo, hi = torch.zeros(len(rep), device=d.device), torch.full((len(rep),), 4.0, device=d.device)
+        def cos_at(a):
+            e = run_encoders(text, rep, {name: d * a.view(-1, 1, 1)}, names=(name,), tokens=tok_rep)[name][1]
+            return F.cosine_similarity(e.float(), e_anc, dim=-1)
+        lo, hi = torch.zeros(len(rep), device=d.device), torch.full((len(rep),), 2.0, device=d.device)
+        for _ in range(4):  # widen the bracket where even its top is too close
+            near = cos_at(hi) >= target
+            if not near.any():
+                break
+            lo, hi = torch.where(near, hi, lo), torch.where(near, 2 * hi, hi)
         for _ in range(steps):
             mid = (lo + hi) / 2
-            e = run_encoders(text, rep, {name: d * mid.view(-1, 1, 1)}, names=(name,),
-                             tokens=tok_rep)[name][1]
-            far = F.cosine_similarity(e.float(), e_anc, dim=-1) < target  # too far: shrink
+            far = cos_at(mid) < target  # too far: shrink
             hi, lo = torch.where(far, mid, hi), torch.where(far, lo, mid)
         out[name] = d * ((lo + hi) / 2).view(-1, 1, 1)
     return out

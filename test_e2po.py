@@ -1726,3 +1726,36 @@ def test_amortized_generator_serves_prompts_it_never_saw(prompt_file, tmp_path):
         sample.load_perturbations(str(gen_file), {**text, "model": "other"}, unseen, 4)
     with pytest.raises(SystemExit, match="gen_rank"):
         phase1_perturb.main(args + [f"--perturbations={tmp_path / 'x.safetensors'}", "--K=6"])
+
+
+def test_generator_output_is_content_only_distinct_and_on_the_ring(prompt_file, tmp_path):
+    """The generator's Delta touches content tokens only (zero at BOS, EOS and padding), its K-1 variants
+    are distinct directions, and calibration puts them on the ring for prompts it never saw: on the tiny
+    model, 60 training steps and the calibration put every variant of 3 unseen prompts inside [0.80, 0.90]
+    (measured: all within 0.825 +- 0.003; one of them needed the widened bracket). A generator is refused
+    by a model whose encoders have other widths."""
+    gen_file = tmp_path / "gen.safetensors"
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--t5_len=16",
+                         "--amortize=True", "--gen_rank=4", "--gen_hidden=32", "--gen_batch=3",
+                         "--gen_iters=60", f"--perturbations={gen_file}"])
+    text = sample.load_text("tiny", t5_len=16)
+    unseen = ["a purple giraffe", "three red cubes on a table", "a photo of a cat"]
+    gen = sample.load_perturbations(str(gen_file), text, unseen, 4)["generator"]
+    tokens = sample.tokenize(text, unseen)
+    d = sample.generator_deltas(gen, text, unseen, 4, 0, tokens)
+    for name, delta in d.items():
+        content = tokens[name][1].repeat_interleave(3, 0)
+        assert delta.abs().sum() > 0 and (delta[~content] == 0).all(), name  # content tokens only
+        flat = torch.nn.functional.normalize(delta.flatten(1), dim=-1).view(3, 3, -1)  # [prompt, k, S*d]
+        cos = flat @ flat.transpose(1, 2)
+        off = cos[:, ~torch.eye(3, dtype=torch.bool)]
+        assert off.abs().max() < 0.99, name  # no two variants are one direction
+    st = phase1_perturb.delta_stats(text, unseen, sample.generator_deltas(gen, text, unseen, 4, 0, tokens,
+                                                                          calibrate=(0.825, 8)),
+                                    gen.names, 4)
+    assert all(((a - 0.85).abs() <= 0.05).all() for a, _ in st.values()), st
+    bigger = dict(text, encoders=dict(text["encoders"], t5=tiny.pipeline(0, large=False).text_encoder_3))
+    bigger["encoders"]["t5"].shared = torch.nn.Embedding(10, 8)  # another width of T5's token embedding
+    bigger["encoders"]["t5"].encoder.embed_tokens = torch.nn.Embedding(10, 8)
+    with pytest.raises(SystemExit, match="made for a t5 encoder of width 96"):
+        sample.load_perturbations(str(gen_file), bigger, unseen, 4)
