@@ -329,9 +329,9 @@ def main(argv=None):
         raise SystemExit(f"encoders={encoders!r}: choose a non-empty subset of {S.ENCODERS}")
     if not 0 <= ring_margin < 1 or not eps >= 0:
         raise SystemExit(f"ring_margin={ring_margin} must lie in [0, 1) and eps={eps} be >= 0")
-    if amortize and (K - 1 > gen_rank or int(os.environ.get("WORLD_SIZE", 1)) > 1):
-        raise SystemExit(f"amortize=True trains one generator in one process, for K up to gen_rank + 1 = "
-                         f"{gen_rank + 1} (K={K}): run it with python, and K <= gen_rank + 1")
+    if amortize and (K - 1 > gen_rank or gen_iters < 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1):
+        raise SystemExit(f"amortize=True trains one generator (gen_iters >= 1) in one process, for K up to "
+                         f"gen_rank + 1 = {gen_rank + 1} (K={K}): run it with python, and K <= gen_rank + 1")
     prompt_list, _ = S.read_prompts(prompts)
     eval_list = S.read_prompts(gen_eval_prompts)[0] if amortize and gen_eval_prompts else []
     S.quiet()
@@ -345,7 +345,7 @@ def main(argv=None):
     # L_div is a mean over the (K-1)(K-2)/2 pairs but L_anc a sum over the K-1 variants, so with a fixed
     # lambda_div the spreading force on one variant falls as 2/(K-1): at K = 3 it beats the hinge and the
     # variants leave the ring. lambda_div = (K-2)/2 keeps that force the same for every K (README).
-    lam = (K - 2) / 2 if lambda_div is None else lambda_div
+    lam = lambda_for(K, lambda_div)
     # The minimum of L_emb sits on the ring's outer edge (L_div pushes until the hinge stops it), so
     # the hinge is optimised on a narrower ring and the variants settle strictly inside [mu-eps, mu+eps].
     eps_opt = eps * (1 - ring_margin)
