@@ -589,11 +589,11 @@ def compare_loras(a_dir, b_dir):
 
 
 # ----------------------------------------------------------------------------- (d) reward backbones
-def reward_backbones(dev, tiny):
+def reward_backbones(dev, small):
     """(name, fp32 model on dev, what its reward reads, its input side): random weights, seeded."""
     from transformers import (CLIPConfig, CLIPModel, Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
                               SwinConfig)
-    if tiny:
+    if small:
         torch.manual_seed(seed)
         clip = tiny.clip(seed)[0]
         with torch.no_grad():

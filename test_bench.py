@@ -215,3 +215,20 @@ def test_transformer_activations_extrapolate_from_two_blocks():
     assert bench.transformer_activation_bytes(small, "cpu", res=64, t5_tokens=8, rank=4) == whole
     deeper = bench.transformer_activation_bytes(dict(small, num_layers=5), "cpu", res=64, t5_tokens=8, rank=4)
     assert deeper > whole
+
+
+def test_gpu_check_in_process_sections_run_on_cpu(tmp_path, monkeypatch):
+    """The GPU script's in-process checks (theta under DDP, the reward backbones, bf16 determinism) run here
+    at tiny size: a name error in them would otherwise first show on a lent GPU, whose minutes are few."""
+    import gpu_check as G
+    monkeypatch.setattr(G, "quick", True)
+    monkeypatch.setattr(G, "repeats", 1)
+    dev = torch.device("cpu")
+    where = {"work": str(tmp_path / "work"), "logs": str(tmp_path / "logs")}
+    for d in where.values():
+        (tmp_path / d).mkdir()
+    for fn in (G.check_ddp, G.check_rewards, G.check_determinism):
+        figs = {}
+        summary = fn(dev, where, figs, 60)
+        assert isinstance(summary, str) and summary and figs, fn.__name__
+    assert "bit for bit" in G.check_determinism(dev, where, {}, 60)
