@@ -171,14 +171,16 @@ def _cell(m, s, sep="±"):
 
 
 def table(groups, block=1, ref=None):
-    """A markdown table: one row per label, mean ± std over its seeds; with `ref` (a label) a column of the
-    final reward's paired difference from that label (mean ± standard error over seeds)."""
+    """A markdown table: one row per label, mean ± std over its seeds; with `ref` (a label) columns of the
+    paired differences from that label (mean ± standard error over seeds) of the last block's group std, the
+    final reward and the final diversity (is a gain in diversity bought with reward, or beside it?)."""
     figs_of = {label: [run_figures(r, block) for r in runs_] for label, runs_ in groups.items()}
     # the final-evaluation columns only when some run has one
     cols = [(k, n) for k, n in COLUMNS
             if not k.startswith("final") or any(f.get(k) is not None for fs in figs_of.values() for f in fs)]
-    # with a reference label: the group std of the last block and the final reward, each minus the reference's
-    paired = [k for k in ("std_last", "final_reward") if ref in figs_of
+    # with a reference label: each of these minus the reference's, paired by seed
+    paired = [k for k in ("std_last", "final_reward", "final_pixel_dist", "final_sdi", "final_pvs")
+              if ref in figs_of
               and any(f.get(k) is not None for f in figs_of[ref])]
     head = ("| run | seeds | steps | " + " | ".join(name for _, name in cols)
             + "".join(f" | {dict(COLUMNS)[k]} − {ref} (paired, ± SE)" for k in paired) + " |")

@@ -1485,8 +1485,9 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
             for i, r in enumerate(x for x in recs if "group_std" in x):
                 r.update(reward_k0=0.5 + 0.1 * i, reward_kp=0.3 + 0.1 * i, group_std_k0=0.1, group_std_kp=0.2)
             (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-        (d / "final_eval.json").write_text(json.dumps(
-            {"reward": sum(rewards_) / 2, "rewards": rewards_, "pixel_dist": 0.1, "sdi": 0.2, "pvs": 0.3}))
+        more = 0.05 * (seed + 1) if label == "e2po" else 0.0  # e2po's pixel distance: +0.05, +0.10
+        (d / "final_eval.json").write_text(json.dumps({"reward": sum(rewards_) / 2, "rewards": rewards_,
+                                                       "pixel_dist": 0.1 + more, "sdi": 0.2, "pvs": 0.3}))
     compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}", "--block=2", "--ref=nft",
                        "--window=2"])
     main_table, mech_table = capsys.readouterr().out.split("\n\n")[:2]
@@ -1498,8 +1499,12 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
     assert rows["nft"][head.index("group std, last")] == "0.1500 ± 0.0000"
     # paired by seed: the final reward, seed 0 (0.1 + 0.3) / 2 = 0.2, seed 1 (0 + 0.4) / 2 = 0.2 -> 0.2 ± 0;
     # the last block's group std (0.3 + 0.3) / 2 - 0.15 = 0.15 at both seeds
-    assert head[-2:] == ["group std, last − nft (paired, ± SE)", "final reward − nft (paired, ± SE)"]
-    assert rows["e2po"][-2:] == ["0.1500 ± 0.0000", "0.2000 ± 0.0000"] and rows["nft"][-2:] == ["", ""]
+    # and the diversity figures: pixel distance (0.05 + 0.10) / 2 ± (0.05 / sqrt 2) / sqrt 2; the others equal
+    assert head[-5:] == [f"{name} − nft (paired, ± SE)" for name in (
+        "group std, last", "final reward", "final pixel dist", "final SDI", "final PVS")]
+    assert rows["e2po"][-5:] == ["0.1500 ± 0.0000", "0.2000 ± 0.0000", "0.0750 ± 0.0250",
+                                 "0.0000 ± 0.0000", "0.0000 ± 0.0000"]
+    assert rows["nft"][-5:] == [""] * 5
     assert rows["e2po"][head.index("final reward")] == "0.6000 ± 0.1000"
     # the mechanism table: k = 0 reward over the first two steps (0.5, 0.6) and the last two (0.7, 0.8)
     mech = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
