@@ -498,6 +498,27 @@ def test_final_eval_pairs_runs_image_by_image(tmp_path):
     assert a["per_prompt"]["reward"][0] == pytest.approx(np.mean(a["rewards"][:3]))
     assert all(0 <= v <= 1 for v in a["rewards"]) and a["pixel_dist"] > 0
     assert outs[1]["rewards"] == a["rewards"]
+    # the study's pictures (data/shapes/variance_grid.py) start from the final evaluation's noises, so each
+    # caption is final_eval's reward of that (prompt, noise): equal up to its 2 decimals (and a pixel or two
+    # named otherwise where a batch of another size rounds differently)
+    vg = _load_script("data/shapes/variance_grid.py", "variance_grid")
+    world = tmp_path / "world"
+    (world / "nft" / "seed0").mkdir(parents=True)
+    (world / "nft" / "seed0" / "config.json").write_text((tmp_path / "seed0" / "config.json").read_text())
+    seeds, image_noise = [], vg.S.image_noise
+    vg.S.image_noise = lambda s, *rest: seeds.extend(s) or image_noise(s, *rest)
+    try:
+        rows = vg.main([f"--root={world}", "--labels=prior", "--prompts=1,2", "--noises=2", "--eval_noises=3",
+                        f"--out={tmp_path / 'grid.png'}"])
+    finally:
+        vg.S.image_noise = image_noise
+    assert seeds == [fe.NOISE_SEED + i * 3 + g for i in (1, 2) for g in range(2)]
+    got = [float(c) for _, items in rows for _, c in items]
+    want = [a["rewards"][i * 3 + g] for i in (1, 2) for g in range(2)]
+    assert got == pytest.approx(want, abs=0.005 + 2 / 4096)
+    assert (tmp_path / "grid.png").is_file()
+    with pytest.raises(SystemExit, match="holds no checkpoint/lora_ema"):
+        vg.main([f"--root={world}", "--labels=nft", f"--out={tmp_path / 'x.png'}"])
     with pytest.raises(SystemExit, match="no config.json"):
         fe.main([f"--run={tmp_path / 'none'}"])
     # the perturbation probe: with every delta zeroed, each perturbed sample is its noise's k = 0 sample
