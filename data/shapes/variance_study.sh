@@ -12,8 +12,8 @@
 # evaluation (data/shapes/final_eval.py: the held-out prompts x 64 noises shared by every run), JOBS runs side
 # by side with one thread each. The prior's final evaluation, the perturbation probe of the prior and of the
 # nft_g16 / e2po_4x4(_shared) runs (final_eval.py --perturbations), the table and the plot (compare_runs.py)
-# close it. The default grid, 5 configurations x 3 seeds, takes 65-80 minutes a world on an idle 2-core machine
-# (one run of 150 steps: about 5 minutes at 16 samples a prompt, 13 at 48).
+# close it. The default grid, 5 configurations x 3 seeds, takes 65-80 minutes a world on an idle 2-core
+# machine (one run of 150 steps: about 5 minutes at 16 samples a prompt, 13 at 48).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORLD=${WORLD:-easy}
