@@ -201,33 +201,41 @@ def train_generator(text, prompt_list, names, K_max, mu, eps, lambda_div, rank, 
     return gen.eval().requires_grad_(False), dims
 
 
-def generator_loss(gen, text, sub, K, mu, eps, lam, seed, deltas=None):
-    """L_emb of the generator's Delta (or of `deltas`) for the prompts `sub`, summed over prompts and
-    encoders."""
-    tokens, n = S.tokenize(text, sub), K - 1
-    deltas = deltas or S.generator_deltas(gen, text, sub, K, seed, tokens)
+def variant_embeddings(text, sub, deltas, names, K, tokens=None):
+    """{encoder: (e_k [P, K-1, D], e_anc [P, D])}: the global embeddings of the prompts `sub` under their
+    dense deltas (prompt-major, as run_encoders takes them) and, without gradient, of the plain prompts."""
+    tokens, n = tokens or S.tokenize(text, sub), K - 1
     with torch.no_grad():
-        anchor = S.run_encoders(text, sub, names=gen.names, tokens=tokens)
+        anchor = S.run_encoders(text, sub, names=names, tokens=tokens)
     tok_rep = {k: tuple(t.repeat_interleave(n, 0) for t in v) for k, v in tokens.items()}
-    out = S.run_encoders(text, [p for p in sub for _ in range(n)], deltas, names=gen.names, tokens=tok_rep)
-    return sum(embedding_loss(out[m][1].float().view(len(sub), n, -1), anchor[m][1].float(), mu, eps, lam)
-               for m in gen.names)
+    out = S.run_encoders(text, [p for p in sub for _ in range(n)], deltas, names=names, tokens=tok_rep)
+    return {m: (out[m][1].float().view(len(sub), n, -1), anchor[m][1].float()) for m in names}
+
+
+def generator_loss(gen, text, sub, K, mu, eps, lam, seed):
+    """L_emb of the generator's Delta for the prompts `sub`, summed over prompts and encoders."""
+    tokens = S.tokenize(text, sub)
+    deltas = S.generator_deltas(gen, text, sub, K, seed, tokens)
+    return sum(embedding_loss(e, e_anc, mu, eps, lam)
+               for e, e_anc in variant_embeddings(text, sub, deltas, gen.names, K, tokens).values())
+
+
+def pair_cosines(emb):
+    """Per encoder of variant_embeddings' output: the anchor cosine of every variant [P, K-1] and every
+    pairwise cosine [P, pairs] (cosines gives only their mean)."""
+    stats = {}
+    for m, (e, e_anc) in emb.items():
+        e = F.normalize(e, dim=-1)
+        i, j = torch.triu_indices(e.shape[1], e.shape[1], offset=1)
+        anchor_cos = (e * F.normalize(e_anc, dim=-1)[:, None]).sum(-1)
+        stats[m] = (anchor_cos.cpu(), (e[:, i] * e[:, j]).sum(-1).cpu())
+    return stats
 
 
 @torch.no_grad()
 def delta_stats(text, sub, deltas, names, K):
     """Per encoder: the anchor cosine of every variant [P, K-1] and the pairwise cosines [P, pairs]."""
-    tokens, n = S.tokenize(text, sub), K - 1
-    anchor = S.run_encoders(text, sub, names=names, tokens=tokens)
-    tok_rep = {k: tuple(t.repeat_interleave(n, 0) for t in v) for k, v in tokens.items()}
-    out = S.run_encoders(text, [p for p in sub for _ in range(n)], deltas, names=names, tokens=tok_rep)
-    stats = {}
-    for m in names:
-        e = F.normalize(out[m][1].float().view(len(sub), n, -1), dim=-1)
-        i, j = torch.triu_indices(n, n, offset=1)
-        stats[m] = ((e * F.normalize(anchor[m][1].float(), dim=-1)[:, None]).sum(-1).cpu(),
-                    (e[:, i] * e[:, j]).sum(-1).cpu())
-    return stats
+    return pair_cosines(variant_embeddings(text, sub, deltas, names, K))
 
 
 def measure_generator(gen, text, prompt_list, names, K, mu, eps, eps_opt, lam, calibrate, refine, seed,
@@ -239,9 +247,10 @@ def measure_generator(gen, text, prompt_list, names, K, mu, eps, eps_opt, lam, c
     rows, idx = {}, list(range(len(prompt_list)))
 
     def record(label, deltas, seconds):
-        st = delta_stats(text, prompt_list, deltas, names, K)
-        with torch.no_grad():
-            loss = generator_loss(gen, text, prompt_list, K, mu, eps_opt, lam, seed, deltas=deltas).item()
+        with torch.no_grad():  # one pass of the encoders gives the cosines and L_emb
+            emb = variant_embeddings(text, prompt_list, deltas, names, K)
+        st = pair_cosines(emb)
+        loss = sum(embedding_loss(e, e_anc, mu, eps_opt, lam) for e, e_anc in emb.values()).item()
         rows[label] = {"seconds_per_prompt": seconds / len(idx), "L_emb_per_prompt": loss / len(idx)}
         for m, (a, p) in st.items():
             rows[label][m] = {"in_ring": ((a - mu).abs() <= eps).float().mean().item(),

@@ -974,7 +974,8 @@ def colour_share(device="cpu", dtype=torch.float32):
                              "prompt file whose 'include' clauses have a 'color' "
                              "(e.g. data/shapes/train_colors.jsonl)")
         px = torch.from_numpy(_uint8_images(images)).float().flatten(1, 2)  # [B, H*W, 3]
-        # exact in float32 (integers), so pixels are named as shapes_detect names them, first on a tie
+        # exact in float32 (integers), first on a tie; unlike shapes_detect, SHAPES_GREYS are not among the
+        # names, so a grey pixel counts for its nearest palette colour (the variance study's reward, kept)
         name = ((px[:, :, None] - ref) ** 2).sum(-1).argmin(-1)  # [B, H*W]: index of the nearest colour
         want = torch.tensor([[n in a for n in names] for a in asked])  # [B, 11]
         return want.gather(1, name).float().mean(1).to(images.device)
