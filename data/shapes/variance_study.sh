@@ -11,9 +11,9 @@
 # every configuration draws the same prompts at each step of a seed) for every seed in SEEDS, then its final
 # evaluation (data/shapes/final_eval.py: the held-out prompts x 64 noises shared by every run), JOBS runs side
 # by side with one thread each. The prior's final evaluation, the perturbation probe of the prior and of the
-# nft_g16 / e2po_4x4(_shared) runs (final_eval.py --perturbations), the table and the plot (compare_runs.py)
-# close it. The default grid, 5 configurations x 3 seeds, takes 65-80 minutes a world on an idle 2-core
-# machine (one run of 150 steps: about 5 minutes at 16 samples a prompt, 13 at 48).
+# nft_g16, e2po_4x4(_shared) and KL 1e-2 runs (final_eval.py --perturbations), the table and the plot
+# (compare_runs.py) close it. The default grid, 5 configurations x 3 seeds, takes 65-80 minutes a world on an
+# idle 2-core machine (one run of 150 steps: about 5 minutes at 16 samples a prompt, 13 at 48).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORLD=${WORLD:-easy}
@@ -85,7 +85,7 @@ if [ -f "$OUT/k4.safetensors" ]; then  # the perturbation probe: how the prior a
     probe=(--noises=1 --perturbations="$OUT/k4.safetensors")
     python data/shapes/final_eval.py --run="$first" --lora=none "${probe[@]}" \
         --out="$(realpath -m "$OUT")/prior_probe.json" > "$OUT/prior_probe.log" 2>&1
-    for d in "$OUT"/{nft_g16,e2po_4x4,e2po_4x4_shared}/seed*; do
+    for d in "$OUT"/{nft_g16,e2po_4x4,e2po_4x4_shared,nft_kl1e-2,kl1e-2}/seed*; do
         [ -f "$d/final_eval.json" ] && python data/shapes/final_eval.py --run="$d" "${probe[@]}" \
             --out="$(realpath -m "$d")/probe.json" >> "$d.log" 2>&1
     done

@@ -12,8 +12,11 @@ for w in easy colour jpeg; do  # every label of the world: the full tables, the 
     cr --runs=$D/$w --plot=/dev/null --ref=nft_g16 | grep -v "^plot: /dev/null" > $D/$w/compare.md
     cr --runs="$(runs $w "${main[@]}")" --plot=$D/$w.png --ref=nft_g16 --title="world: $w" > /dev/null
 done
-cr --runs="$(runs easy {nft_g16,e2po_4x4,no_anchor,no_schedule}/seed[01])" --plot=$D/easy_ablations.png \
-    --ref=e2po_4x4 --title="world: easy, ablations (seeds 0, 1)" > $D/easy/compare_ablations.md
-cr --runs="$(runs jpeg {nft_g16,e2po_4x4,mu0.7,rho0.7,mu0.6_rho0.7,kl1e-4}/seed[01])" \
-    --plot=$D/jpeg_strength.png --ref=nft_g16 --title="world: jpeg, strength and KL (seeds 0, 1)" \
+cr --runs="$(runs easy {nft_g16,e2po_4x4,no_anchor,no_schedule,all_in_k}/seed*)" \
+    --plot=$D/easy_ablations.png --ref=e2po_4x4 --title="world: easy, ablations" \
+    > $D/easy/compare_ablations.md
+cr --runs="$(runs jpeg {nft_g16,e2po_4x4,mu0.7,mu0.6,rho0.7,mu0.6_rho0.7}/seed*)" \
+    --plot=$D/jpeg_strength.png --ref=nft_g16 --title="world: jpeg, perturbation strength" \
     > $D/jpeg/compare_strength.md
+cr --runs="$(runs jpeg {nft_g16,nft_kl1e-2,e2po_4x4,kl1e-4,kl1e-2}/seed*)" \
+    --plot=$D/jpeg_kl.png --ref=nft_kl1e-2 --title="world: jpeg, the KL term" > $D/jpeg/compare_kl.md
