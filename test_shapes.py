@@ -519,6 +519,21 @@ def test_final_eval_pairs_runs_image_by_image(tmp_path):
     assert (tmp_path / "grid.png").is_file()
     with pytest.raises(SystemExit, match="holds no checkpoint/lora_ema"):
         vg.main([f"--root={world}", "--labels=nft", f"--out={tmp_path / 'x.png'}"])
+    # one model serves every label: a run's LoRA is unloaded before the next label, so `prior` after a
+    # trained run draws the prior's pixels again, bit for bit (an EMA LoRA with lora_B moved off zero)
+    import phase2_align
+    import sample
+    tr = sample.load_pipeline(PRIOR_CFGFREE, "cpu", torch.float32).transformer
+    phase2_align.add_adapters(tr, 4, 8)
+    torch.manual_seed(0)
+    for n, prm in tr.named_parameters():
+        if "lora_B.ema" in n:
+            prm.data.normal_(0, 0.05)
+    phase2_align.save_lora(tr, "ema", str(world / "nft" / "seed0" / vg.LORA))
+    rows = vg.main([f"--root={world}", "--labels=prior,nft,prior", "--prompts=1", "--noises=2",
+                    "--eval_noises=3", f"--out={tmp_path / 'grid2.png'}"])
+    prior0, nft, prior1 = (np.stack([px for px, _ in items]) for _, items in rows)
+    assert (prior1 == prior0).all() and (nft != prior0).any()
     with pytest.raises(SystemExit, match="no config.json"):
         fe.main([f"--run={tmp_path / 'none'}"])
     # the perturbation probe: with every delta zeroed, each perturbed sample is its noise's k = 0 sample

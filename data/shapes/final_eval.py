@@ -35,6 +35,12 @@ import sample as S  # noqa: E402
 NOISE_SEED = 10 ** 7  # the evaluation noises: image g of prompt i starts from seed NOISE_SEED + i * n + g
 
 
+def eval_noise(items, n, shape):
+    """The evaluation's initial noises [len(items), *shape] of the (prompt i, noise g) items at n noises a
+    prompt: seed NOISE_SEED + i * n + g, whatever the run, the batch or the order."""
+    return S.image_noise([NOISE_SEED + i * n + g for i, g in items], shape, "cpu")
+
+
 def pixel_distance(images):
     """Mean over the pairs of images [n, 3, H, W] of their RMS pixel difference; nan for fewer than two."""
     n = len(images)
@@ -113,7 +119,7 @@ def main(argv=None):
     for s in range(0, len(items), a.batch):
         chunk = items[s:s + a.batch]
         c = tuple(torch.cat([conds[i][n] for i, _ in chunk]) for n in range(2))
-        noise = S.image_noise([NOISE_SEED + i * a.noises + g for i, g in chunk], shape, "cpu")
+        noise = eval_noise(chunk, a.noises, shape)
         x0 = S.sample(pipe.transformer, sigmas, noise, c, None, solver=cfg["eval_solver"])
         im = S.decode(pipe.vae, x0)
         R.append(reward(im, [prompts[i] for i, _ in chunk], [meta[i] for i, _ in chunk])[0].float())

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rewards as RW  # noqa: E402
 import sample as S  # noqa: E402
-from final_eval import NOISE_SEED  # noqa: E402  (data/shapes/final_eval.py, beside this file)
+from final_eval import eval_noise  # noqa: E402  (data/shapes/final_eval.py, beside this file)
 
 LORA = os.path.join("checkpoint", "lora_ema")
 
@@ -39,18 +39,19 @@ def draw(root, labels, seed=0, prompt_ids=(0, 1, 5), noises=8, eval_noises=64):
     prompts, meta = S.read_prompts(cfg["eval_prompts"])
     reward = RW.build_reward(cfg["reward"], "cpu", torch.float32, opts=cfg.get("reward_opts"))
     S.quiet()
+    pipe = S.load_pipeline(cfg["model"], "cpu", torch.float32)
+    text = S.load_text(cfg["model"], "cpu", torch.float32, cfg["t5_len"], pipe=pipe)
+    shape = S.latent_shape(pipe, cfg["resolution"])
+    sigmas = S.sigma_grid(pipe.scheduler, cfg["eval_steps"])
+    conds = {i: S.encode(text, [prompts[i]]) for i in prompt_ids}  # once: a LoRA touches only the transformer
     rows = []
     for label in labels:
-        pipe = S.load_pipeline(cfg["model"], "cpu", torch.float32)
-        text = S.load_text(cfg["model"], "cpu", torch.float32, cfg["t5_len"], pipe=pipe)
         if label != "prior":
             with S.diffusers_notes_off():
                 pipe.load_lora_weights(os.path.join(runs[label], LORA))
-        shape = S.latent_shape(pipe, cfg["resolution"])
-        sigmas = S.sigma_grid(pipe.scheduler, cfg["eval_steps"])
         for i in prompt_ids:
-            c = S.encode(text, [prompts[i]] * noises)
-            noise = S.image_noise([NOISE_SEED + i * eval_noises + g for g in range(noises)], shape, "cpu")
+            c = tuple(torch.cat([part] * noises) for part in conds[i])
+            noise = eval_noise([(i, g) for g in range(noises)], eval_noises, shape)
             with torch.no_grad():
                 x0 = S.sample(pipe.transformer, sigmas, noise, c, solver=cfg["eval_solver"])
                 im = S.decode(pipe.vae, x0)
@@ -58,6 +59,8 @@ def draw(root, labels, seed=0, prompt_ids=(0, 1, 5), noises=8, eval_noises=64):
             pixels = (im.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
             captions = [f"{float(v):.2f}" for v in r]
             rows.append((f"{label} (seed {seed}): {prompts[i]}", list(zip(pixels, captions))))
+        if label != "prior":
+            pipe.unload_lora_weights()  # the next label starts from the untrained model again
     return rows
 
 
