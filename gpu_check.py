@@ -1,7 +1,8 @@
 """
-What only a GPU can show, checked by one command that writes one report: gpu_check.json and gpu_check.md
-in $OUT when that is set (the GPU machine's tool brings back only what is written there), else in
-out/gpu_check. Asserts nothing: every figure goes into the report, every failure too.
+What only a GPU can show, checked by one command that writes one report: gpu_check.json, gpu_check.md and
+the sections' logs in one gpu_check_logs.tar.gz, in $OUT when that is set (the GPU machine's tool brings
+back only what is written there, and at most 8 files), else in out/gpu_check; the runs the sections make
+stay in out/gpu_check/work. Asserts nothing: every figure goes into the report, every failure too.
 
     python gpu_check.py                                              # a CUDA GPU: ~7 min on one H200 (est.)
     OMP_NUM_THREADS=1 python gpu_check.py --device=cpu --quick=True  # the plumbing on a CPU, a minute or two
@@ -43,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import traceback
 import warnings
@@ -61,7 +63,7 @@ from configurator import configure
 # -----------------------------------------------------------------------------
 device = "auto"  # "auto" = cuda if available, else cpu
 quick = False  # tiny shapes only: bench --shape=tiny, tiny reward models, no SD3.5-M determinism check
-out = "out/gpu_check"  # the report's folder; the environment variable OUT wins when set
+out = "out/gpu_check"  # the report's folder (the environment variable OUT wins when set) and its runs'
 # seconds for the whole run (a GPU is lent for ~8 minutes): each section gets at most what is left of it, and
 # one that would start later is skipped. Estimated on one H200: (a) 25 s, (b) 250-300 s (its E²PO vs K=1
 # epochs at SD3.5-M's shape are most of it), (c) 100 s, (d) 30 s, (e) 25 s
@@ -901,12 +903,15 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download: there is no hub on the GPU machine
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("run gpu_check.py as one process: it starts torchrun itself where it needs ranks")
-    out_dir = os.path.abspath(os.environ.get("OUT") or out)
+    # the report in $OUT (three files), the sections' runs and logs always under `out`: the device tool
+    # brings back at most 8 files from $OUT, and the runs write dozens
+    out_dir, scratch = os.path.abspath(os.environ.get("OUT") or out), os.path.abspath(out)
     os.chdir(REPO)  # the tiny config and its prompt file are named relative to the repository
-    work, logs = os.path.join(out_dir, "work"), os.path.join(out_dir, "logs")
+    work, logs = os.path.join(scratch, "work"), os.path.join(scratch, "logs")
     for d in (work, logs):
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
+    os.makedirs(out_dir, exist_ok=True)
     S.quiet()
     dev = pick(device)
     t_start = time.time()
@@ -926,6 +931,8 @@ def main(argv=None):
     def save():
         report["total s"] = round(time.time() - t_start, 1)
         write_report(report, out_dir)
+        with tarfile.open(os.path.join(out_dir, "gpu_check_logs.tar.gz"), "w:gz") as tar:
+            tar.add(logs, arcname="logs")
     for key, title, fn, limit, in_process in sections:
         left = time_budget - (time.time() - t_start)
         if left < 10:
@@ -936,8 +943,8 @@ def main(argv=None):
             run_section(report, key, title, fn, dev, {"work": work, "logs": logs}, min(limit, left),
                         in_process, save)
     save()
-    print(f"done in {report['total s']:.0f} s: {os.path.join(out_dir, 'gpu_check.md')} and "
-          f"{os.path.join(out_dir, 'gpu_check.json')}", flush=True)
+    print(f"done in {report['total s']:.0f} s: gpu_check.md, gpu_check.json and gpu_check_logs.tar.gz in "
+          f"{out_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """bench.py's pure parts: the FLOP formula against torch's FlopCounterMode, the meta-device parameter counts
 against public figures, the per-epoch arithmetic by hand, the peak table, and a whole tiny run."""
+import json
 import math
 import os
 
@@ -233,3 +234,22 @@ def test_gpu_check_in_process_sections_run_on_cpu(tmp_path, monkeypatch):
         summary = fn(dev, where, figs, 60)
         assert isinstance(summary, str) and summary and figs, fn.__name__
     assert "bit for bit" in G.check_determinism(dev, where, {}, 60)
+
+
+def test_gpu_check_writes_three_files_to_OUT(tmp_path, monkeypatch):
+    """The GPU machine's tool brings back at most 8 files from $OUT: the report and one archive of the logs go
+    there, the sections' runs (dozens of files) elsewhere. A time budget under 10 s skips every section."""
+    import tarfile
+
+    import gpu_check as G
+    report, scratch = tmp_path / "OUT", tmp_path / "scratch"
+    monkeypatch.setenv("OUT", str(report))
+    monkeypatch.chdir(tmp_path)  # main moves to the repository's root; monkeypatch moves back
+    G.main(["--device=cpu", "--time_budget=5", f"--out={scratch}"])
+    assert sorted(os.listdir(report)) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]
+    assert sorted(os.listdir(scratch)) == ["logs", "work"]
+    with open(report / "gpu_check.json", encoding="utf-8") as f:
+        sections = json.load(f)["sections"]
+    assert sorted(sections) == list("abcde") and all(s["status"] == "skipped" for s in sections.values())
+    with tarfile.open(report / "gpu_check_logs.tar.gz") as tar:
+        assert tar.getnames() == ["logs"]
