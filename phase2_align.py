@@ -112,6 +112,15 @@ wandb_run_name = None  # None: out_dir's name
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, dict, type(None)))]
 
+# The settings a resumed run may change: the optimizer's step sizes, how long it runs, how it evaluates and
+# saves, and how the work is laid out on the machine. Every other setting (the model, the prompts, the reward,
+# K, G, the LoRA's rank and alpha, the sampler, the resolution, the objective, the seed, ...) defines what the
+# checkpoint was trained to do: a resume that changes one stops and names it (check_resume).
+RESUME_HONOURED = ("lr", "weight_decay", "grad_clip", "epochs", "ckpt_every", "eval_every", "eval_prompts",
+                   "eval_G", "eval_steps", "eval_solver", "sample_batch", "train_batch", "grad_checkpointing",
+                   "device", "dtype", "amp", "text_offload", "wandb_log", "wandb_project", "wandb_run_name",
+                   "perturbations", "out_dir", "resume", "overwrite")
+
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 ADAPTERS = ("default", "old", "ema")  # theta (trained), the sampling policy, the evaluation copy
@@ -497,9 +506,26 @@ def save_checkpoint(out, transformer, opt, state, cfg):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_run_folder(out, resume, overwrite):
-    """Refuse, before anything is loaded or written, to start over a run without --resume or
-    --overwrite, to resume without a checkpoint, or to write where we cannot."""
+def run_inputs():
+    """{what: path} of this run's inputs on disk: a new run never removes one of them."""
+    import glob
+    pert = (perturbations if os.path.exists(perturbations)
+            else next(iter(sorted(glob.glob(S.shard_glob(perturbations)))), None))
+    found = {"the prompt file": prompts, "the held-out prompt file": eval_prompts, "the model": model,
+             "the perturbation file": pert}
+    found.update({f"the {name} reward's {k}": v for name, o in reward_opts.items()
+                  for k, v in dict(o).items()})
+    return {k: v for k, v in found.items()
+            if isinstance(v, str) and v and os.path.exists(os.path.expanduser(v))}
+
+
+def check_run_folder(out, cfg, prompt_list):
+    """What this run would do to out_dir, refused before anything loads or is written: start over a run
+    without --resume or --overwrite, resume without a checkpoint or with settings that change what it means,
+    both at once, or remove one of its own inputs. Returns the settings a resume changes (RESUME_HONOURED)."""
+    if resume and overwrite:
+        raise SystemExit("--resume=True continues the run in out_dir and --overwrite=True replaces it: "
+                         "pass one of them")
     found = complete_checkpoint(out)
     holds_run = found is not None or os.path.isfile(os.path.join(out, "log.jsonl"))
     if resume and found is None:
@@ -507,11 +533,48 @@ def check_run_folder(out, resume, overwrite):
     if holds_run and not resume and not overwrite:
         raise SystemExit(f"{out} holds a run (log.jsonl or a checkpoint): pass --resume=True to continue it, "
                          "--overwrite=True to replace it, or another --out_dir")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise SystemExit(f"cannot write to out_dir {out}: {parent} is not a writable folder")
+    if resume:  # the honoured changes, which the run then names
+        return check_resume(found, cfg, prompt_list)
+    # a new run removes an earlier run's checkpoint, evaluation grids and log (start_run)
+    S.check_keeps_inputs([*checkpoint_dirs(out), *(os.path.join(out, f) for f in ("evals", "log.jsonl"))],
+                         run_inputs(), "--overwrite=True" if holds_run else "a new run in this out_dir")
+    return []
+
+
+def check_resume(ck, cfg, prompt_list):
+    """A resume continues what checkpoint `ck` was trained to do: every setting outside RESUME_HONOURED must
+    be the checkpoint's (the model and the prompts compared by what they are, not by how they are spelled),
+    and the run must have epochs left. One sentence naming each setting that differs and both values."""
+    try:
+        with open(os.path.join(ck, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", mmap=True, weights_only=False)
+        done = st["epoch"] + 1
+    except Exception as err:
+        raise SystemExit(f"checkpoint {ck} cannot be read ({type(err).__name__}: {str(err)[:200]}): it is "
+                         "damaged; restore it from a copy, or start a new run in another --out_dir")
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # tuples as lists, as config.json holds them
+    differ = []
+    for k, v in cfg.items():
+        if k in RESUME_HONOURED or k not in saved:
+            continue
+        if k == "model":
+            same = S.same_model(v, saved[k])
+        elif k == "prompts" and "prompts_sha256" in st:
+            same = st["prompts_sha256"] == S.prompts_hash(prompt_list)
+        else:
+            same = norm(v) == saved[k]
+        if not same:
+            differ.append(f"{k}={v!r} (the checkpoint's: {saved[k]!r})")
+    if differ:
+        raise SystemExit(f"--resume=True: {', '.join(differ)} differ from the settings checkpoint {ck} was "
+                         "trained with, and they define what it was trained to do: resume with the "
+                         "checkpoint's values, or start a new run in another --out_dir")
+    if done >= epochs:
+        raise SystemExit(f"--resume=True: the checkpoint in {ck} has done {done} epochs of "
+                         f"--epochs={epochs}: pass --epochs above {done} to train on")
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items() if k in RESUME_HONOURED and k in saved
+            and norm(v) != saved[k] and k not in ("resume", "overwrite")]
 
 
 def restore_checkpoint(out):
@@ -535,8 +598,8 @@ def load_checkpoint(ck, transformer, opt):
     except SystemExit:
         raise
     except Exception as err:
-        raise SystemExit(f"checkpoint {ck} cannot be read ({type(err).__name__}: {str(err)[:200]}): "
-                         "it is damaged; restore it or start a new run with --overwrite=True")
+        raise SystemExit(f"checkpoint {ck} cannot be read ({type(err).__name__}: {str(err)[:200]}): it is "
+                         "damaged; restore it from a copy, or start a new run in another --out_dir")
     return st
 
 
@@ -544,9 +607,12 @@ def trim_log(path, last_epoch):
     """On resume, drop the log lines of epochs after the checkpoint (they are replayed), atomically."""
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
-    S.write_text_atomic(path, "".join(keep))
+    rows = S.read_jsonl(path, "two runs wrote this out_dir at once, or it was edited: fix or delete that "
+                        "line, then resume", torn_tail=True)
+    for n, r in rows:
+        if not isinstance(r, dict) or not isinstance(r.get("epoch"), int):
+            raise SystemExit(f"{path} line {n} has no integer 'epoch': fix or delete that line, then resume")
+    S.write_text_atomic(path, "".join(json.dumps(r) + "\n" for _, r in rows if r["epoch"] <= last_epoch))
 
 
 def adapters_finite(transformer, x_t, t, c):
@@ -608,7 +674,9 @@ def checkpoint(run, epoch, step, probe, cfg):
     if not same_on_all_ranks([p for a in ADAPTERS for p in adapter_params(run.transformer, a)], run.world):
         raise SystemExit(f"the LoRA adapters differ between ranks at epoch {epoch}: a bug; not saved")
     if run.master:
-        save_checkpoint(out_dir, run.transformer, run.opt, {"step": step, "epoch": epoch}, cfg)
+        # the prompts' hash: a resume compares what they are, wherever the file has moved (check_resume)
+        state = {"step": step, "epoch": epoch, "prompts_sha256": S.prompts_hash(run.prompt_list)}
+        save_checkpoint(out_dir, run.transformer, run.opt, state, cfg)
 
 
 # ----------------------------------------------------------------------------- the stages of an epoch
@@ -794,7 +862,8 @@ def first_and_last_grid():
 # ----------------------------------------------------------------------------- main
 def check_settings():
     """Every setting checked before anything is loaded or written; the first bad one stops the run with one
-    sentence. Returns the training prompts and metadata and the held-out ones."""
+    sentence (what the run would do to out_dir is check_run_folder's). Returns the training prompts and
+    metadata and the held-out ones."""
     prompt_list, metadata = S.read_prompts(prompts)
     eval_list, eval_meta = S.read_prompts(eval_prompts) if eval_prompts else ([], [])
     if K < 1 or G < 1:
@@ -817,13 +886,48 @@ def check_settings():
     if "colour_share" in needs_meta and not all(any(c.get("color") for c in m["include"]) for m in metadata):
         raise SystemExit(f"the colour_share reward needs prompts that ask for a colour; {prompts} has some "
                          "that do not: use data/shapes/train_colors.jsonl")
+    if needs_meta and not all(m.get("tag") for m in eval_meta):
+        raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata in the held-out prompts too; "
+                         f"eval_prompts={eval_prompts} has none")
+    unknown = [n for n in reward_opts if n not in RW.parse_spec(reward)]
+    if unknown:
+        raise SystemExit(f"reward_opts names '{unknown[0]}', which is not a reward of this run "
+                         f"({', '.join(RW.parse_spec(reward))})")
+    # the rest, each as a bound: (the setting, whether its value is allowed, what it must be)
+    for name, ok, must in (
+            ("epochs", epochs >= 1, "at least 1"),
+            ("prompts_per_epoch", prompts_per_epoch >= 1, "at least 1"),
+            ("ckpt_every", ckpt_every >= 1, "at least 1"), ("eval_every", eval_every >= 1, "at least 1"),
+            ("eval_G", eval_G >= 1, "at least 1"), ("eval_steps", eval_steps >= 1, "at least 1"),
+            ("opt_steps_per_epoch", opt_steps_per_epoch >= 1, "at least 1"),
+            ("t5_len", t5_len >= 1, "at least 1"),
+            ("resolution", resolution >= 16 and resolution % 16 == 0,
+             "a positive multiple of 16 (SD3's VAE downsamples 8x, its transformer takes 2x2 patches)"),
+            ("timestep_fraction", 0 < timestep_fraction <= 1, "in (0, 1]"),
+            ("guidance", guidance == 1.0, "1.0: Phase II samples without CFG, as DiffusionNFT"),
+            ("lr", 0 <= lr < math.inf, "finite and >= 0"),
+            ("weight_decay", 0 <= weight_decay < math.inf, "finite and >= 0"),
+            ("grad_clip", 0 < grad_clip < math.inf, "finite and > 0"),
+            ("lora_rank", lora_rank >= 1, "at least 1"),
+            ("lora_alpha", 0 < lora_alpha < math.inf, "finite and > 0"),
+            ("adv_clip", 0 < adv_clip < math.inf, "finite and > 0"),
+            ("kl_beta", 0 <= kl_beta < math.inf, "finite and >= 0"),
+            ("old_decay_rate", 0 <= old_decay_rate < math.inf, "finite and >= 0"),
+            ("old_decay_max", 0 <= old_decay_max < 1, "in [0, 1)"),
+            ("old_decay_flat", old_decay_flat >= 0, ">= 0"),
+            ("ema_max", 0 <= ema_max < 1, "in [0, 1)")):
+        if not ok:
+            raise SystemExit(f"{name}={globals()[name]!r} must be {must}")
+    S.pick_device(device, dtype)  # a device this machine lacks, a dtype we do not run
+    if K > 1:  # the Phase I file, from its metadata: this model, these prompts, this K
+        S.check_perturbations(perturbations, model, prompt_list, K, t5_len)
     if wandb_log:
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise SystemExit("wandb_log=True needs wandb: pip install wandb (WANDB_MODE=offline needs no "
                              "account)")
-    check_run_folder(out_dir, resume, overwrite)
+    S.check_writable(out_dir, "out_dir")
     return prompt_list, metadata, eval_list, eval_meta
 
 
@@ -834,6 +938,10 @@ def main(argv=None):
     # WORLD_SIZE is known before the process group starts: a count that does not divide the work stops here
     n_local = samples_per_rank(prompts_per_epoch, K, G, int(os.environ.get("WORLD_SIZE", 1)),
                                opt_steps_per_epoch)
+    # the run folder claimed (one writer at a time) and checked for what this run would replace: nothing is
+    # loaded, deleted or written before this line
+    release, honoured = S.claim(out_dir, lambda: check_run_folder(out_dir, cfg, prompt_list),
+                                int(os.environ.get("RANK", 0)))
     S.quiet()
     rank, world, dev, dt = S.setup_distributed(device, dtype)
     run = SimpleNamespace(rank=rank, world=world, dev=dev, master=rank == 0, prompt_list=prompt_list,
@@ -871,6 +979,8 @@ def main(argv=None):
     run.sigmas = S.sigma_grid(pipe.scheduler, steps)  # shared by sampling and training
     run.eval_sigmas = S.sigma_grid(pipe.scheduler, eval_steps)
     step, start_epoch, logf = start_run(run, cfg)
+    if honoured:
+        run.log(f"resumed with new settings: {', '.join(honoured)}")
     run.theta_model = run.transformer if world == 1 else ddp_theta(run.transformer, dev)
     torch.manual_seed(seed + rank)
     tracker = start_tracking(cfg) if wandb_log and run.master else None
@@ -886,6 +996,7 @@ def main(argv=None):
         t0 = time.time()
         # ---- the epoch's groups: prompts_per_epoch prompts x K conditions x G noises, one list over GPUs
         draw = draw_prompts(epoch, len(prompt_list))
+        S.check_finite_rows(pert, draw)  # all the epoch's prompts on every rank: all stop at one check
         js, idx, ks = epoch_samples(prompts_per_epoch, K, G, rank, n_local, draw)
         with S.text_on(run.text, dev, offload=text_offload):
             c_orig, c_opt = group_conditions(run.text, pert, prompt_list, idx, ks)
@@ -943,6 +1054,7 @@ def main(argv=None):
             tracker.finish()
         run.log(f"done: LoRA (theta, old, EMA) in {out_dir}/checkpoint/lora, lora_old, lora_ema; "
                 f"log in {os.path.join(out_dir, 'log.jsonl')}; evaluation grids in {out_dir}/evals")
+    release()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ The GenEval rule engine (`geneval_rules`) is pure Python, separate from the dete
 """
 import functools
 import io
+import math
 import os
 
 import torch
@@ -1029,6 +1030,8 @@ def parse_spec(spec):
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise SystemExit(f"the weight of reward '{name}' must be a number, got {w!r}: "
                              f"write e.g. {example}")
+        if not math.isfinite(w) or w == 0:  # 0: every group's reward ties and the run learns nothing
+            raise SystemExit(f"the weight of reward '{name}' must be finite and non-zero, got {w!r}")
     return {name: float(w) for name, w in spec.items()}
 
 

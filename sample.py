@@ -60,22 +60,17 @@ def read_prompts(path):
     if not path or not os.path.isfile(path):
         raise SystemExit(f"prompt file '{path}' not found: pass --prompts=FILE "
                          f"(.txt, one prompt a line, or .jsonl with a 'prompt' field)")
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
     if path.endswith(".jsonl"):
-        metadata = []
-        for i, ln in enumerate(lines):
-            try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError:
-                raise SystemExit(f"{path} line {i + 1} is not valid JSON: "
-                                 f"each line must be an object with a 'prompt' field")
+        metadata = read_jsonl(path, advice="each line must be an object with a 'prompt' field")
+        for n, obj in metadata:
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise SystemExit(f"{path} line {i + 1} has no 'prompt' string field")
-            metadata.append(obj)
+                raise SystemExit(f"{path} line {n} has no 'prompt' string field")
+        metadata = [obj for _, obj in metadata]
         prompt_list = [m["prompt"] for m in metadata]
     else:
-        prompt_list, metadata = lines, [{} for _ in lines]
+        with open(path, encoding="utf-8") as f:
+            prompt_list = [ln.strip() for ln in f if ln.strip()]
+        metadata = [{} for _ in prompt_list]
     if not prompt_list:
         raise SystemExit(f"prompt file '{path}' holds no prompts")
     return prompt_list, metadata
@@ -85,13 +80,46 @@ def prompts_hash(prompt_list):
     return hashlib.sha256("\n".join(prompt_list).encode("utf-8")).hexdigest()
 
 
+def read_jsonl(path, advice="fix or delete that line", torn_tail=False):
+    """[(line number, record)] of a .jsonl file, blank lines skipped. A line that is not JSON stops with one
+    sentence naming the file and the line (two writers on one file interleave their lines; an edit can break
+    one). torn_tail=True: an unparsable last line without its newline, a write cut short by a kill, is left
+    out with a note instead (a log that a killed run, or a running one, was writing)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            rows.append((n, json.loads(ln)))
+        except json.JSONDecodeError as err:
+            if torn_tail and n == len(lines):  # no newline after it: the write was cut
+                print(f"note: {path} line {n} is incomplete (a write cut short): left out")
+                break
+            raise SystemExit(f"{path} line {n} is not valid JSON ({err.msg}, column {err.colno}): {advice}")
+    return rows
+
+
 # ----------------------------------------------------------------------------- loading
 def pick_device(name="auto", dtype_name="auto"):
     """(device, dtype): CUDA when present, else CPU; "auto" dtype is bf16 on CUDA, fp32 on CPU.
-    dtype_name="bfloat16" on CPU runs the GPU's precision path on a laptop (the tests do)."""
+    dtype_name="bfloat16" on CPU runs the GPU's precision path on a laptop (the tests do). A device this
+    machine lacks, or a dtype we do not run, stops with one sentence (every script checks its settings with
+    it before loading anything)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SystemExit(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"device={name!r}: this code runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device={name!r}, but this machine has no CUDA GPU that torch can use: "
+                         "use --device=cpu (or auto)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"device={name!r}: this machine shows {torch.cuda.device_count()} GPU(s)")
     if dtype_name == "auto":
         return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if dtype_name == "float16":  # accepted once, then every autocast op re-cast it to bf16
@@ -366,18 +394,27 @@ def perturbation_files(path):
     return shards
 
 
-def load_perturbations(path, text, prompt_list, K=None):
-    """Open a Phase I file (lazily, memory-mapped) and check it belongs to this model, these prompts
-    and these token lengths. Returns a dict: meta, K, and `rows(i)` -> {encoder: [K-1, L, d]}. A generator
-    file (phase1_perturb.py --amortize=True) serves any prompts instead: rows(i) computes prompt i's Delta."""
+def check_perturbations(path, model, prompt_list, K=None, t5_len=128):
+    """A Phase I file (or its torchrun shards, which must agree) or a generator file, checked from its
+    metadata alone, so before any model loads: made for this model, these prompts (a generator serves any),
+    this K and this T5 length. One sentence for the first mismatch; returns the metadata."""
     from safetensors import safe_open
     if os.path.isfile(path) and _file_kind(path) == "generator":
-        return load_generator(path, text, prompt_list, K)
-    handles, where, meta = [], {}, None
+        with safe_open(path, framework="pt") as h:
+            meta = json.loads(h.metadata()["e2po"])
+        if not same_model(meta["model"], model):
+            raise SystemExit(f"generator {path} was trained on model '{meta['model']}', not '{model}': "
+                             "rerun phase1_perturb.py --amortize=True")
+        if meta["t5_len"] != t5_len:
+            raise SystemExit(f"generator {path} was trained with t5_len={meta['t5_len']}, not {t5_len}")
+        if K is not None and not 2 <= K <= meta["K_max"]:
+            raise SystemExit(f"generator {path} serves K from 2 to {meta['K_max']}, not K={K}")
+        return meta
+    meta = None
     for f in perturbation_files(path):
         try:
-            h = safe_open(f, framework="pt")
-            m = json.loads(h.metadata()["e2po"])
+            with safe_open(f, framework="pt") as h:
+                m = json.loads(h.metadata()["e2po"])
         except Exception as err:  # truncated by a crash, or not a Phase I file
             raise SystemExit(f"perturbation file {f} cannot be read ({type(err).__name__}): "
                              "it is truncated or was not written by phase1_perturb.py; "
@@ -386,11 +423,9 @@ def load_perturbations(path, text, prompt_list, K=None):
         if meta is not None and common != meta:
             raise SystemExit(f"perturbation shard {f} was written with other settings than its siblings")
         meta = common
-        handles.append(h)
-        where.update({key: h for key in h.keys()})
-    if not same_model(meta["model"], text["model"]):
+    if not same_model(meta["model"], model):
         raise SystemExit(f"perturbation file {path} was learned on model '{meta['model']}', "
-                         f"not '{text['model']}': rerun phase1_perturb.py")
+                         f"not '{model}': rerun phase1_perturb.py")
     if meta["prompts_sha256"] != prompts_hash(prompt_list):
         raise SystemExit(f"perturbation file {path} was learned on other prompts "
                          f"({meta['n_prompts']} from {meta['prompts_path']}): "
@@ -398,9 +433,24 @@ def load_perturbations(path, text, prompt_list, K=None):
     if K is not None and meta["K"] != K:
         raise SystemExit(f"perturbation file {path} holds K={meta['K']} conditions per prompt, "
                          f"but K={K} was asked: rerun phase1 or set --K={meta['K']}")
-    if meta["t5_len"] != text["t5_len"]:
+    if meta["t5_len"] != t5_len:
         raise SystemExit(f"perturbation file {path} was learned with t5_len={meta['t5_len']}, "
-                         f"not {text['t5_len']}")
+                         f"not {t5_len}")
+    return meta
+
+
+def load_perturbations(path, text, prompt_list, K=None):
+    """Open a Phase I file (lazily, memory-mapped) and check it belongs to this model, these prompts
+    and these token lengths. Returns a dict: meta, K, and `rows(i)` -> {encoder: [K-1, L, d]}. A generator
+    file (phase1_perturb.py --amortize=True) serves any prompts instead: rows(i) computes prompt i's Delta."""
+    from safetensors import safe_open
+    meta = check_perturbations(path, text["model"], prompt_list, K, text["t5_len"])
+    if meta.get("kind") == "generator":
+        return load_generator(path, text, prompt_list, K)
+    where = {}
+    for f in perturbation_files(path):
+        h = safe_open(f, framework="pt")
+        where.update({key: h for key in h.keys()})
     tokens = tokenize(text, prompt_list)
     for name in meta["encoders"]:
         lengths = tokens[name][1].sum(1).tolist()
@@ -414,8 +464,21 @@ def load_perturbations(path, text, prompt_list, K=None):
                 raise SystemExit(f"perturbation {key} covers {shape[1]} content tokens "
                                  f"but the tokenizer gives {L}: "
                                  "the file was made with another tokenizer; rerun phase1_perturb.py")
-    return {"meta": meta, "K": meta["K"], "encoders": meta["encoders"],
+    return {"meta": meta, "K": meta["K"], "encoders": meta["encoders"], "path": path,
             "rows": lambda i: {n: where[f"{i}.{n}"].get_tensor(f"{i}.{n}") for n in meta["encoders"]}}
+
+
+def check_finite_rows(pert, indices):
+    """Stop with one sentence if a Phase I file's perturbations of the prompts `indices` hold a NaN or an inf
+    (downstream they would look like a diverged loss). Called with the same prompts on every rank, so that
+    every rank stops at the same check. A generator's rows are computed from weights checked at load."""
+    if pert is None or "generator" in pert:
+        return
+    for i in indices:
+        bad = [n for n, t in pert["rows"](i).items() if not torch.isfinite(t).all()]
+        if bad:
+            raise SystemExit(f"perturbation file {pert['path']}: the {bad[0]} perturbations of prompt {i} "
+                             "hold non-finite values: the file is damaged; rerun phase1_perturb.py")
 
 
 def _file_kind(path):
@@ -431,24 +494,19 @@ def load_generator(path, text, prompt_list, K=None):
     """A generator file as load_perturbations returns a perturbation file: rows(i) -> {encoder: [K-1, L, d]}
     of prompt i, computed (and calibrated onto the ring) when asked, for any prompt list."""
     from safetensors.torch import load_file
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as h:
-        meta = json.loads(h.metadata()["e2po"])
-    if not same_model(meta["model"], text["model"]):
-        raise SystemExit(f"generator {path} was trained on model '{meta['model']}', not '{text['model']}': "
-                         "rerun phase1_perturb.py --amortize=True")
-    if meta["t5_len"] != text["t5_len"]:
-        raise SystemExit(f"generator {path} was trained with t5_len={meta['t5_len']}, not {text['t5_len']}")
+    meta = check_perturbations(path, text["model"], prompt_list, K, text["t5_len"])
     K = K or meta["K_max"]
-    if not 2 <= K <= meta["K_max"]:
-        raise SystemExit(f"generator {path} serves K from 2 to {meta['K_max']}, not K={K}")
     for name, (d, h, _) in meta["dims"].items():
         table = token_embedding(text["encoders"][name]).weight if name in text["encoders"] else None
         if table is None or table.shape[1] != d:
             raise SystemExit(f"generator {path} was made for a {name} encoder of width {d}, which this model "
                              "does not have: rerun phase1_perturb.py --amortize=True on it")
     gen = PerturbationGenerator({n: tuple(v) for n, v in meta["dims"].items()}, meta["rank"], meta["hidden"])
-    gen.load_state_dict(load_file(path))
+    state = load_file(path)
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        raise SystemExit(f"generator {path} holds non-finite weights: rerun phase1_perturb.py "
+                         "--amortize=True")
+    gen.load_state_dict(state)
     gen.eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -755,6 +813,122 @@ def write_text_atomic(path, s):
 
 def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------ outputs: checked, claimed, then written
+# Every script goes in one order: every setting checked (one sentence for the first bad one); every output
+# checked for where it goes (check_writable) and for what it would delete or replace, which never holds an
+# input of the same command (check_keeps_inputs); the output claimed by this process (claim: one writer at a
+# time); and only then are models loaded and files deleted or written.
+def inside(path, folder):
+    """Whether `path` is `folder` or lies under it, links and spellings resolved."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def check_writable(path, setting, kind="folder"):
+    """That output `path` (given as `setting`) can be written as a `kind`, "folder" or "file": it is not the
+    other kind already, not under a file, and the folders it goes in are writable."""
+    if not path:
+        raise SystemExit(f"{setting} is empty: name the {kind} to write")
+    if kind == "file" and os.path.isdir(path):
+        raise SystemExit(f"{setting}={path} is a folder: name a file to write")
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"{setting}={path} is a file: name a folder to write into")
+    here = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(here):  # the nearest existing ancestor: the folders below it will be made
+        here = os.path.dirname(here)
+    for d in [here] + ([path] if os.path.isdir(path) else []):
+        if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+            raise SystemExit(f"cannot write {setting}={path}: {d} is not a writable folder")
+
+
+def check_keeps_inputs(removed, inputs, how):
+    """Refuse when what this command would delete or replace (`removed`, paths) holds one of its own inputs
+    (`inputs`, {what it is: path}): `how` names what would do it (e.g. "--overwrite=True")."""
+    for r in removed:
+        for what, p in inputs.items():
+            if p and os.path.exists(str(p)) and inside(str(p), r):
+                raise SystemExit(f"{how} would remove {r}, which holds {what} {p} of this same command: "
+                                 "write the output elsewhere")
+
+
+_HELD = {}  # the claims of this process: lock file -> (its open file, the folders claim made for it)
+
+
+def lock_file(path):
+    """Where the claim of output `path` lives: PATH.lock beside it, not inside (export.py and Phase I replace
+    their output whole)."""
+    return os.path.realpath(path).rstrip(os.sep) + ".lock"
+
+
+def claim(path, check=None, rank=0):
+    """Claim output `path` (a run folder, a samples folder, a Phase I file, an export) for this process: a
+    second writer, whatever its script, stops with one sentence naming the first's PID. The claim is an
+    advisory lock (flock) on PATH.lock, which the system drops when its process ends, however it ends: a lock
+    left by a killed writer is taken over, with a note. release() removes the file: main calls it at its end,
+    and it runs at exit (SystemExit included). Under torchrun rank 0 claims for the run; only it writes there.
+    `check` (what the output would replace) runs on every rank, on rank 0 under the claim, so that no other
+    writer changes the output between the check and the writes. Returns (release(), what check returned)."""
+    lock = lock_file(path)
+    if rank == 0 and lock not in _HELD:  # held already: an earlier main() of this process (tests run many)
+        import fcntl
+        import socket
+        made, d = [], os.path.dirname(lock)
+        while not os.path.exists(d):
+            made.append(d)
+            d = os.path.dirname(d)
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        while True:
+            f = open(lock, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().split() or ["?"]
+                f.close()
+                raise SystemExit(f"{path} is being written by process {' on '.join(holder[:2])} (its lock is "
+                                 f"{lock}): wait for it to end, or write elsewhere")
+            except OSError as err:  # a file system without locks: run, but say what is not guarded
+                print(f"note: cannot lock {lock} ({err.strerror}): a second writer would not be stopped")
+                break
+            if os.path.exists(lock) and os.path.samestat(os.fstat(f.fileno()), os.stat(lock)):
+                break  # still the lock file (a writer releasing it may have removed the one we opened)
+            f.close()
+        f.seek(0)
+        before = f.read().split()
+        if before and before[0] != str(os.getpid()):
+            print(f"note: took over {lock}, left by process {' on '.join(before[:2])}, which has ended "
+                  "(killed?)")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.flush()
+        _HELD[lock] = (f, made)
+        atexit.register(release_claim, lock)
+    result = None
+    if check is not None:
+        try:
+            result = check()
+        except SystemExit:
+            release_claim(lock)
+            raise
+    return (lambda: release_claim(lock)), result
+
+
+def release_claim(lock):
+    """Remove this process's lock file (if it holds it) and the empty folders claim made for it."""
+    f, made = _HELD.pop(lock, (None, []))
+    if f is None:
+        return
+    with contextlib.suppress(OSError):
+        os.remove(lock)
+    f.close()
+    for d in made:  # innermost first; a folder something else was written into stays
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -6,6 +6,7 @@ Math units are pinned to values worked by hand from the paper's formulas; every 
 import json
 import math
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 
@@ -838,6 +839,141 @@ def test_phase2_refuses_to_overwrite_a_run(phase1_file, tmp_path):
     assert json.loads((d / "config.json").read_text())["seed"] == 1 and len(_log(d)) == 1
 
 
+def _files(d):
+    """Every file under d with its bytes: a folder's state, to show that a refused command touched nothing."""
+    return {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_folder(phase1_file, tmp_path_factory):
+    """A finished 1-epoch Phase II run (K=4, G=2, LoRA r=4) with its checkpoint, log and config."""
+    pf, out = phase1_file
+    d = tmp_path_factory.mktemp("run") / "run"
+    phase2_align.main(_phase2(d, out, pf, "--epochs=1"))
+    return d
+
+
+@pytest.mark.parametrize("extra, says", [
+    ("--resolution=0", "resolution=0 must be a positive multiple of 16"),
+    ("--prompts_per_epoch=0", "prompts_per_epoch=0 must be at least 1"),
+    ("--ckpt_every=0", "ckpt_every=0 must be at least 1"),
+    ("--eval_every=0", "eval_every=0 must be at least 1"),
+    ("--epochs=0", "epochs=0 must be at least 1"), ("--epochs=-2", "epochs=-2 must be at least 1"),
+    ("--lr=-1", "lr=-1.0 must be finite and >= 0"), ("--lora_rank=0", "lora_rank=0 must be at least 1"),
+    ("--device=cuda", "device='cuda', but this machine has no CUDA GPU"),
+    ("--guidance=3", "guidance=3.0 must be 1.0"),
+    ("--reward={'jpeg_incompressibility': 1e400}",
+     "weight of reward 'jpeg_incompressibility' must be finite"),
+    ("--reward={'jpeg_incompressibility': 0}", "must be finite and non-zero, got 0"),
+    ("--reward_opts={'pickscore': {'model': 'x'}}", "reward_opts names 'pickscore', which is not a reward"),
+    ("--resume=True", "--resume=True continues the run in out_dir and --overwrite=True replaces it")])
+def test_phase2_overwrite_checks_every_setting_before_it_removes_anything(run_folder, phase1_file, tmp_path,
+                                                                          monkeypatch, extra, says):
+    """--overwrite=True with a bad setting: one sentence, before any model loads, and the earlier run (its
+    checkpoint, log and evaluations) is untouched, byte for byte."""
+    pf, out = phase1_file
+    monkeypatch.setattr(sample, "load_pipeline",
+                        lambda *a, **k: pytest.fail("loaded a model for a bad setting"))
+    before = _files(run_folder)
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        phase2_align.main(_phase2(run_folder, out, pf, "--epochs=1", "--overwrite=True", extra))
+    assert _files(run_folder) == before
+    assert not os.path.exists(str(run_folder) + ".lock")
+
+
+def test_phase2_resume_stops_on_a_setting_that_changes_the_checkpoint(run_folder, phase1_file, tmp_path,
+                                                                       monkeypatch):
+    """--resume=True with another LoRA rank, K, model or prompt list: one sentence naming the setting and both
+    values, never advice to --overwrite a good checkpoint; nothing loaded, nothing touched. A run that has
+    done its epochs says so. The settings resume honours (lr, epochs, ...) go through and are named."""
+    pf, out = phase1_file
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    before = _files(run_folder)
+    other = tmp_path / "other.txt"
+    other.write_text("a blue square\n" + open(pf).read())
+    for extra, says in ((("--lora_rank=8",), "lora_rank=8 (the checkpoint's: 4)"),
+                        (("--K=1",), "K=1 (the checkpoint's: 4)"),
+                        (("--G=4", "--seed=3"), "G=4 (the checkpoint's: 2), seed=3 (the checkpoint's: 0)"),
+                        (("--model=tiny-large", "--K=1"), "model='tiny-large' (the checkpoint's: 'tiny')"),
+                        ((f"--prompts={other}", "--K=1"), "prompts="),
+                        (("--epochs=1",), "has done 1 epochs of --epochs=1: pass --epochs above 1")):
+        with pytest.raises(SystemExit, match=re.escape(says)) as err:
+            phase2_align.main(_phase2(run_folder, out, pf, "--epochs=2", "--resume=True", *extra))
+        assert "overwrite" not in str(err.value) and "damaged" not in str(err.value)
+    assert _files(run_folder) == before
+    monkeypatch.undo()
+    d = tmp_path / "run"
+    import shutil
+    shutil.copytree(run_folder, d)
+    copy = tmp_path / "moved_prompts.txt"  # the same prompts from another file: the same run
+    copy.write_text(open(pf).read())
+    phase2_align.main(_phase2(d, out, str(copy), "--epochs=2", "--resume=True", "--lr=1e-3",
+                              "--ckpt_every=5"))
+    assert [r["epoch"] for r in _log(d)] == [0, 1]
+
+
+def test_phase2_resume_names_a_broken_log_line_and_drops_a_torn_one(run_folder, phase1_file, tmp_path,
+                                                                    capsys):
+    """Two writers or an edit can break a line of log.jsonl: resume names the file and the line and changes
+    nothing. A last line cut short by a kill (no newline) is dropped with a note: the checkpoint is older
+    than it anyway."""
+    import shutil
+    pf, out = phase1_file
+    d = tmp_path / "run"
+    shutil.copytree(run_folder, d)
+    good = (d / "log.jsonl").read_text()
+    (d / "log.jsonl").write_text(good + '{"epoch": 1, "step"\n' + good)
+    before = _files(d)
+    with pytest.raises(SystemExit, match=re.escape(f"{d / 'log.jsonl'} line 2 is not valid JSON")):
+        phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--resume=True"))
+    assert _files(d) == before
+    (d / "log.jsonl").write_text(good + '{"epoch": 1, "st')
+    phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--resume=True"))
+    assert "line 2 is incomplete (a write cut short): left out" in capsys.readouterr().out
+    assert [r["epoch"] for r in _log(d)] == [0, 1]
+
+
+def test_one_writer_per_output_folder(phase1_file, tmp_path):
+    """Two Phase II runs on one out_dir at once: the second stops with one sentence naming the first's PID
+    and writes nothing; the first finishes as if alone, and its lock is gone afterwards. A lock left by a
+    killed writer is taken over, and said; a run that stops after claiming (a model folder that does not
+    exist) leaves no lock behind."""
+    import subprocess
+    import sys
+    import time
+    pf, out = phase1_file
+    d = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "phase2_align.py", *_phase2(d, out, pf, "--epochs=2")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    lock = str(d) + ".lock"
+    while not os.path.exists(lock) and first.poll() is None:
+        time.sleep(0.1)
+    with pytest.raises(SystemExit, match=f"{d} is being written by process {first.pid} on "):
+        phase2_align.main(_phase2(d, out, pf, "--epochs=2", "--overwrite=True"))
+    said, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, said[-2000:]
+    assert [r["epoch"] for r in _log(d)] == [0, 1] and not os.path.exists(lock)
+    # a writer killed while it holds the claim: the system drops the lock, the file stays; the next one takes
+    # it over and says so
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, sample; sample.claim(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path / "x")],
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SystemExit, match=f"process {holder.pid} on"):
+        sample.claim(str(tmp_path / "x"))
+    holder.kill()
+    holder.wait()
+    res = subprocess.run([sys.executable, "phase2_align.py", *_phase2(tmp_path / "x", out, pf, "--K=1",
+                                                                      f"--model={tmp_path / 'no_model'}")],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert res.returncode == 1
+    assert f"took over {tmp_path / 'x'}.lock, left by process {holder.pid}" in res.stdout
+    assert "model folder" in res.stderr and "does not exist" in res.stderr
+    assert not os.path.exists(str(tmp_path / "x") + ".lock") and not (tmp_path / "x").exists()
+
+
 def test_phase2_checks_settings_before_loading(phase1_file, tmp_path, monkeypatch):
     """Bad settings stop with one sentence before any model is loaded or anything written."""
     pf, out = phase1_file
@@ -1004,6 +1140,7 @@ def test_phase2_two_processes_match_one(tiny_folder, tmp_path):
         _torchrun("phase2_align.py",
                   [a if a != "--out_dir=X" else f"--out_dir={tmp_path / str(n)}" for a in args], n)
     a, b = _log(tmp_path / "1"), _log(tmp_path / "2")
+    assert not any(os.path.exists(f"{tmp_path / str(n)}.lock") for n in (1, 2))  # rank 0's claim, released
     # epoch 0 samples with the initial adapters: every image and reward is computed on the same inputs
     # in batches of the same shape, so they are bit-identical; the loss and gradient are sums of the
     # same terms in another order (16 samples x 3 timesteps: relative error below ~50 float32 eps)
@@ -1023,9 +1160,10 @@ def test_phase2_two_processes_match_one(tiny_folder, tmp_path):
 
 
 def test_phase2_a_nan_on_one_rank_stops_every_rank_with_one_sentence(tiny_folder, tmp_path):
-    """The perturbations of the prompt that lands on rank 1 are NaN: only rank 1 samples NaN latents, and
-    only its loss is NaN. Gradients are summed over ranks before the check, so both ranks stop at the
-    same step; rank 0 says why, once, and no rank is left waiting in a collective (no gloo errors)."""
+    """The perturbations of the prompt that lands on rank 1 are NaN: only rank 1 would sample NaN latents and
+    see a NaN loss. Every rank checks the rows of all the epoch's prompts before sampling, so both ranks stop
+    at the same check; rank 0 names the file and the prompt, once (not the loss: the file is the cause), and
+    no rank is left waiting in a collective (no gloo errors)."""
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(PROMPTS[:3]) + "\n")
     pert = tmp_path / "p.safetensors"
@@ -1049,7 +1187,7 @@ def test_phase2_a_nan_on_one_rank_stops_every_rank_with_one_sentence(tiny_folder
         _torchrun("phase2_align.py", args, 2)
     out = str(failed.value)
     assert out.count("non-finite") == 1 and "gloo" not in out.lower(), out[-3000:]
-    assert "non-finite loss or gradient at epoch 0, step 1; no checkpoint was written" in out
+    assert f"perturbation file {pert}: the clip_l perturbations of prompt {on_rank1} hold non-finite" in out
 
 
 def test_a_bad_setting_under_torchrun_is_said_once(phase1_file, tmp_path):
