@@ -227,6 +227,39 @@ def load_pipeline(model_id, device="cpu", dtype=torch.float32, seed=0):
     return pipe
 
 
+def check_lora(path):
+    """Before any model loads: `path` is a LoRA folder as phase2_align.py saves it (a checkpoint's lora_ema),
+    and its file can be read (a copy cut short stops here, not after SD3 has loaded)."""
+    from safetensors import safe_open
+    f = os.path.join(path, "pytorch_lora_weights.safetensors") if path else ""
+    if not os.path.isfile(f):
+        raise SystemExit(f"--lora={path} holds no pytorch_lora_weights.safetensors: pass a checkpoint's "
+                         "lora_ema folder (phase2_align.py writes it)")
+    try:
+        with safe_open(f, framework="pt") as h:
+            h.keys()
+    except Exception as err:
+        raise SystemExit(f"LoRA file {f} cannot be read ({type(err).__name__}: {str(err)[:120]}): it is "
+                         "truncated or damaged")
+
+
+def load_lora(pipe, path, model_id, adapter_name=None):
+    """pipe.load_lora_weights(path), with one sentence when the LoRA was made for another model (diffusers
+    would log every mismatched tensor, ~85 lines on the tiny model, then raise)."""
+    import diffusers
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
+    try:
+        pipe.load_lora_weights(path, adapter_name=adapter_name)
+    except Exception as err:
+        first = next((ln.strip() for ln in str(err).splitlines() if "mismatch" in ln or "not found" in ln),
+                     str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise SystemExit(f"LoRA {path} does not fit model {model_id} ({first[:200]}): it was trained on "
+                         "another model; pass the --model it was trained on")
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+
+
 def load_text(model_id, device="cpu", dtype=torch.float32, t5_len=128, seed=0, pipe=None):
     """What `encode` needs: the three tokenizers and frozen text encoders (from `pipe` if given,
     else loaded alone: Phase I needs no transformer or VAE)."""
@@ -843,14 +876,15 @@ def check_writable(path, setting, kind="folder"):
             raise SystemExit(f"cannot write {setting}={path}: {d} is not a writable folder")
 
 
-def check_keeps_inputs(removed, inputs, how):
+def check_keeps_inputs(removed, inputs, how, setting="--out_dir"):
     """Refuse when what this command would delete or replace (`removed`, paths) holds one of its own inputs
-    (`inputs`, {what it is: path}): `how` names what would do it (e.g. "--overwrite=True")."""
+    (`inputs`, {what it is: path}): `how` names what would do it (e.g. "--overwrite=True"), `setting` the
+    output's setting."""
     for r in removed:
         for what, p in inputs.items():
             if p and os.path.exists(str(p)) and inside(str(p), r):
                 raise SystemExit(f"{how} would remove {r}, which holds {what} {p} of this same command: "
-                                 "write the output elsewhere")
+                                 f"pass another {setting}")
 
 
 _HELD = {}  # the claims of this process: lock file -> (its open file, the folders claim made for it)
@@ -941,8 +975,8 @@ def main(argv=None):
     if K > 1 and not perturbations:
         raise SystemExit(f"K={K} needs --perturbations=FILE from phase1_perturb.py (or K=1)")
     check_rho(rho)
-    if lora and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
-        raise SystemExit(f"--lora={lora} holds no pytorch_lora_weights.safetensors")
+    if lora:
+        check_lora(lora)
     rank, world, dev, dt = setup_distributed(device, dtype)
     pipe = load_pipeline(model, dev, dt, seed=0)
     text = load_text(model, dev, dt, t5_len, pipe=pipe)
@@ -950,8 +984,7 @@ def main(argv=None):
     shape = latent_shape(pipe, resolution)
     # ours train only the transformer: diffusers' notes on the text encoders' missing keys are silenced
     if lora:
-        with diffusers_notes_off():
-            pipe.load_lora_weights(lora)
+        load_lora(pipe, lora, model)
     c_neg = encode(text, [""]) if guidance > 1.0 else None
     sigmas = sigma_grid(pipe.scheduler, steps)
     os.makedirs(out_dir, exist_ok=True)

@@ -1721,11 +1721,67 @@ def test_export_merges_the_lora_into_a_plain_pipeline(model, tmp_path):
     bound = (6 * c.num_layers + 4) * d * 2.0 ** -24
     assert (v_merged - v_ref).norm() <= bound * v_ref.norm()
     assert (v_ref - v_base).norm() > 10 * bound * v_base.norm()  # an export without the merge fails
-    with pytest.raises(SystemExit, match="exists: pass --overwrite=True"):
+    with pytest.raises(SystemExit, match="holds an earlier export: pass --overwrite=True"):
         export.main([f"--model={model}", f"--lora={lora}", f"--out_dir={out}", "--device=cpu"])
     with pytest.raises(SystemExit, match="holds no pytorch_lora_weights"):
         export.main([f"--model={model}", f"--lora={tmp_path}", f"--out_dir={tmp_path / 'x'}"])
     assert not (tmp_path / "x").exists()
+
+
+def test_export_never_replaces_its_own_inputs_or_a_run(run_folder, tmp_path, monkeypatch):
+    """A config's out_dir is its run folder: exporting that run's LoRA there, even with --overwrite=True, stops
+    with one sentence that names the LoRA and does not advise --overwrite, and the run (log, checkpoint, the
+    LoRA itself) is untouched; so for a LoRA from elsewhere (a run is not an export), a folder of other files,
+    and an export onto the model folder it reads. All before any model loads. A LoRA cut short is named."""
+    import export
+    import shutil
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    d = tmp_path / "run"
+    shutil.copytree(run_folder, d)
+    lora = d / "checkpoint" / "lora_ema"
+    other = tmp_path / "lora_ema"
+    shutil.copytree(lora, other)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    before = _files(tmp_path)
+    for args, says in (((f"--lora={lora}", f"--out_dir={d}"), f"which holds the LoRA {lora}"),
+                       ((f"--lora={other}", f"--out_dir={d}"), "holds a Phase II run (checkpoint, log.jsonl)"),
+                       ((f"--lora={other}", f"--out_dir={tmp_path / 'notes'}"), "holds files that are not a"),
+                       ((f"--lora={other}", f"--model={tmp_path / 'model'}", f"--out_dir={tmp_path / 'model'}"),
+                        "which holds the model")):
+        with pytest.raises(SystemExit, match=re.escape(says)) as err:
+            export.main(["config/tiny_cpu.py", *args, "--overwrite=True"])
+        assert "--overwrite=True to" not in str(err.value)
+    assert _files(tmp_path) == before
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "pytorch_lora_weights.safetensors").write_bytes((other / "pytorch_lora_weights.safetensors")
+                                                          .read_bytes()[:3000])
+    with pytest.raises(SystemExit, match="pytorch_lora_weights.safetensors cannot be read .*truncated"):
+        export.main(["config/tiny_cpu.py", f"--lora={cut}", f"--out_dir={tmp_path / 'x'}"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_lora_for_another_model_is_one_sentence(tmp_path, capfd):
+    """A LoRA trained on tiny-large given to sample.py or export.py with the tiny model: one sentence, not the
+    library's ~85 lines of size mismatches, and nothing written."""
+    import export
+    tr = tiny.pipeline(0, large=True).transformer
+    phase2_align.add_adapters(tr, 4, 8)
+    phase2_align.save_lora(tr, "ema", str(tmp_path / "large_lora"))
+    for run in (lambda: sample.main(["config/tiny_cpu.py", f"--lora={tmp_path / 'large_lora'}", "--G=1",
+                                     "--K=1", "--steps=1", f"--out_dir={tmp_path / 's'}"]),
+                lambda: export.main(["config/tiny_cpu.py", f"--lora={tmp_path / 'large_lora'}",
+                                     f"--out_dir={tmp_path / 'e'}"])):
+        capfd.readouterr()
+        with pytest.raises(SystemExit, match="does not fit model tiny .*size mismatch.*trained on another"):
+            run()
+        said = capfd.readouterr()
+        assert "size mismatch" not in said.out + said.err
+    # (e.lock: export claimed its out_dir; this test process still holds it, a real run's ends with it)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["large_lora"]
 
 
 def _wandb_history(run_dir, wait=30.0):
