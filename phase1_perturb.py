@@ -54,11 +54,15 @@ gen_rank = 16  # basis directions per token: the generator serves K up to gen_ra
 gen_hidden = 256
 gen_iters = 1000
 gen_lr = 1e-3
-gen_batch = 8  # prompts a step; each step draws its K from 2 .. K
+# prompts a step; each step draws its K from 2 .. K and backpropagates gen_batch x (K-1) sequences through the
+# encoders: at SD3.5-M's shapes and K=12, 4 prompts hold 42.7 GiB with the encoders' weights, 8 would hold
+# 74.5 GiB (counted by bench.py; docs/amortized_phase1.md)
+gen_batch = 4
 calibrate_steps = 8  # bisection steps that scale each generated variant onto the ring (0: none)
 gen_eval_prompts = None  # held-out prompts: the generator measured there against per-prompt Phase I
 refine_iters = (0, 10, 25)  # in that measurement, per-prompt Adam steps warm-started from the generator
 refine_lr = 0.0125  # their Adam step in delta_lr's units: a quarter of it, not to throw the warm start away
+overwrite = False  # replace an earlier Phase I file (or generator) at `perturbations`
 seed = 0
 device = "auto"
 dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
@@ -212,9 +216,9 @@ def variant_embeddings(text, sub, deltas, names, K, tokens=None):
     return {m: (out[m][1].float().view(len(sub), n, -1), anchor[m][1].float()) for m in names}
 
 
-def generator_loss(gen, text, sub, K, mu, eps, lam, seed):
+def generator_loss(gen, text, sub, K, mu, eps, lam, seed, tokens=None):
     """L_emb of the generator's Delta for the prompts `sub`, summed over prompts and encoders."""
-    tokens = S.tokenize(text, sub)
+    tokens = tokens or S.tokenize(text, sub)
     deltas = S.generator_deltas(gen, text, sub, K, seed, tokens)
     return sum(embedding_loss(e, e_anc, mu, eps, lam)
                for e, e_anc in variant_embeddings(text, sub, deltas, gen.names, K, tokens).values())
@@ -239,97 +243,112 @@ def delta_stats(text, sub, deltas, names, K):
 
 
 def measure_generator(gen, text, prompt_list, names, K, mu, eps, eps_opt, lam, calibrate, refine, seed,
-                      iters):
+                      iters, batch=4):
     """The generator on prompts it never saw, against per-prompt Phase I (`iters` Adam steps from a random
     init): per method and encoder, the share of variants strictly inside the ring, the mean anchor cosine,
     the mean and the minimum pairwise cosine, L_emb per prompt, and the seconds per prompt; the generator
-    alone, then warm-started with each count of `refine` per-prompt steps."""
-    rows, idx = {}, list(range(len(prompt_list)))
+    alone, then warm-started with each count of `refine` per-prompt steps. In batches of `batch` prompts, as
+    Phase I's batch_prompts: a refinement backpropagates batch x (K-1) sequences through the encoders."""
+    acc = {}  # label -> seconds, summed L_emb and the cosines of every batch
 
-    def record(label, deltas, seconds):
+    def record(label, sub, deltas, seconds):
         with torch.no_grad():  # one pass of the encoders gives the cosines and L_emb
-            emb = variant_embeddings(text, prompt_list, deltas, names, K)
-        st = pair_cosines(emb)
-        loss = sum(embedding_loss(e, e_anc, mu, eps_opt, lam) for e, e_anc in emb.values()).item()
-        rows[label] = {"seconds_per_prompt": seconds / len(idx), "L_emb_per_prompt": loss / len(idx)}
-        for m, (a, p) in st.items():
-            rows[label][m] = {"in_ring": ((a - mu).abs() <= eps).float().mean().item(),
-                              "cos_anchor": a.mean().item(),
+            emb = variant_embeddings(text, sub, deltas, names, K)
+        a = acc.setdefault(label, {"seconds": 0.0, "loss": 0.0, "cos": {m: ([], []) for m in names}})
+        a["seconds"] += seconds
+        a["loss"] += sum(embedding_loss(e, e_anc, mu, eps_opt, lam) for e, e_anc in emb.values()).item()
+        for m, (c, p) in pair_cosines(emb).items():
+            a["cos"][m][0].append(c)
+            a["cos"][m][1].append(p)
+    for start in range(0, len(prompt_list), batch):
+        idx = list(range(start, min(start + batch, len(prompt_list))))
+        sub = [prompt_list[i] for i in idx]
+        content = S.tokenize(text, sub)
+        dense = lambda r: {m: S.scatter_content([r[i][m].float() for i in idx], content[m][1]) for m in names}
+        t0 = time.time()
+        gen_d = S.generator_deltas(gen, text, sub, K, seed, calibrate=calibrate)
+        t_gen = time.time() - t0
+        record("generator" + (" + calibration" if calibrate else ""), sub, gen_d, t_gen)
+        for r in (r for r in refine if r > 0):
+            t0 = time.time()
+            got, _ = learn_perturbations(text, prompt_list, idx, names, K, mu, eps_opt, lam, sigma_init,
+                                         refine_lr, r, seed, init=gen_d)
+            record(f"generator + {r} refinement steps", sub, dense(got), t_gen + time.time() - t0)
+        t0 = time.time()
+        got, _ = learn_perturbations(text, prompt_list, idx, names, K, mu, eps_opt, lam, sigma_init, delta_lr,
+                                     iters, seed)
+        record(f"per-prompt Phase I ({iters} steps)", sub, dense(got), time.time() - t0)
+    rows, n = {}, len(prompt_list)
+    for label, a in acc.items():
+        rows[label] = {"seconds_per_prompt": a["seconds"] / n, "L_emb_per_prompt": a["loss"] / n}
+        for m, (cs, ps) in a["cos"].items():
+            c, p = torch.cat(cs), torch.cat(ps)
+            rows[label][m] = {"in_ring": ((c - mu).abs() <= eps).float().mean().item(),
+                              "cos_anchor": c.mean().item(),
                               "pairwise_mean": p.mean().item() if p.numel() else None,
                               "pairwise_min": p.min().item() if p.numel() else None}
-    content = S.tokenize(text, prompt_list)
-    dense = lambda r: {m: S.scatter_content([r[i][m].float() for i in idx], content[m][1]) for m in names}
-    t0 = time.time()
-    gen_d = S.generator_deltas(gen, text, prompt_list, K, seed, calibrate=calibrate)
-    record("generator" + (" + calibration" if calibrate else ""), gen_d, time.time() - t0)
-    t_gen = time.time() - t0
-    for r in (r for r in refine if r > 0):
-        t0 = time.time()
-        got, _ = learn_perturbations(text, prompt_list, idx, names, K, mu, eps_opt, lam, sigma_init,
-                                     refine_lr, r, seed, init=gen_d)
-        record(f"generator + {r} refinement steps", dense(got), t_gen + time.time() - t0)
-    t0 = time.time()
-    got, _ = learn_perturbations(text, prompt_list, idx, names, K, mu, eps_opt, lam, sigma_init, delta_lr,
-                                 iters, seed)
-    record(f"per-prompt Phase I ({iters} steps)", dense(got), time.time() - t0)
     return rows
 
 
-def save_perturbations(path, rows, meta):
+def write_safetensors(path, tensors, meta):
     """Atomic write: a temp file renamed over `path`, so a crash never leaves a half-written file."""
     from safetensors.torch import save_file
-    tensors = {f"{i}.{name}": t.contiguous() for i, r in rows.items() for name, t in r.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"e2po": json.dumps(meta)})
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"e2po": json.dumps(meta)})
     os.replace(tmp, path)
 
 
+def save_perturbations(path, rows, meta):
+    """The Phase I file: `{prompt index}.{encoder}` -> [K-1, L, d], and its metadata."""
+    write_safetensors(path, {f"{i}.{name}": t for i, r in rows.items() for name, t in r.items()}, meta)
+
+
 def main_amortized(cfg, text, prompt_list, eval_list):
-    """amortize=True: train the generator, measure it on the held-out prompts against per-prompt Phase I,
-    write it (atomically) where a perturbation file would go."""
-    from safetensors.torch import save_file
+    """amortize=True: train the generator, write it (atomically) where a perturbation file would go, then
+    measure it on the held-out prompts against per-prompt Phase I and write it again with that table in its
+    metadata: a measurement that fails (out of memory) leaves the trained generator on disk."""
     eps_opt = eps * (1 - ring_margin)
     t0 = time.time()
     gen, dims = train_generator(text, prompt_list, encoders, K, mu, eps_opt, lambda_div, gen_rank, gen_hidden,
                                 gen_iters, gen_lr, gen_batch, seed)
     train_s = time.time() - t0
+    if not all(torch.isfinite(p).all() for p in gen.parameters()):
+        raise SystemExit(f"the generator's training diverged (non-finite weights): nothing written; lower "
+                         f"gen_lr={gen_lr}")
     calibrate = (mu - eps_opt, calibrate_steps) if calibrate_steps else None
-    rows = (measure_generator(gen, text, eval_list, encoders, K, mu, eps, eps_opt, lambda_for(K, lambda_div),
-                              calibrate, refine_iters, seed, iters) if eval_list else {})
     meta = {"kind": "generator", "model": model, "encoders": list(encoders), "K_max": K, "rank": gen_rank,
             "hidden": gen_hidden, "dims": dims, "mu": mu, "eps": eps, "eps_opt": eps_opt,
             "lambda_div": lambda_div, "t5_len": t5_len, "seed": seed, "calibrate": calibrate,
             "prompts_path": prompts, "prompts_sha256": S.prompts_hash(prompt_list),
-            "n_prompts": len(prompt_list), "train_seconds": train_s, "held_out": rows, "config": cfg}
-    os.makedirs(os.path.dirname(os.path.abspath(perturbations)), exist_ok=True)
-    tmp = f"{perturbations}.tmp{os.getpid()}"
-    save_file({k: v.contiguous().cpu() for k, v in gen.state_dict().items()}, tmp,
-              metadata={"e2po": json.dumps(meta)})
-    os.replace(tmp, perturbations)
+            "n_prompts": len(prompt_list), "train_seconds": train_s, "held_out": {}, "config": cfg}
+    write_safetensors(perturbations, gen.state_dict(), meta)
     n_params = sum(p.numel() for p in gen.parameters())
     size = os.path.getsize(perturbations) / 1e6
     print(f"phase1 (amortized): a generator of {n_params:,} parameters ({size:.1f} MB) trained on "
           f"{len(prompt_list)} prompts, K up to {K}, in {train_s:.1f}s -> {perturbations}")
-    if rows:
-        floor = (mu - eps_opt) ** 2 - (1 - (mu - eps_opt) ** 2) / (K - 2) if K > 2 else float("nan")
-        print(f"{len(eval_list)} held-out prompts ({gen_eval_prompts}), K={K}; the pairwise floor for K-1 "
-              f"variants evenly spread at cos {mu - eps_opt:.3f} to the anchor: {floor:.3f}")
-        print(f"{'method':<38} {'encoder':<7} {'in ring':>7} {'cos_anc':>7} {'pair mean':>9} {'pair min':>8} "
-              f"{'L_emb':>7} {'s/prompt':>8}")
-        for label, r in rows.items():
-            for m in encoders:
-                v = r[m]
-                print(f"{label:<38} {m:<7} {v['in_ring']:>7.1%} {v['cos_anchor']:>7.3f} "
-                      f"{v['pairwise_mean'] if v['pairwise_mean'] is not None else float('nan'):>9.3f} "
-                      f"{v['pairwise_min'] if v['pairwise_min'] is not None else float('nan'):>8.3f} "
-                      f"{r['L_emb_per_prompt']:>7.3f} {r['seconds_per_prompt']:>8.3f}")
+    if not eval_list:
+        return
+    rows = measure_generator(gen, text, eval_list, encoders, K, mu, eps, eps_opt, lambda_for(K, lambda_div),
+                             calibrate, refine_iters, seed, iters, batch_prompts)
+    write_safetensors(perturbations, gen.state_dict(), dict(meta, held_out=rows))
+    floor = (mu - eps_opt) ** 2 - (1 - (mu - eps_opt) ** 2) / (K - 2) if K > 2 else float("nan")
+    print(f"{len(eval_list)} held-out prompts ({gen_eval_prompts}), K={K}; the pairwise floor for K-1 "
+          f"variants evenly spread at cos {mu - eps_opt:.3f} to the anchor: {floor:.3f}")
+    print(f"{'method':<38} {'encoder':<7} {'in ring':>7} {'cos_anc':>7} {'pair mean':>9} {'pair min':>8} "
+          f"{'L_emb':>7} {'s/prompt':>8}")
+    for label, r in rows.items():
+        for m in encoders:
+            v = r[m]
+            print(f"{label:<38} {m:<7} {v['in_ring']:>7.1%} {v['cos_anchor']:>7.3f} "
+                  f"{v['pairwise_mean'] if v['pairwise_mean'] is not None else float('nan'):>9.3f} "
+                  f"{v['pairwise_min'] if v['pairwise_min'] is not None else float('nan'):>8.3f} "
+                  f"{r['L_emb_per_prompt']:>7.3f} {r['seconds_per_prompt']:>8.3f}")
 
 
-def main(argv=None):
-    from configurator import config_summary, configure
-    from tqdm import tqdm
-    cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+def check_settings():
+    """Every setting checked before anything is loaded or written; the first bad one stops with one sentence
+    (what the output would replace is check_output's). Returns the prompts and the held-out prompts."""
     if K < 2:
         raise SystemExit(f"K={K}: Phase I learns K-1 perturbations, so K must be at least 2 "
                          f"(K=1 is plain DiffusionNFT and needs no Phase I)")
@@ -341,16 +360,81 @@ def main(argv=None):
     if amortize and (K - 1 > gen_rank or gen_iters < 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1):
         raise SystemExit(f"amortize=True trains one generator (gen_iters >= 1) in one process, for K up to "
                          f"gen_rank + 1 = {gen_rank + 1} (K={K}): run it with python, and K <= gen_rank + 1")
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    # the rest, each as a bound: (the setting, whether its value is allowed, what it must be)
+    for name, ok, must in (
+            ("mu", finite(mu) and 0 < mu < 1, "in (0, 1): the cosine to the prompt the variants aim at"),
+            ("eps", finite(eps) and eps < 1, "below 1"),
+            ("lambda_div", lambda_div is None or finite(lambda_div) and lambda_div >= 0, "None or >= 0"),
+            ("sigma_init", finite(sigma_init) and sigma_init > 0, "finite and > 0"),
+            ("delta_lr", finite(delta_lr) and delta_lr > 0, "finite and > 0"),
+            ("iters", iters >= 1, "at least 1"), ("batch_prompts", batch_prompts >= 1, "at least 1"),
+            ("t5_len", t5_len >= 1, "at least 1"), ("gen_rank", gen_rank >= 1, "at least 1"),
+            ("gen_hidden", gen_hidden >= 1, "at least 1"), ("gen_batch", gen_batch >= 1, "at least 1"),
+            ("gen_lr", finite(gen_lr) and gen_lr > 0, "finite and > 0"),
+            ("calibrate_steps", calibrate_steps >= 0, ">= 0"),
+            ("refine_iters", all(isinstance(r, int) and r >= 0 for r in refine_iters), "whole numbers >= 0"),
+            ("refine_lr", finite(refine_lr) and refine_lr > 0, "finite and > 0")):
+        if not ok:
+            raise SystemExit(f"{name}={globals()[name]!r} must be {must}")
+    S.pick_device(device, dtype)  # a device this machine lacks, a dtype we do not run
     prompt_list, _ = S.read_prompts(prompts)
     eval_list = S.read_prompts(gen_eval_prompts)[0] if amortize and gen_eval_prompts else []
+    S.check_writable(perturbations, "perturbations", kind="file")
+    return prompt_list, eval_list
+
+
+def describe(path):
+    """What a Phase I output file holds, in words; None when phase1_perturb.py did not write it (or it is
+    damaged)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as h:
+            m = json.loads(h.metadata()["e2po"])
+        if m.get("kind") == "generator":
+            return (f"a generator (K up to {m['K_max']}) trained on {m['n_prompts']} prompts of "
+                    f"{m['prompts_path']}")
+        return f"the K={m['K']} perturbations of {m['n_prompts']} prompts of {m['prompts_path']}"
+    except Exception:
+        return None
+
+
+def check_output():
+    """What this run would replace: the file at `perturbations`, or the shards a torchrun wrote for it. Only
+    files phase1_perturb.py wrote, and only with --overwrite=True (as Phase II keeps its run folder)."""
+    import glob
+    found = ([perturbations] if os.path.isfile(perturbations) else []) + sorted(
+        glob.glob(S.shard_glob(perturbations)))
+    for f in found:
+        what = describe(f)
+        if what is None:
+            raise SystemExit(f"perturbations={perturbations}: {f} is not a file phase1_perturb.py wrote (or "
+                             "it is damaged), and Phase I replaces only its own files: pass another "
+                             "--perturbations")
+        if not overwrite:
+            raise SystemExit(f"{f} holds {what}: pass --overwrite=True to replace it, or another "
+                             "--perturbations")
+
+
+def main(argv=None):
+    from configurator import config_summary, configure
+    from tqdm import tqdm
+    cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    prompt_list, eval_list = check_settings()
+    # the output claimed (one writer at a time) and checked for what it would replace: nothing is loaded,
+    # replaced or written before this line
+    release, _ = S.claim(perturbations, check_output, int(os.environ.get("RANK", 0)))
     S.quiet()
     rank, world, dev, dt = S.setup_distributed(device, dtype)
     if rank == 0:
         print(config_summary(cfg))
     torch.manual_seed(seed + rank)
     text = S.load_text(model, dev, dt, t5_len, seed=0)
+    if rank == 0:
+        S.note_cut_prompts(text, prompt_list + eval_list)
     if amortize:
-        return main_amortized(cfg, text, prompt_list, eval_list)
+        main_amortized(cfg, text, prompt_list, eval_list)
+        return release()
     # L_div is a mean over the (K-1)(K-2)/2 pairs but L_anc a sum over the K-1 variants, so with a fixed
     # lambda_div the spreading force on one variant falls as 2/(K-1): at K = 3 it beats the hinge and the
     # variants leave the ring. lambda_div = (K-2)/2 keeps that force the same for every K (README).
@@ -369,11 +453,18 @@ def main(argv=None):
         for name, v in st.items():
             for when, ap in v.items():
                 stats.setdefault((name, when), []).append(ap)
-    if world > 1:  # gather the statistics so rank 0 reports all prompts
+    # a diverged prompt (a NaN or an inf) would be blamed later on Phase II's loss: nothing is written
+    bad = sorted(i for i, r in rows.items() if not all(torch.isfinite(t).all() for t in r.values()))
+    if world > 1:  # gather the statistics so rank 0 reports all prompts, and every rank sees `bad`
         import torch.distributed as dist
         gathered = [None] * world
-        dist.all_gather_object(gathered, stats)
-        stats = {k: [ap for g in gathered for ap in g.get(k, [])] for k in set().union(*gathered)}
+        dist.all_gather_object(gathered, (stats, bad))
+        stats = {k: [ap for g, _ in gathered for ap in g.get(k, [])]
+                 for k in set().union(*(g for g, _ in gathered))}
+        bad = sorted(i for _, b in gathered for i in b)
+    if bad:
+        raise SystemExit(f"Phase I diverged: the perturbations of {len(bad)} prompt(s) (the first: prompt "
+                         f"{bad[0]}) are not finite; nothing written: lower delta_lr={delta_lr}")
     all_stats = {name: {when: tuple(torch.cat(x) for x in zip(*stats[name, when]))
                         for when in ("init", "final")}
                  for name in encoders}
@@ -409,6 +500,7 @@ def main(argv=None):
                 print(f"WARNING: {1 - m['in_ring']:.1%} of the {name} variants end outside the ring "
                       f"[{mu - eps:.3f}, {mu + eps:.3f}] (mean cos to anchor {m['cos_anchor_final']:.3f}): "
                       f"raise iters, or lower lambda_div or delta_lr")
+    release()
 
 
 if __name__ == "__main__":

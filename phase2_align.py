@@ -963,6 +963,7 @@ def main(argv=None):
     torch.manual_seed(seed)  # the same adapter init on every rank (and DDP broadcasts rank 0's)
     pipe = S.load_pipeline(model, dev, dt)
     run.text = S.load_text(model, dev, dt, t5_len, pipe=pipe)
+    S.note_cut_prompts(run.text, prompt_list + eval_list, run.log)
     pert = S.load_perturbations(perturbations, run.text, prompt_list, K) if K > 1 else None
     if text_offload:  # on the CPU except while they encode (S.text_on)
         run.text["encoders"] = {n: e.to("cpu") for n, e in run.text["encoders"].items()}

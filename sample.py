@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 
 import torch
@@ -43,6 +44,7 @@ lora = None  # folder with pytorch_lora_weights.safetensors
 batch_size = 8  # images per transformer forward, across prompts
 seed = 0
 out_dir = "out/samples"  # PNGs, a grid per prompt, index.jsonl (eval_diversity.py --samples=DIR reads it)
+overwrite = False  # replace the earlier samples out_dir holds (its other files stay)
 device = "auto"  # "auto" = cuda if available else cpu
 dtype = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
 # -----------------------------------------------------------------------------
@@ -330,6 +332,22 @@ def tokenize(text, prompt_list):
             content[:, 0] = False  # CLIP's BOS; T5 has none
         out[name] = (ids, content)
     return out
+
+
+def note_cut_prompts(text, prompt_list, say=print):
+    """One note when prompts are longer than an encoder reads and are cut at its limit (CLIP's tokenizer
+    length, 77 on SD3; T5 at t5_len), as diffusers' pipeline cuts them: the words past it reach no encoder."""
+    cut, first = [], None
+    for name, tok in text["tokenizers"].items():
+        limit = text["t5_len"] if name == "t5" else tok.model_max_length
+        long = [p for p, ids in zip(prompt_list, tok(prompt_list, truncation=False, verbose=False).input_ids)
+                if len(ids) > limit]
+        if long:
+            cut.append(f"{len(long)} of {len(prompt_list)} at {name}'s {limit} tokens")
+            first = first or long[0]
+    if cut:
+        say(f"note: prompts longer than an encoder reads are cut, as diffusers' pipeline cuts them: "
+            f"{', '.join(cut)} (e.g. '{first[:80]}')")
 
 
 def token_embedding(enc):
@@ -966,25 +984,73 @@ def release_claim(lock):
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv=None):
-    from configurator import configure
-    from tqdm import tqdm
-    cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
-    quiet()
+# what a run writes into out_dir (and eval_diversity.py beside it): what --overwrite=True replaces there
+SAMPLE_FILES = re.compile(r"\d{5}_k\d{2}_g\d{2}\.png|\d{5}_grid\.png|index\.jsonl|config\.json"
+                          r"|diversity\.json")
+
+
+def check_settings():
+    """Every setting of the CLI checked before anything loads or is written; returns the prompts and their
+    metadata."""
     prompt_list, metadata = read_prompts(prompts)
     if K > 1 and not perturbations:
         raise SystemExit(f"K={K} needs --perturbations=FILE from phase1_perturb.py (or K=1)")
     check_rho(rho)
+    for name, ok, must in (("K", K >= 1, "at least 1"), ("G", G >= 1, "at least 1"),
+                           ("steps", steps >= 1, "at least 1"), ("batch_size", batch_size >= 1, "at least 1"),
+                           ("t5_len", t5_len >= 1, "at least 1"),
+                           ("solver", solver in ("euler", "dpm2"), "'euler' or 'dpm2'"),
+                           ("guidance", 1 <= guidance < math.inf, "finite and >= 1 (1.0: no CFG)"),
+                           ("resolution", resolution >= 16 and resolution % 16 == 0,
+                            "a positive multiple of 16")):
+        if not ok:
+            raise SystemExit(f"{name}={globals()[name]!r} must be {must}")
+    pick_device(device, dtype)
     if lora:
         check_lora(lora)
+    if K > 1:
+        check_perturbations(perturbations, model, prompt_list, K, t5_len)
+    check_writable(out_dir, "out_dir")
+    return prompt_list, metadata
+
+
+def earlier_samples():
+    """The files of earlier samples in out_dir, which this run would replace: only with --overwrite=True,
+    never one of its inputs (the folder's other files are left alone)."""
+    found = sorted(os.path.join(out_dir, f) for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                   if SAMPLE_FILES.fullmatch(f))
+    if found and not overwrite:
+        raise SystemExit(f"out_dir={out_dir} holds earlier samples ({len(found)} files: index.jsonl, PNGs, "
+                         "grids): pass --overwrite=True to replace them, or another --out_dir")
+    check_keeps_inputs(found, {"the prompt file": prompts, "the perturbation file": perturbations,
+                               "the LoRA": lora, "the model": model}, "--overwrite=True")
+    return found
+
+
+def main(argv=None):
+    from configurator import configure
+    from tqdm import tqdm
+    cfg = configure(globals(), config_keys, sys.argv[1:] if argv is None else argv)
+    prompt_list, metadata = check_settings()
+    # out_dir claimed (one writer at a time) and checked for what this run would replace: nothing is loaded,
+    # removed or written before this line
+    release, earlier = claim(out_dir, earlier_samples, int(os.environ.get("RANK", 0)))
+    quiet()
     rank, world, dev, dt = setup_distributed(device, dtype)
     pipe = load_pipeline(model, dev, dt, seed=0)
     text = load_text(model, dev, dt, t5_len, pipe=pipe)
     pert = load_perturbations(perturbations, text, prompt_list, K) if K > 1 else None  # K=1: C^orig only
+    check_finite_rows(pert, range(len(prompt_list)))
     shape = latent_shape(pipe, resolution)
-    # ours train only the transformer: diffusers' notes on the text encoders' missing keys are silenced
     if lora:
         load_lora(pipe, lora, model)
+    if rank == 0:
+        note_cut_prompts(text, prompt_list)
+        for f in sorted(earlier, key=lambda f: not f.endswith("index.jsonl")):  # the index first: a folder
+            os.remove(f)                                                        # without one is unfinished
+    if world > 1:  # no rank writes before rank 0 has removed the earlier samples
+        import torch.distributed as dist
+        dist.barrier()
     c_neg = encode(text, [""]) if guidance > 1.0 else None
     sigmas = sigma_grid(pipe.scheduler, steps)
     os.makedirs(out_dir, exist_ok=True)
@@ -1031,6 +1097,7 @@ def main(argv=None):
         write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
         write_text_atomic(os.path.join(out_dir, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
         print(f"wrote {len(index)} images of {len(prompt_list)} prompts to {out_dir}/ (index.jsonl)")
+    release()
 
 
 if __name__ == "__main__":

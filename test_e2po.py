@@ -139,6 +139,18 @@ def _first_layer(enc):
             else enc.text_model.encoder.layers[0])
 
 
+def test_prompts_cut_at_an_encoders_limit_are_noted(text, capsys):
+    """A prompt longer than CLIP's 77 tokens or T5's t5_len is cut, as diffusers cuts it: said once, with
+    how many and at which encoder; prompts that fit say nothing."""
+    long = " ".join(["a red cat"] * 40)  # 120 words
+    sample.note_cut_prompts(text, PROMPTS[:1] + [long])
+    said = capsys.readouterr().out
+    assert ("1 of 2 at clip_l's 77 tokens, 1 of 2 at clip_g's 77 tokens, 1 of 2 at t5's 16 tokens" in said
+            and said.count("note:") == 1)
+    sample.note_cut_prompts(text, PROMPTS[:1])
+    assert capsys.readouterr().out == ""
+
+
 def test_delta_touches_only_content_positions(text):
     tokens = sample.tokenize(text, PROMPTS[:2])
     torch.manual_seed(0)
@@ -328,7 +340,8 @@ def test_stages_share_only_keys_that_mean_the_same():
     # learning rate was once `lr`, so a config setting Phase II's lr froze Phase I's deltas)
     import sample
     shared = set(phase1_perturb.config_keys) & set(phase2_align.config_keys)
-    assert shared == {"K", "device", "dtype", "model", "perturbations", "prompts", "seed", "t5_len"}
+    assert shared == {"K", "device", "dtype", "model", "overwrite", "perturbations", "prompts", "seed",
+                      "t5_len"}
     assert shared == set(phase1_perturb.config_keys) & set(sample.config_keys)
     for mod in (phase1_perturb, phase2_align, sample):  # constants (upper case) are not settings
         # K and G are the paper's symbols
@@ -429,6 +442,30 @@ def test_sample_cli_under_torchrun_writes_what_one_process_writes(phase1_file, t
     assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
 
 
+def test_sample_cli_replaces_earlier_samples_only_when_told(prompt_file, tmp_path, monkeypatch):
+    """sample.py into a folder of earlier samples: refused before any model loads, nothing touched; with
+    --overwrite=True the earlier samples go (no old PNG stays beside the new ones), the folder's other files
+    stay, and a prompt file inside what it would remove is refused."""
+    d = tmp_path / "s"
+    common = ["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=1", "--t5_len=16", "--steps=2",
+              f"--out_dir={d}"]
+    sample.main(common + ["--G=2"])
+    (d / "notes.txt").write_text("mine")
+    before = _files(d)
+    real = sample.load_pipeline
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit, match="holds earlier samples .*pass --overwrite=True"):
+        sample.main(common + ["--G=1"])
+    with pytest.raises(SystemExit, match="would remove .*index.jsonl, which holds the prompt file"):
+        sample.main(common[:1] + [f"--prompts={d / 'index.jsonl'}"] + common[2:] + ["--overwrite=True"])
+    assert _files(d) == before
+    monkeypatch.setattr(sample, "load_pipeline", real)
+    sample.main(common + ["--G=1", "--overwrite=True"])
+    index = [json.loads(ln) for ln in (d / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 3 and (d / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in d.glob("*_k*_g*.png")) == sorted(r["file"] for r in index)
+
+
 def test_sample_cli_refuses_k_without_file(prompt_file, tmp_path):
     with pytest.raises(SystemExit, match="needs --perturbations"):
         sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--perturbations=None",
@@ -489,6 +526,57 @@ def test_phase1_bad_input_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match="non-empty subset"):
         phase1_perturb.main(["config/tiny_cpu.py", "--encoders=('clip_x',)", f"--perturbations={out}"])
     assert not out.exists()
+
+
+def test_phase1_refuses_to_replace_its_output_unless_told(prompt_file, tmp_path):
+    """Phase I behaves like Phase II: a K=3 run onto a K=4 file stops, naming what it would replace, and the
+    file is untouched; with --overwrite=True it is replaced."""
+    out = tmp_path / "p.safetensors"
+    args = ["config/tiny_cpu.py", f"--prompts={prompt_file}", f"--perturbations={out}", "--iters=2",
+            "--t5_len=16"]
+    phase1_perturb.main(args + ["--K=4"])
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match=re.escape(f"{out} holds the K=4 perturbations of 3 prompts of "
+                                                   f"{prompt_file}: pass --overwrite=True to replace it")):
+        phase1_perturb.main(args + ["--K=3"])
+    assert out.read_bytes() == before
+    phase1_perturb.main(args + ["--K=3", "--overwrite=True"])
+    from safetensors import safe_open
+    assert json.loads(safe_open(str(out), "pt").metadata()["e2po"])["K"] == 3
+
+
+def test_phase1_checks_every_setting_and_its_output_before_loading(prompt_file, tmp_path, monkeypatch):
+    """Where Phase I would write (a folder, a path under a file, a file it did not write, even with
+    --overwrite=True) and every setting are checked before the encoders load: one sentence, nothing written.
+    A run that diverges writes nothing and says so (not a NaN file for Phase II to trip on)."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    prompts_before = open(prompt_file).read()
+    monkeypatch.setattr(sample, "load_text", lambda *a, **k: pytest.fail("loaded the encoders"))
+    args = ["config/tiny_cpu.py", f"--prompts={prompt_file}", "--t5_len=16"]
+    for extra, says in (((f"--perturbations={tmp_path / 'folder'}",), "is a folder: name a file"),
+                        ((f"--perturbations={tmp_path / 'file' / 'p.safetensors'}",),
+                         "not a writable folder"),
+                        ((f"--perturbations={prompt_file}", "--overwrite=True"),
+                         "is not a file phase1_perturb"),
+                        (("--iters=0",), "iters=0 must be at least 1"),
+                        (("--mu=1.5",), "mu=1.5 must be in (0, 1)"),
+                        (("--mu=0",), "mu=0.0 must be in (0, 1)"),
+                        (("--delta_lr=0",), "delta_lr=0.0 must be finite and > 0"),
+                        (("--batch_prompts=0",), "batch_prompts=0 must be at least 1"),
+                        (("--refine_iters=(5, -1)",), "refine_iters=(5, -1) must be whole numbers >= 0"),
+                        (("--device=cuda",), "this machine has no CUDA GPU")):
+        extra = extra if extra[0].startswith("--perturbations") else (f"--perturbations={tmp_path / 'p'}",
+                                                                      *extra)
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            phase1_perturb.main(args + list(extra))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "prompts.txt"]
+    assert open(prompt_file).read() == prompts_before
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="Phase I diverged: .* are not finite; nothing written"):
+        phase1_perturb.main(args + [f"--perturbations={tmp_path / 'p'}", "--delta_lr=1e30", "--iters=3"])
+    assert (sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+            == ["file", "folder", "prompts.txt"])
 
 
 def test_configurator(tmp_path):
@@ -1239,9 +1327,13 @@ def test_phase1_two_processes_write_shards_read_as_one_file(phase1_file, tmp_pat
         for name in ("clip_l", "clip_g", "t5"):
             assert torch.allclose(a["rows"](i)[name].float(), b["rows"](i)[name].float(),
                                   atol=2e-3), (i, name)
-    # a later single-process run replaces the shards instead of leaving them to shadow or mix
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}",
-                         "--K=4", "--iters=2", "--t5_len=16"])
+    # a later single-process run refuses to replace them unless told, then replaces them instead of leaving
+    # them to shadow or mix
+    args = ["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4", "--iters=2",
+            "--t5_len=16"]
+    with pytest.raises(SystemExit, match="pert-00000-of-00002.safetensors holds the K=4 perturbations of 3"):
+        phase1_perturb.main(args)
+    phase1_perturb.main(args + ["--overwrite=True"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pert.safetensors"]
 
 
@@ -1729,10 +1821,11 @@ def test_export_merges_the_lora_into_a_plain_pipeline(model, tmp_path):
 
 
 def test_export_never_replaces_its_own_inputs_or_a_run(run_folder, tmp_path, monkeypatch):
-    """A config's out_dir is its run folder: exporting that run's LoRA there, even with --overwrite=True, stops
-    with one sentence that names the LoRA and does not advise --overwrite, and the run (log, checkpoint, the
-    LoRA itself) is untouched; so for a LoRA from elsewhere (a run is not an export), a folder of other files,
-    and an export onto the model folder it reads. All before any model loads. A LoRA cut short is named."""
+    """A config's out_dir is its run folder: exporting that run's LoRA there, even with --overwrite=True,
+    stops with one sentence that names the LoRA and does not advise --overwrite, and the run (log,
+    checkpoint, the LoRA itself) is untouched; so for a LoRA from elsewhere (a run is not an export), a folder
+    of other files, and an export onto the model folder it reads. All before any model loads. A LoRA cut
+    short is named."""
     import export
     import shutil
     monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
@@ -1747,9 +1840,11 @@ def test_export_never_replaces_its_own_inputs_or_a_run(run_folder, tmp_path, mon
     (tmp_path / "model" / "model_index.json").write_text("{}")
     before = _files(tmp_path)
     for args, says in (((f"--lora={lora}", f"--out_dir={d}"), f"which holds the LoRA {lora}"),
-                       ((f"--lora={other}", f"--out_dir={d}"), "holds a Phase II run (checkpoint, log.jsonl)"),
+                       ((f"--lora={other}", f"--out_dir={d}"),
+                        "holds a Phase II run (checkpoint, log.jsonl)"),
                        ((f"--lora={other}", f"--out_dir={tmp_path / 'notes'}"), "holds files that are not a"),
-                       ((f"--lora={other}", f"--model={tmp_path / 'model'}", f"--out_dir={tmp_path / 'model'}"),
+                       ((f"--lora={other}", f"--model={tmp_path / 'model'}",
+                         f"--out_dir={tmp_path / 'model'}"),
                         "which holds the model")):
         with pytest.raises(SystemExit, match=re.escape(says)) as err:
             export.main(["config/tiny_cpu.py", *args, "--overwrite=True"])
@@ -1925,6 +2020,47 @@ def test_amortized_generator_serves_prompts_it_never_saw(prompt_file, tmp_path):
         sample.load_perturbations(str(gen_file), {**text, "model": "other"}, unseen, 4)
     with pytest.raises(SystemExit, match="gen_rank"):
         phase1_perturb.main(args + [f"--perturbations={tmp_path / 'x.safetensors'}", "--K=6"])
+
+
+def test_generator_is_saved_before_it_is_measured_in_batches(prompt_file, tmp_path, monkeypatch):
+    """The held-out measurement runs in batches of batch_prompts (at SD3.5-M's encoders, every held-out
+    prompt's K-1 sequences in one backward would not fit a GPU) and gives the table one batch gives; the
+    generator is on disk before it is measured, so a measurement that fails (out of memory) keeps it."""
+    held = tmp_path / "held.txt"
+    held.write_text("a purple giraffe\nthree red cubes on a table\na photo of a cat\ntwo dogs\n"
+                    "a blue square\n")
+    args = ["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--t5_len=16", "--amortize=True",
+            "--gen_rank=4", "--gen_hidden=32", "--gen_batch=3", "--gen_iters=5", f"--gen_eval_prompts={held}",
+            "--iters=4", "--refine_iters=(0, 2)"]
+    sizes, real = [], phase1_perturb.learn_perturbations
+
+    def spy(text, prompt_list, indices, *a, **k):
+        sizes.append(len(indices))
+        return real(text, prompt_list, indices, *a, **k)
+    monkeypatch.setattr(phase1_perturb, "learn_perturbations", spy)
+    tables = {}
+    from safetensors import safe_open
+    for n in (2, 5):
+        f = tmp_path / f"gen_{n}.safetensors"
+        phase1_perturb.main(args + [f"--perturbations={f}", f"--batch_prompts={n}"])
+        tables[n] = json.loads(safe_open(str(f), "pt").metadata()["e2po"])["held_out"]
+        assert max(sizes) == n  # 2 + 2 + 1 prompts a batch, then all 5 at once
+        sizes.clear()
+    assert list(tables[2]) == list(tables[5]) and len(tables[2]) == 3  # generator, + 2 steps, per-prompt
+    for label, row in tables[2].items():
+        for m in ("clip_l", "clip_g", "t5"):
+            for key, v in row[m].items():
+                assert v == pytest.approx(tables[5][label][m][key], abs=1e-5), (label, m, key)
+        assert row["L_emb_per_prompt"] == pytest.approx(tables[5][label]["L_emb_per_prompt"], rel=1e-5)
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(phase1_perturb, "measure_generator", out_of_memory)
+    f = tmp_path / "kept.safetensors"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        phase1_perturb.main(args + [f"--perturbations={f}"])
+    text = sample.load_text("tiny", t5_len=16)
+    assert sample.load_perturbations(str(f), text, ["a new prompt"], 4)["rows"](0)["t5"].shape[0] == 3
 
 
 def test_generator_output_is_content_only_distinct_and_on_the_ring(prompt_file, tmp_path):

@@ -7,7 +7,8 @@
 # same noises for every run), judged by eval_diversity.py as GenEval judges (per-tag accuracy and mean).
 #   bash data/shapes/experiment.sh
 #   SEEDS="0 1 2 3 4" EPOCHS=40 JOBS=1 OUT=out/shapes_exp2 bash data/shapes/experiment.sh
-# JOBS runs go side by side, one thread each (on this 2-core machine: JOBS=2).
+# JOBS runs go side by side, one thread each (on this 2-core machine: JOBS=2). A rerun into the same OUT
+# replaces what the last one wrote (--overwrite=True at every stage).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/shapes_exp}
@@ -19,16 +20,16 @@ CFG=config/shapes_cpu.py
 mkdir -p "$OUT"
 
 # Phase I once per K (its result depends on the prompts and K, not on the Phase II seed)
-python phase1_perturb.py $CFG --K=4 --perturbations=$OUT/perturbations_k4.safetensors \
+python phase1_perturb.py $CFG --K=4 --perturbations=$OUT/perturbations_k4.safetensors --overwrite=True \
     > $OUT/phase1_k4.log 2>&1
-python phase1_perturb.py $CFG --K=16 --perturbations=$OUT/perturbations_k16.safetensors \
+python phase1_perturb.py $CFG --K=16 --perturbations=$OUT/perturbations_k16.safetensors --overwrite=True \
     > $OUT/phase1_k16.log 2>&1
 
 final() {  # dir [--lora=...]: sample the test tasks x 64 from fixed noises into dir/, judge them
     local dir=$1
     shift
-    python sample.py $CFG --K=1 --G=64 --prompts=data/shapes/test_small.jsonl --out_dir=$dir "$@" \
-        > $dir.log 2>&1 || echo "FAILED: $dir.log"
+    python sample.py $CFG --K=1 --G=64 --prompts=data/shapes/test_small.jsonl --out_dir=$dir \
+        --overwrite=True "$@" > $dir.log 2>&1 || echo "FAILED: $dir.log"
     python eval_diversity.py --samples=$dir --metrics=geneval --geneval_scorer=shapes --device=cpu \
         >> $dir.log 2>&1 || echo "FAILED: $dir.log"
 }
@@ -58,11 +59,11 @@ wait
 python compare_runs.py --runs=$OUT --plot=$OUT/compare.png | tee $OUT/compare.md
 # grids: the prior, and the first seed's EMA weights of DiffusionNFT and of E²PO, on the same noises
 first=${SEEDS%% *}
-python sample.py $CFG $K4 --out_dir=$OUT/grids/prior > $OUT/grids_prior.log 2>&1
+python sample.py $CFG $K4 --out_dir=$OUT/grids/prior --overwrite=True > $OUT/grids_prior.log 2>&1
 python sample.py $CFG $K4 --lora=$OUT/a_nft_k1g16/seed$first/checkpoint/lora_ema \
-    --out_dir=$OUT/grids/a_nft_k1g16 > $OUT/grids_a.log 2>&1
+    --out_dir=$OUT/grids/a_nft_k1g16 --overwrite=True > $OUT/grids_a.log 2>&1
 python sample.py $CFG $K4 --lora=$OUT/b_e2po_g4k4/seed$first/checkpoint/lora_ema \
-    --out_dir=$OUT/grids/b_e2po_g4k4 > $OUT/grids_b.log 2>&1
+    --out_dir=$OUT/grids/b_e2po_g4k4 --overwrite=True > $OUT/grids_b.log 2>&1
 # name only what was written (compare_runs.py draws no plot without matplotlib, and says so)
 [ -f "$OUT/compare.png" ] && echo "plot: $OUT/compare.png"
 echo "table: $OUT/compare.md  grids: $OUT/grids/*/NNNNN_grid.png"
