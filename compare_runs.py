@@ -38,8 +38,23 @@ config_keys = [k for k, v in globals().items()
 
 
 def read_log(path):
+    """The records of a run's log.jsonl; a broken line is named (file and line), a last line cut short (a run
+    still writing it, or killed) left out with a note."""
+    from sample import read_jsonl
+    rows = read_jsonl(path, "fix or delete that line", torn_tail=True)
+    for n, r in rows:
+        if not isinstance(r, dict):
+            raise SystemExit(f"{path} line {n} is not a JSON object: fix or delete that line")
+    return [r for _, r in rows]
+
+
+def read_json(path):
+    """A JSON file of a run folder (diversity.json, final_eval.json, probe.json), named when it is broken."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+        try:
+            return json.load(f)
+        except ValueError as err:
+            raise SystemExit(f"{path} is not valid JSON ({err}): rewrite it (rerun what wrote it)")
 
 
 def find_runs(roots):
@@ -74,20 +89,17 @@ def final_records(folder, sub="final"):
     rec = {}
     path = os.path.join(folder, sub, "diversity.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            ge = json.load(f)["groups"]["all"].get("geneval")
+        ge = read_json(path)["groups"]["all"].get("geneval")
         if ge:
             rec.update(final_geneval=ge["overall"], final_credit=ge["mean_score"])
     path = os.path.join(folder, "final_eval.json") if sub == "final" else os.path.join(folder, sub)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            fe = json.load(f)
+        fe = read_json(path)
         rec.update(final_reward=fe["reward"], final_rewards=fe["rewards"], final_pixel_dist=fe["pixel_dist"],
                    final_sdi=fe["sdi"], final_pvs=fe["pvs"])
     path = os.path.join(folder, "probe.json" if sub == "final" else sub.replace("final_eval", "probe"))
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            rec["probe"] = json.load(f)["probe"]
+        rec["probe"] = read_json(path)["probe"]
     return [dict(rec, run=os.path.basename(folder))] if rec else []
 
 
@@ -309,6 +321,11 @@ def main(argv=None):
         raise SystemExit("--runs names no folder: pass run folders or experiment folders, comma-separated")
     if block < 1 or window < 1:
         raise SystemExit(f"--block={block} and --window={window} must be at least 1")
+    path = plot or os.path.join(roots[0], "compare.png")
+    if not path.lower().endswith((".png", ".pdf", ".svg")):
+        raise SystemExit(f"--plot={path} must name a .png, .pdf or .svg file (what it would write)")
+    from sample import check_writable
+    check_writable(path, "plot", kind="file")
     groups = find_runs(roots)
     print(table(groups, block, ref))
     mech = mechanism_table(groups, block)
@@ -321,7 +338,6 @@ def main(argv=None):
         for r in final_records(root, "prior_final") + final_records(root, "prior_final_eval.json"):
             print(f"\nthe prior, untrained ({root}): "
                   + ", ".join(f"{name} {r[k]:.4f}" for k, name in COLUMNS if k in r))
-    path = plot or os.path.join(roots[0], "compare.png")
     if draw(groups, path, title, window):
         print(f"plot: {path}")
 

@@ -431,25 +431,67 @@ def to_tensor(images):
 
 def load_rgb(path):
     from PIL import Image
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for a damaged or cut file
+        raise SystemExit(f"{path} cannot be read as an image ({type(err).__name__}: {err}): it is damaged "
+                         "or not an image")
 
 
 # ----------------------------------------------------------------------------- reading a sample folder
 def read_index(folder):
-    """The rows of DIR/index.jsonl (see sample.py), with every listed image checked to exist."""
+    """The rows of DIR/index.jsonl (see sample.py), every line named when it is broken, and every listed image
+    checked to exist and to be what one sample.py run writes: one size, RGB (the metrics compare images as
+    such; a greyscale or resized image would move PVS, and the detectors' batches need one size). Image
+    headers only: nothing is decoded here."""
+    from PIL import Image
+
+    from sample import read_jsonl
     path = os.path.join(folder, "index.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(f"{path} not found: --samples must be a folder written by sample.py")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(ln) for ln in f if ln.strip()]
+    rows = []
+    for n, r in read_jsonl(path, "rerun sample.py into a fresh folder, or fix that line"):
+        if not isinstance(r, dict) or not all(k in r for k in ("file", "prompt_index", "k")):
+            raise SystemExit(f"{path} line {n} is not a sample.py record (file, prompt_index, k)")
+        rows.append(r)
     if not rows:
         raise SystemExit(f"{path} lists no images")
+    first = None
     for r in rows:
-        if not os.path.isfile(os.path.join(folder, r["file"])):
+        f = os.path.join(folder, r["file"])
+        if not os.path.isfile(f):
             raise SystemExit(f"{path} lists {r['file']} but the file is missing: "
                              f"rerun sample.py into a fresh folder")
+        try:
+            with Image.open(f) as im:
+                kind = (im.size, im.mode)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise SystemExit(f"{f} cannot be read as an image ({type(err).__name__}): it is damaged")
+        first = first or (r["file"], kind)
+        if kind != first[1] or kind[1] != "RGB":
+            raise SystemExit(f"{f} is {kind[0][0]}x{kind[0][1]} {kind[1]}, {first[0]} is {first[1][0][0]}x"
+                             f"{first[1][0][1]} {first[1][1]}: the metrics compare the RGB images of one "
+                             "size that one sample.py run writes")
     return rows
+
+
+def check_report_path(path):
+    """Where the report goes: a file, in a writable folder, and not something else this would replace (an
+    earlier report of this script is replaced)."""
+    from sample import check_writable
+    check_writable(path, "out", kind="file")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            ours = isinstance(old, dict) and {"metrics", "groups"} <= set(old)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise SystemExit(f"out={path} exists and is not a report of eval_diversity.py, which it would "
+                             "replace: pass another --out")
 
 
 def list_images(folder):
@@ -592,6 +634,7 @@ def main(argv=None):
     rows = read_index(samples)
     dev, _ = pick_device(device)
     out_path = out or os.path.join(samples, "diversity.json")
+    check_report_path(out_path)
 
     # what runs, and each backbone loaded once: every failure stops here, before the long loops
     skipped = {}

@@ -1700,6 +1700,32 @@ def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
     assert "the prior, untrained" in out and "final GenEval 0.2500, final credit 0.4000" in out
 
 
+def test_compare_runs_names_a_broken_line_and_checks_its_plot_path(tmp_path, capsys):
+    """A broken line of a run's log.jsonl (two writers, an edit) is named by file and line, a broken
+    final_eval.json by file; a last line cut short (a run still writing it) is left out with a note; the
+    plot must be an image file in a writable place, checked before anything is read or drawn."""
+    import compare_runs
+    d = tmp_path / "exp" / "a" / "seed0"
+    _write_run(d, [0.2, 0.1], [0.5, 0.6])
+    log = d / "log.jsonl"
+    good = log.read_text()
+    log.write_text(good.replace("\n", '\n{"epoch": 0, "st\n', 1))
+    with pytest.raises(SystemExit, match=re.escape(f"{log} line 2 is not valid JSON")):
+        compare_runs.main([f"--runs={tmp_path / 'exp'}", f"--plot={tmp_path / 'p.png'}"])
+    log.write_text(good + '{"epoch": 2, "st')
+    compare_runs.main([f"--runs={tmp_path / 'exp'}", f"--plot={tmp_path / 'p.png'}"])
+    assert "line 4 is incomplete (a write cut short): left out" in capsys.readouterr().out
+    (d / "final_eval.json").write_text('{"reward": ')
+    with pytest.raises(SystemExit, match=re.escape(f"{d / 'final_eval.json'} is not valid JSON")):
+        compare_runs.main([f"--runs={tmp_path / 'exp'}", f"--plot={tmp_path / 'p.png'}"])
+    (tmp_path / "f").write_text("x")
+    for plot, says in ((log, "must name a .png, .pdf or .svg file"),
+                       (tmp_path / "f" / "x.png", "not a writable folder")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            compare_runs.main([f"--runs={tmp_path / 'exp'}", f"--plot={plot}"])
+    assert log.read_text() == good + '{"epoch": 2, "st'
+
+
 def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
     """The variance study's figures: first/last as means over --block steps, the final reward's difference
     from a reference label paired by seed and image (mean ± standard error over seeds), and the k = 0 / k > 0

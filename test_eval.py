@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from fractions import Fraction
 
@@ -464,6 +465,35 @@ def test_cli_errors_are_one_clear_sentence(synthetic_folder, tmp_path, monkeypat
     with pytest.raises(SystemExit, match="file is missing"):
         ed.main([f"--samples={synthetic_folder}", "--metrics=pvs"])
     assert not os.path.exists(synthetic_folder / "diversity.json")  # nothing half-written
+
+
+def test_cli_refuses_what_one_sample_run_does_not_write(synthetic_folder, tmp_path):
+    """What would change the metrics silently or end in a traceback is one sentence before any backbone loads:
+    a broken line of index.jsonl (file and line), an image of another size, a greyscale image, a damaged PNG;
+    and a report path that is a folder, or a file this script did not write (index.jsonl)."""
+    index = synthetic_folder / "index.jsonl"
+    good = index.read_text()
+    pvs = ed.main([f"--samples={synthetic_folder}", "--metrics=pvs"])["groups"]["all"]["pvs"]
+    index.write_text(good.replace("\n", "\n{broken\n", 1))
+    with pytest.raises(SystemExit, match=re.escape(f"{index} line 2 is not valid JSON")):
+        ed.main([f"--samples={synthetic_folder}", "--metrics=pvs"])
+    index.write_text(good)
+    f = synthetic_folder / "00001_k01_g01.png"
+    kept = f.read_bytes()
+    for broken, says in ((lambda: save_png(f, W, size=64), "is 64x64 RGB, 00000_k00_g00.png is 32x32 RGB"),
+                         (lambda: Image.fromarray(np.full((32, 32), 255, np.uint8)).save(f), "is 32x32 L"),
+                         (lambda: f.write_bytes(kept[:40]), "cannot be read as an image")):
+        broken()
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            ed.main([f"--samples={synthetic_folder}", "--metrics=pvs"])
+        f.write_bytes(kept)
+    (tmp_path / "folder").mkdir()
+    for where, says in ((tmp_path / "folder", "is a folder: name a file"),
+                        (index, "is not a report of eval_diversity.py")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            ed.main([f"--samples={synthetic_folder}", "--metrics=pvs", f"--out={where}"])
+    assert index.read_text() == good
+    assert ed.main([f"--samples={synthetic_folder}", "--metrics=pvs"])["groups"]["all"]["pvs"] == pvs
 
 
 # ------------------------------------------------------------------- CLI end to end on sample.py --model=tiny
