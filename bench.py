@@ -73,6 +73,7 @@ PEAK_TFLOPS = [(("H100", "PCIe"), 756), (("H100", "SXM"), 989), (("H100", "HBM3"
                (("A100",), 312), (("L40S",), 362), (("A10G",), 125), (("RTX 4090",), 165)]
 BUDGETS = ("config/geneval_g4k12.py", "config/efficient_g2k4.py", "config/pickscore_g8k3.py",
            "config/geneval_nft_g24.py")
+LARGE = "config/geneval_large_g4k12.py"
 
 
 def transformer_flops(config, n_image_tokens, n_text_tokens, lora_rank=0, train=False):
@@ -143,15 +144,17 @@ def lookup_peak(name, override=0.0):
 
 def meta_param_counts(rank, transformer=None):
     """Exact parameter counts of what a real SD3.5-M run (or another transformer config: SD35L) holds, from
-    models built on the meta device (no memory, no download): {name: count}, and LoRA's per adapter of the
-    given rank."""
+    models built on the meta device (no memory, no download): {name: count}, LoRA's per adapter of the
+    given rank, and the transformer's buffer (pos_embed; the encoders' only buffer, CLIP's 77 position ids,
+    is 1.2 KB and left out)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     count = lambda m: sum(p.numel() for p in m.parameters())  # tied tensors (T5's shared embedding) once
     clip = dict(vocab_size=49408, max_position_embeddings=77)
     with torch.device("meta"):
         tr = SD3Transformer2DModel(**(transformer or SD35M))
-        out = {"transformer": count(tr)}
+        # and its one buffer, the positional embedding table (pos_embed_max_size^2 x d), cast with the weights
+        out = {"transformer": count(tr), "pos_embed": sum(b.numel() for b in tr.buffers())}
         P2.add_adapters(tr, rank, 2 * rank)
         out["lora"] = sum(p.numel() for p in P2.adapter_params(tr, "default"))
         out["clip_l"] = count(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, **clip)))
@@ -162,11 +165,13 @@ def meta_param_counts(rank, transformer=None):
 
 
 def weight_table(n, model="SD3.5-M"):
-    """(row, GiB) of a real run's resident tensors: frozen weights in bf16, the VAE in fp32 (load_pipeline
-    keeps it so), LoRA adapters, gradients and AdamW's two moments in fp32."""
+    """(row, GiB) of a real run's resident tensors: frozen weights and the transformer's positional table in
+    bf16, the VAE in fp32 (load_pipeline keeps it so), LoRA adapters, gradients and AdamW's two moments in
+    fp32."""
     rows = [(f"{name} ({'fp32' if b == 4 else 'bf16'})", n[key] * copies * b / 2 ** 30)
             for name, key, copies, b in (
-                (f"{model} transformer", "transformer", 1, 2), ("CLIP-L text encoder", "clip_l", 1, 2),
+                (f"{model} transformer", "transformer", 1, 2),
+                ("its pos_embed buffer", "pos_embed", 1, 2), ("CLIP-L text encoder", "clip_l", 1, 2),
                 ("CLIP-G text encoder", "clip_g", 1, 2), ("T5-XXL text encoder", "t5", 1, 2),
                 ("VAE, as load_pipeline", "vae", 1, 4), ("LoRA theta, old, EMA", "lora", 3, 4),
                 ("theta's gradients", "lora", 1, 4), ("AdamW's two moments of theta", "lora", 2, 4))]
@@ -273,6 +278,65 @@ def encoder_activation_bytes(dev, seqs=2, t5_tokens=128, layers=None):
     return out
 
 
+def generator_activation_bytes(dev, t5_tokens=128, rank=16, hidden=256, layers=None):
+    """{encoder: (bytes a variant, bytes a pair of variants, bytes a prompt)} that one step of the amortized
+    generator's training (phase1_perturb.train_generator: generator_loss, then its backward) keeps for the
+    backward, at SD3.5-M's encoder shapes: each encoder (random weights, bf16) with a generator of that
+    encoder alone (fp32, `rank` basis directions a token, `hidden` wide), on two prompts, every token
+    content. A step of P prompts at K keeps P * ((K - 1) * a variant + (K - 1)(K - 2) / 2 * a pair + a prompt)
+    summed over the encoders (L_div's pairwise cosines keep their products): counted at K = 2, 3 and 4, on
+    copies of one and two blocks, extrapolated as encoder_activation_bytes does; `layers` = {encoder: depth}
+    counts those depths in full instead (the test)."""
+    import phase1_perturb as P1
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    shapes = {"clip_l": (CLIP_L, "num_hidden_layers", S.CLIP_LEN),
+              "clip_g": (CLIP_G, "num_hidden_layers", S.CLIP_LEN), "t5": (T5_XXL, "num_layers", t5_tokens)}
+    prompts = ["a photo of a cat", "two dogs"]  # only their rotations depend on the text
+
+    def count(name, depth, K):
+        cfg, key, L = shapes[name]
+        cfg = dict(cfg, **{key: depth})
+        with built_in(dev, torch.bfloat16):
+            enc = (T5EncoderModel(T5Config(**cfg)) if name == "t5" else CLIPTextModelWithProjection(
+                CLIPTextConfig(**cfg, vocab_size=49408, max_position_embeddings=S.CLIP_LEN)))
+        enc.eval().requires_grad_(False)
+        table = S.token_embedding(enc).weight
+        width = enc.config.d_model if name == "t5" else enc.config.hidden_size
+        gen = S.PerturbationGenerator({name: (table.shape[1], width, table.float().std().item())}, rank,
+                                      hidden).to(dev)
+        tokens = {name: (torch.randint(1000, (len(prompts), L), device=dev),
+                         torch.ones(len(prompts), L, dtype=torch.bool, device=dev))}
+        loss = lambda: P1.generator_loss(gen, {"encoders": {name: enc}}, prompts, K, 0.85, 0.025, 1.0, 0,
+                                         tokens)
+        return saved_activation_bytes(loss, [*enc.parameters(), *gen.parameters()]) / len(prompts)
+    out = {}
+    for name, (cfg, key, _) in shapes.items():
+        f = {}
+        for K in (2, 3, 4):
+            if layers and name in layers:
+                f[K] = count(name, layers[name], K)
+            else:
+                n1, n2 = count(name, 1, K), count(name, 2, K)
+                f[K] = n1 + (cfg[key] - 1) * (n2 - n1)
+        pair = f[4] - 2 * f[3] + f[2]
+        variant = f[3] - f[2] - pair
+        out[name] = (variant, pair, f[2] - variant)
+    return out
+
+
+def generator_step_bytes(per, P, K):
+    """A generator step's saved bytes for P prompts at K, from generator_activation_bytes' figures."""
+    return P * sum((K - 1) * a + (K - 1) * (K - 2) / 2 * c + b for a, c, b in per.values())
+
+
+def generator_parameters(rank=16, hidden=256):
+    """The amortized generator's parameter count at SD3.5-M's encoder widths (built on the meta device)."""
+    widths = {"clip_l": CLIP_L["hidden_size"], "clip_g": CLIP_G["hidden_size"], "t5": T5_XXL["d_model"]}
+    with torch.device("meta"):
+        gen = S.PerturbationGenerator({n: (w, w, 1.0) for n, w in widths.items()}, rank, hidden)
+    return sum(p.numel() for p in gen.parameters())
+
+
 def read_budget(path):
     """The Phase II settings of a config file (path relative to this folder), exec'd over phase2_align's
     defaults."""
@@ -281,7 +345,7 @@ def read_budget(path):
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), path), encoding="utf-8") as f:
         exec(f.read(), ns)
     keys = ("K", "G", "prompts_per_epoch", "sample_batch", "train_batch", "steps", "timestep_fraction",
-            "opt_steps_per_epoch")
+            "opt_steps_per_epoch", "resolution")
     return {k: ns.get(k, base[k]) for k in keys}
 
 
@@ -375,14 +439,23 @@ def exact_figures(m):
 
 
 def large_activations(m):
-    """What SD3.5-Large's training forward keeps for its backward (transformer_activation_bytes), and with its
-    resident weights: the memory a GPU needs for a micro-batch, as training_activations prints SD3.5-M's."""
-    act = transformer_activation_bytes(SD35L, m.dev, m.res, m.tlen, m.rank) / 2 ** 30
+    """What SD3.5-Large's training forward keeps for its backward (transformer_activation_bytes) at its
+    config's resolution (1024 px, its native one) and micro-batch, and with its resident weights: the memory
+    a GPU needs, as training_activations prints SD3.5-M's; and at 512 px, the SD3.5-M recipe's resolution."""
+    b = read_budget(LARGE)
     total, offload = m.weights_large[-2][1], m.weights_large[-1][1]
-    print(f"\n== activations of SD3.5-Large's training forward without checkpointing (counted on one and "
-          f"two blocks, extrapolated to 38): {act:.2f} GiB a sample, {act * train_batch:.1f} GiB a "
-          f"micro-batch of {train_batch}: {total + act * train_batch:.1f} GiB with every resident weight "
-          f"({offload + act * train_batch:.1f} GiB with --text_offload=True)")
+    print(f"\n== activations of SD3.5-Large's training forward without checkpointing (counted on one and two "
+          f"blocks, extrapolated to 38), with every resident weight ({total:.1f} GiB; {offload:.1f} GiB with "
+          "--text_offload=True):")
+    for res, tb in sorted({(b["resolution"], b["train_batch"]), (512, 8)}, reverse=True):
+        act = transformer_activation_bytes(SD35L, m.dev, res, m.tlen, m.rank) / 2 ** 30
+        Li = (res // 8 // SD35L["patch_size"]) ** 2
+        fl = epoch_flops(b, *(transformer_flops(SD35L, Li, m.Lt, r, train=t) for r, t in
+                              ((m.rank, False), (0, False), (m.rank, True))))
+        print(f"  {res} px: {act:.2f} GiB a sample, {act * tb:.1f} GiB a micro-batch of {tb}: "
+              f"{total + act * tb:.1f} GiB ({offload + act * tb:.1f} GiB with --text_offload=True); an epoch "
+              f"of {LARGE} {fl / 1e15:.0f} PFLOP, {fl / 8 / (assumed_mfu * 989e12):.0f} s on 8 GPUs at "
+              f"{assumed_mfu:.0%} MFU" + (" (its setting)" if res == b["resolution"] else ""))
 
 
 def phase1_activations(m):
@@ -398,6 +471,29 @@ def phase1_activations(m):
           + ", ".join(f"{k} {v / 2 ** 20:.0f} MiB" for k, v in enc.items())
           + f"; batch_prompts={P1.batch_prompts} at K={K1} ({seqs} sequences): {held:.1f} GiB, "
           f"{held + text_weights:.1f} GiB with the encoders' weights")
+
+
+def generator_activations(m):
+    """What a step of the amortized generator's training keeps for its backward at SD3.5-M's encoders
+    (generator_activation_bytes), at phase1_perturb's gen_batch and the largest K a step draws (K = 12 for
+    the GenEval budget), with the encoders' weights and the generator's own (fp32 weights, gradients, Adam's
+    two moments): the memory its training needs."""
+    import phase1_perturb as P1
+    per = generator_activation_bytes(m.dev, t5_tokens=m.tlen, rank=P1.gen_rank, hidden=P1.gen_hidden)
+    K1 = read_budget("config/geneval_g4k12.py")["K"]
+    step = lambda P: generator_step_bytes(per, P, K1) / 2 ** 30
+    own = generator_parameters(P1.gen_rank, P1.gen_hidden) * 4 * 4 / 2 ** 30
+    text_weights = sum(g for name, g in m.weights if "text encoder" in name)
+    print(f"\n== the amortized generator's training (phase1_perturb.py --amortize=True; counted, bf16 "
+          "encoders): "
+          "a variant keeps " + ", ".join(f"{k} {a / 2 ** 20:.0f} MiB" for k, (a, _, _) in per.items())
+          + ", a prompt's generator pass " + ", ".join(f"{k} {b / 2 ** 20:.1f} MiB"
+                                                       for k, (_, _, b) in per.items())
+          + f"; its {generator_parameters(P1.gen_rank, P1.gen_hidden) / 1e6:.1f} M parameters with gradients "
+          f"and Adam {own:.2f} GiB")
+    for P in sorted({P1.gen_batch, 2 * P1.gen_batch}):
+        print(f"  gen_batch={P} at K={K1}: {step(P):.1f} GiB, {step(P) + text_weights + own:.1f} GiB with "
+              f"the encoders' weights" + (" (the default)" if P == P1.gen_batch else ""))
 
 
 def build_models(m):
@@ -637,6 +733,7 @@ def main(argv=None):
     count_only = not m.cuda and not m.is_tiny and count_activations
     if not m.is_tiny and (m.cuda or count_only):
         phase1_activations(m)
+        generator_activations(m)
         large_activations(m)
     if not m.cuda and not m.is_tiny and device == "auto" and not count_only:
         print("\nno GPU: the SD3.5-M timings would take hours on a CPU; "

@@ -55,8 +55,8 @@ gen_hidden = 256
 gen_iters = 1000
 gen_lr = 1e-3
 # prompts a step; each step draws its K from 2 .. K and backpropagates gen_batch x (K-1) sequences through the
-# encoders: at SD3.5-M's shapes and K=12, 4 prompts hold 42.7 GiB with the encoders' weights, 8 would hold
-# 74.5 GiB (counted by bench.py; docs/amortized_phase1.md)
+# encoders: at SD3.5-M's shapes and K=12, 4 prompts hold 41.4 GiB with the encoders' weights, 8 would hold
+# 71.9 GiB, at the limit of an 80 GB GPU (counted by bench.py; docs/amortized_phase1.md)
 gen_batch = 4
 calibrate_steps = 8  # bisection steps that scale each generated variant onto the ring (0: none)
 gen_eval_prompts = None  # held-out prompts: the generator measured there against per-prompt Phase I

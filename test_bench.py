@@ -80,6 +80,9 @@ def test_meta_counts_against_public_figures(counts):
         assert abs(counts[name] / public - 1) < 0.02, (name, counts[name])
     rows = dict(bench.weight_table(counts))
     assert rows["SD3.5-M transformer (bf16)"] == pytest.approx(counts["transformer"] * 2 / 2 ** 30)
+    # the positional table is a buffer, not a parameter: 384^2 positions x 1536 features, 0.42 GiB in bf16
+    assert counts["pos_embed"] == 384 ** 2 * 1536
+    assert rows["its pos_embed buffer (bf16)"] == pytest.approx(384 ** 2 * 1536 * 2 / 2 ** 30)
     assert rows["total"] == pytest.approx(sum(v for k, v in rows.items() if not k.startswith("total")))
 
 
@@ -91,6 +94,7 @@ def test_meta_counts_equal_a_real_instantiation(monkeypatch):
     from diffusers import SD3Transformer2DModel
     tr = SD3Transformer2DModel(**SMALL)
     assert meta["transformer"] == sum(p.numel() for p in tr.parameters())
+    assert meta["pos_embed"] == sum(b.numel() for b in tr.buffers()) > 0
     P2.add_adapters(tr, 4, 8)
     assert meta["lora"] == sum(p.numel() for p in P2.adapter_params(tr, "default"))
 
@@ -159,6 +163,41 @@ def test_encoder_activations_are_counted_per_sequence(monkeypatch):
         whole = bench.encoder_activation_bytes("cpu", 2, 16, layers={"clip_l": depth, "clip_g": depth,
                                                                       "t5": depth})
         assert bench.encoder_activation_bytes("cpu", 2, 16) == whole
+
+
+def test_generator_activations_by_variant_pair_and_prompt_and_in_depth(monkeypatch):
+    """The amortized generator's count: a step of P prompts at K keeps
+    P * ((K - 1) a + (K - 1)(K - 2)/2 c + b) (a variant's encoder passes, a pair's cosine products in L_div, a
+    prompt's generator pass). From the counts
+    at K = 2, 3 and 4 that gives a direct count at K = 6 exactly, on the tiny encoders; on small encoders of
+    the real classes, the count extrapolated from one and two blocks equals the count of the whole depth."""
+    import phase1_perturb as P1
+    text = S.load_text("tiny", t5_len=16)
+    gen = S.PerturbationGenerator(
+        {n: (S.token_embedding(e).weight.shape[1], e.config.d_model if n == "t5" else e.config.hidden_size,
+             0.02) for n, e in text["encoders"].items()}, rank=5, hidden=8)
+    prompts = ["a photo of a cat", "two dogs on a green lawn"]
+    tokens = S.tokenize(text, prompts)
+    at = {K: bench.saved_activation_bytes(
+        lambda: P1.generator_loss(gen, text, prompts, K, 0.85, 0.025, 1.0, 0, tokens),
+        [p for e in text["encoders"].values() for p in e.parameters()] + list(gen.parameters())) / 2
+        for K in (2, 3, 4, 6)}
+    c = at[4] - 2 * at[3] + at[2]
+    a, b = at[3] - at[2] - c, 2 * at[2] - at[3] + c
+    assert a > 0 and b > 0 and c > 0 and at[6] == 5 * a + 10 * c + b
+    small_clip = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                      projection_dim=32)
+    monkeypatch.setattr(bench, "CLIP_L", small_clip)
+    monkeypatch.setattr(bench, "CLIP_G", dict(small_clip, hidden_size=48, projection_dim=48))
+    monkeypatch.setattr(bench, "T5_XXL", dict(vocab_size=1000, d_model=32, d_ff=64, num_layers=3,
+                                              num_heads=2, d_kv=16, feed_forward_proj="gated-gelu",
+                                              is_encoder_decoder=False))
+    whole = bench.generator_activation_bytes("cpu", 16, rank=4, hidden=8,
+                                             layers={"clip_l": 3, "clip_g": 3, "t5": 3})
+    assert bench.generator_activation_bytes("cpu", 16, rank=4, hidden=8) == whole
+    assert all(v > 0 for fig in whole.values() for v in fig)
+    assert (bench.generator_step_bytes(whole, 4, 12)
+            == 4 * sum(11 * a + 55 * c + b for a, c, b in whole.values()))
 
 
 def test_epoch_cost_by_hand():
