@@ -243,39 +243,50 @@ def transformer_activation_bytes(config, dev, res=512, t5_tokens=128, rank=32, d
     return n1 + (config["num_layers"] - 1) * (n2 - n1)
 
 
+def text_encoder(name, depth, dev, seqs, t5_tokens=128):
+    """SD3.5-M's text encoder `name` (CLIP_L, CLIP_G or T5_XXL) cut to `depth` blocks, random weights built in
+    bf16 on `dev`, frozen; with `seqs` sequences of random token ids, every token content, as `tokenize`
+    gives them. Returns (encoder, tokens)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    with built_in(dev, torch.bfloat16):
+        if name == "t5":
+            enc, L = T5EncoderModel(T5Config(**dict(T5_XXL, num_layers=depth))), t5_tokens
+        else:
+            cfg = dict(CLIP_L if name == "clip_l" else CLIP_G, num_hidden_layers=depth)
+            enc = CLIPTextModelWithProjection(CLIPTextConfig(**cfg, vocab_size=49408,
+                                                             max_position_embeddings=S.CLIP_LEN))
+            L = S.CLIP_LEN
+    enc.eval().requires_grad_(False)
+    return enc, {name: (torch.randint(1000, (seqs, L), device=dev),
+                        torch.ones(seqs, L, dtype=torch.bool, device=dev))}
+
+
+def at_full_depth(count, name, layers=None):
+    """count(depth) at encoder `name`'s full depth: from copies of one and two blocks, n1 + (depth - 1) *
+    (n2 - n1) (the blocks after the first are alike: tested), so that no full T5-XXL (9 GiB) is built; or
+    counted at layers[name] blocks in full (the tests)."""
+    if layers and name in layers:
+        return count(layers[name])
+    depth = (T5_XXL["num_layers"] if name == "t5"
+             else (CLIP_L if name == "clip_l" else CLIP_G)["num_hidden_layers"])
+    n1, n2 = count(1), count(2)
+    return n1 + (depth - 1) * (n2 - n1)
+
+
 def encoder_activation_bytes(dev, seqs=2, t5_tokens=128, layers=None):
     """{encoder: bytes a sequence} that Phase I keeps for its backward in each of SD3.5-M's text encoders:
     random weights of the real shapes (CLIP_L, CLIP_G, T5_XXL) in bf16 on `dev`, run through
     sample.run_encoders with a delta on every token, as Phase I runs them. Counted on `seqs` sequences and
     divided (T5 keeps its position bias once for the batch: a share of it, under 1 %, is counted with each
-    sequence), and on copies of one and two blocks: the blocks after the first are alike, so the full depth
-    keeps n1 + (depth - 1) * (n2 - n1) (tested), and no full T5-XXL (9 GiB) has to be built. `layers` =
-    {encoder: depth} counts those depths in full instead (the test)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    shapes = {"clip_l": (CLIP_L, "num_hidden_layers", S.CLIP_LEN),
-              "clip_g": (CLIP_G, "num_hidden_layers", S.CLIP_LEN), "t5": (T5_XXL, "num_layers", t5_tokens)}
-
+    sequence), on copies of one and two blocks (at_full_depth; `layers` = {encoder: depth} counts those depths
+    in full instead)."""
     def count(name, depth):
-        cfg, key, L = shapes[name]
-        cfg = dict(cfg, **{key: depth})
-        with built_in(dev, torch.bfloat16):
-            enc = (T5EncoderModel(T5Config(**cfg)) if name == "t5" else CLIPTextModelWithProjection(
-                CLIPTextConfig(**cfg, vocab_size=49408, max_position_embeddings=S.CLIP_LEN)))
-        enc.eval().requires_grad_(False)
-        d = S.token_embedding(enc).embedding_dim
-        tokens = {name: (torch.randint(1000, (seqs, L), device=dev),
-                         torch.ones(seqs, L, dtype=torch.bool, device=dev))}
-        deltas = {name: torch.zeros(seqs, L, d, device=dev, requires_grad=True)}
+        enc, tokens = text_encoder(name, depth, dev, seqs, t5_tokens)
+        deltas = {name: torch.zeros(*tokens[name][0].shape, S.token_embedding(enc).embedding_dim, device=dev,
+                                    requires_grad=True)}
         return saved_activation_bytes(lambda: S.run_encoders({"encoders": {name: enc}}, None, deltas, (name,),
                                                              tokens), enc.parameters()) / seqs
-    out = {}
-    for name, (cfg, key, _) in shapes.items():
-        if layers and name in layers:
-            out[name] = count(name, layers[name])
-        else:
-            n1, n2 = count(name, 1), count(name, 2)
-            out[name] = n1 + (cfg[key] - 1) * (n2 - n1)
-    return out
+    return {name: at_full_depth(lambda depth: count(name, depth), name, layers) for name in S.ENCODERS}
 
 
 def generator_activation_bytes(dev, t5_tokens=128, rank=16, hidden=256, layers=None):
@@ -285,39 +296,22 @@ def generator_activation_bytes(dev, t5_tokens=128, rank=16, hidden=256, layers=N
     encoder alone (fp32, `rank` basis directions a token, `hidden` wide), on two prompts, every token
     content. A step of P prompts at K keeps P * ((K - 1) * a variant + (K - 1)(K - 2) / 2 * a pair + a prompt)
     summed over the encoders (L_div's pairwise cosines keep their products): counted at K = 2, 3 and 4, on
-    copies of one and two blocks, extrapolated as encoder_activation_bytes does; `layers` = {encoder: depth}
-    counts those depths in full instead (the test)."""
+    copies of one and two blocks (at_full_depth; `layers` as there)."""
     import phase1_perturb as P1
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    shapes = {"clip_l": (CLIP_L, "num_hidden_layers", S.CLIP_LEN),
-              "clip_g": (CLIP_G, "num_hidden_layers", S.CLIP_LEN), "t5": (T5_XXL, "num_layers", t5_tokens)}
     prompts = ["a photo of a cat", "two dogs"]  # only their rotations depend on the text
 
     def count(name, depth, K):
-        cfg, key, L = shapes[name]
-        cfg = dict(cfg, **{key: depth})
-        with built_in(dev, torch.bfloat16):
-            enc = (T5EncoderModel(T5Config(**cfg)) if name == "t5" else CLIPTextModelWithProjection(
-                CLIPTextConfig(**cfg, vocab_size=49408, max_position_embeddings=S.CLIP_LEN)))
-        enc.eval().requires_grad_(False)
+        enc, tokens = text_encoder(name, depth, dev, len(prompts), t5_tokens)
         table = S.token_embedding(enc).weight
         width = enc.config.d_model if name == "t5" else enc.config.hidden_size
         gen = S.PerturbationGenerator({name: (table.shape[1], width, table.float().std().item())}, rank,
                                       hidden).to(dev)
-        tokens = {name: (torch.randint(1000, (len(prompts), L), device=dev),
-                         torch.ones(len(prompts), L, dtype=torch.bool, device=dev))}
         loss = lambda: P1.generator_loss(gen, {"encoders": {name: enc}}, prompts, K, 0.85, 0.025, 1.0, 0,
                                          tokens)
         return saved_activation_bytes(loss, [*enc.parameters(), *gen.parameters()]) / len(prompts)
     out = {}
-    for name, (cfg, key, _) in shapes.items():
-        f = {}
-        for K in (2, 3, 4):
-            if layers and name in layers:
-                f[K] = count(name, layers[name], K)
-            else:
-                n1, n2 = count(name, 1, K), count(name, 2, K)
-                f[K] = n1 + (cfg[key] - 1) * (n2 - n1)
+    for name in S.ENCODERS:
+        f = {K: at_full_depth(lambda depth: count(name, depth, K), name, layers) for K in (2, 3, 4)}
         pair = f[4] - 2 * f[3] + f[2]
         variant = f[3] - f[2] - pair
         out[name] = (variant, pair, f[2] - variant)

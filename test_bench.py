@@ -137,19 +137,24 @@ def test_training_forward_activations_grow_linearly_with_the_batch():
     assert count(4) < four / 4
 
 
+def small_encoders(monkeypatch, depth):
+    """bench's three text encoders swapped for small ones of the same classes, `depth` blocks each."""
+    small_clip = dict(hidden_size=32, num_hidden_layers=depth, num_attention_heads=2, intermediate_size=64,
+                      projection_dim=32)
+    monkeypatch.setattr(bench, "CLIP_L", small_clip)
+    monkeypatch.setattr(bench, "CLIP_G", dict(small_clip, hidden_size=48, projection_dim=48))
+    monkeypatch.setattr(bench, "T5_XXL", dict(vocab_size=1000, d_model=32, d_ff=64, num_layers=depth,
+                                              num_heads=2, d_kv=16, feed_forward_proj="gated-gelu",
+                                              is_encoder_decoder=False))
+
+
 def test_encoder_activations_are_counted_per_sequence(monkeypatch):
     """Phase I's count on small encoders of the real classes: every encoder keeps something for the backward
     to its delta, and more for longer T5 inputs. CLIP keeps the same per sequence on two and on four
     sequences; T5 keeps its relative-position bias (1 x heads x L x L) once for the whole batch, so its
     figure per sequence on two sequences exceeds that on four by a quarter of those bytes: 1 % here, under
     1 % at T5-XXL's shape."""
-    small_clip = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                      projection_dim=32)
-    monkeypatch.setattr(bench, "CLIP_L", small_clip)
-    monkeypatch.setattr(bench, "CLIP_G", dict(small_clip, hidden_size=48, projection_dim=48))
-    monkeypatch.setattr(bench, "T5_XXL", dict(vocab_size=1000, d_model=32, d_ff=64, num_layers=2,
-                                              num_heads=2, d_kv=16, feed_forward_proj="gated-gelu",
-                                              is_encoder_decoder=False))
+    small_encoders(monkeypatch, 2)
     two, four = bench.encoder_activation_bytes("cpu", 2, 16), bench.encoder_activation_bytes("cpu", 4, 16)
     assert set(two) == {"clip_l", "clip_g", "t5"} and all(v > 0 for v in two.values())
     assert two["clip_l"] == four["clip_l"] and two["clip_g"] == four["clip_g"]
@@ -185,13 +190,7 @@ def test_generator_activations_by_variant_pair_and_prompt_and_in_depth(monkeypat
     c = at[4] - 2 * at[3] + at[2]
     a, b = at[3] - at[2] - c, 2 * at[2] - at[3] + c
     assert a > 0 and b > 0 and c > 0 and at[6] == 5 * a + 10 * c + b
-    small_clip = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                      projection_dim=32)
-    monkeypatch.setattr(bench, "CLIP_L", small_clip)
-    monkeypatch.setattr(bench, "CLIP_G", dict(small_clip, hidden_size=48, projection_dim=48))
-    monkeypatch.setattr(bench, "T5_XXL", dict(vocab_size=1000, d_model=32, d_ff=64, num_layers=3,
-                                              num_heads=2, d_kv=16, feed_forward_proj="gated-gelu",
-                                              is_encoder_decoder=False))
+    small_encoders(monkeypatch, 3)
     whole = bench.generator_activation_bytes("cpu", 16, rank=4, hidden=8,
                                              layers={"clip_l": 3, "clip_g": 3, "t5": 3})
     assert bench.generator_activation_bytes("cpu", 16, rank=4, hidden=8) == whole
