@@ -327,6 +327,8 @@ def main(argv=None):
     from sample import check_writable
     check_writable(path, "plot", kind="file")
     groups = find_runs(roots)
+    if ref is not None and ref not in groups:
+        raise SystemExit(f"--ref={ref} is not a label of these runs ({', '.join(groups)})")
     print(table(groups, block, ref))
     mech = mechanism_table(groups, block)
     if mech:

@@ -470,10 +470,10 @@ def read_index(folder):
         except (OSError, SyntaxError, ValueError) as err:
             raise SystemExit(f"{f} cannot be read as an image ({type(err).__name__}): it is damaged")
         first = first or (r["file"], kind)
-        if kind != first[1] or kind[1] != "RGB":
-            raise SystemExit(f"{f} is {kind[0][0]}x{kind[0][1]} {kind[1]}, {first[0]} is {first[1][0][0]}x"
-                             f"{first[1][0][1]} {first[1][1]}: the metrics compare the RGB images of one "
-                             "size that one sample.py run writes")
+        if kind[1] != "RGB" or kind != first[1]:
+            raise SystemExit(f"{f} is {kind[0][0]}x{kind[0][1]} {kind[1]}" + (
+                f", {first[0]} is {first[1][0][0]}x{first[1][0][1]}" if kind[1] == "RGB" else "")
+                + ": the metrics compare the RGB images of one size that one sample.py run writes")
     return rows
 
 
@@ -631,6 +631,12 @@ def main(argv=None):
     quiet()
     print(config_summary(cfg))
     wanted = parse_metrics(metrics)
+    for name, ok, must in (("batch_size", batch_size >= 1, "at least 1"),
+                           ("box_threshold", 0 <= box_threshold <= 1, "in [0, 1]"),
+                           ("text_threshold", 0 <= text_threshold <= 1, "in [0, 1]"),
+                           ("reference_test_fraction", 0 < reference_test_fraction < 1, "in (0, 1)")):
+        if not ok:
+            raise SystemExit(f"{name}={globals()[name]!r} must be {must}")
     rows = read_index(samples)
     dev, _ = pick_device(device)
     out_path = out or os.path.join(samples, "diversity.json")

@@ -527,7 +527,9 @@ def check_run_folder(out, cfg, prompt_list):
         raise SystemExit("--resume=True continues the run in out_dir and --overwrite=True replaces it: "
                          "pass one of them")
     found = complete_checkpoint(out)
-    holds_run = found is not None or os.path.isfile(os.path.join(out, "log.jsonl"))
+    log = os.path.join(out, "log.jsonl")
+    # a log with lines, or a checkpoint (a run that stopped before its first line left nothing to keep)
+    holds_run = found is not None or (os.path.isfile(log) and os.path.getsize(log) > 0)
     if resume and found is None:
         raise SystemExit(f"--resume=True: no checkpoint in {out} (a run saves one every ckpt_every epochs)")
     if holds_run and not resume and not overwrite:
@@ -567,9 +569,10 @@ def check_resume(ck, cfg, prompt_list):
         if not same:
             differ.append(f"{k}={v!r} (the checkpoint's: {saved[k]!r})")
     if differ:
-        raise SystemExit(f"--resume=True: {', '.join(differ)} differ from the settings checkpoint {ck} was "
-                         "trained with, and they define what it was trained to do: resume with the "
-                         "checkpoint's values, or start a new run in another --out_dir")
+        verb = "differs" if len(differ) == 1 else "differ"
+        raise SystemExit(f"--resume=True: {', '.join(differ)} {verb} from the settings checkpoint {ck} was "
+                         "trained with, which define what it was trained to do: resume with the checkpoint's "
+                         "values, or start a new run in another --out_dir")
     if done >= epochs:
         raise SystemExit(f"--resume=True: the checkpoint in {ck} has done {done} epochs of "
                          f"--epochs={epochs}: pass --epochs above {done} to train on")

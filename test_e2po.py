@@ -1180,6 +1180,10 @@ def test_phase2_bad_input(phase1_file, tmp_path, monkeypatch):
                         (lambda im, p, m: torch.full((len(im),), float("nan"))))
     with pytest.raises(SystemExit, match="non-finite reward"):
         phase2_align.main(_phase2(d, out, pf, "--reward={'nan_reward': 1.0}"))
+    # that run stopped before its log's first line: nothing to keep, and no --overwrite=True asked for
+    assert (d / "log.jsonl").read_text() == ""
+    phase2_align.main(_phase2(d, out, pf, "--epochs=1"))
+    assert len(_log(d)) == 1
 
 
 def _torchrun(script, args, nproc):
@@ -1718,6 +1722,9 @@ def test_compare_runs_names_a_broken_line_and_checks_its_plot_path(tmp_path, cap
     (d / "final_eval.json").write_text('{"reward": ')
     with pytest.raises(SystemExit, match=re.escape(f"{d / 'final_eval.json'} is not valid JSON")):
         compare_runs.main([f"--runs={tmp_path / 'exp'}", f"--plot={tmp_path / 'p.png'}"])
+    (d / "final_eval.json").unlink()
+    with pytest.raises(SystemExit, match=re.escape("--ref=b is not a label of these runs (a)")):
+        compare_runs.main([f"--runs={tmp_path / 'exp'}", f"--plot={tmp_path / 'p.png'}", "--ref=b"])
     (tmp_path / "f").write_text("x")
     for plot, says in ((log, "must name a .png, .pdf or .svg file"),
                        (tmp_path / "f" / "x.png", "not a writable folder")):

@@ -480,13 +480,15 @@ def test_cli_refuses_what_one_sample_run_does_not_write(synthetic_folder, tmp_pa
     index.write_text(good)
     f = synthetic_folder / "00001_k01_g01.png"
     kept = f.read_bytes()
-    for broken, says in ((lambda: save_png(f, W, size=64), "is 64x64 RGB, 00000_k00_g00.png is 32x32 RGB"),
+    for broken, says in ((lambda: save_png(f, W, size=64), "is 64x64 RGB, 00000_k00_g00.png is 32x32"),
                          (lambda: Image.fromarray(np.full((32, 32), 255, np.uint8)).save(f), "is 32x32 L"),
                          (lambda: f.write_bytes(kept[:40]), "cannot be read as an image")):
         broken()
         with pytest.raises(SystemExit, match=re.escape(says)):
             ed.main([f"--samples={synthetic_folder}", "--metrics=pvs"])
         f.write_bytes(kept)
+    with pytest.raises(SystemExit, match="batch_size=0 must be at least 1"):
+        ed.main([f"--samples={synthetic_folder}", "--metrics=pvs", "--batch_size=0"])
     (tmp_path / "folder").mkdir()
     for where, says in ((tmp_path / "folder", "is a folder: name a file"),
                         (index, "is not a report of eval_diversity.py")):
