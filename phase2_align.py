@@ -535,7 +535,8 @@ def check_run_folder(out, cfg, prompt_list):
     if holds_run and not resume and not overwrite:
         raise SystemExit(f"{out} holds a run (log.jsonl or a checkpoint): pass --resume=True to continue it, "
                          "--overwrite=True to replace it, or another --out_dir")
-    if resume:  # the honoured changes, which the run then names
+    if resume:  # the log read now (its broken lines named before anything loads), the honoured changes
+        log_records(log, say=lambda note: None)  # trim_log says it, once
         return check_resume(found, cfg, prompt_list)
     # a new run removes an earlier run's checkpoint, evaluation grids and log (start_run)
     S.check_keeps_inputs([*checkpoint_dirs(out), *(os.path.join(out, f) for f in ("evals", "log.jsonl"))],
@@ -550,7 +551,7 @@ def check_resume(ck, cfg, prompt_list):
     try:
         with open(os.path.join(ck, "config.json"), encoding="utf-8") as f:
             saved = json.load(f)
-        st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", mmap=True, weights_only=False)
+        st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=False)
         done = st["epoch"] + 1
     except Exception as err:
         raise SystemExit(f"checkpoint {ck} cannot be read ({type(err).__name__}: {str(err)[:200]}): it is "
@@ -577,7 +578,7 @@ def check_resume(ck, cfg, prompt_list):
         raise SystemExit(f"--resume=True: the checkpoint in {ck} has done {done} epochs of "
                          f"--epochs={epochs}: pass --epochs above {done} to train on")
     return [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.items() if k in RESUME_HONOURED and k in saved
-            and norm(v) != saved[k] and k not in ("resume", "overwrite")]
+            and norm(v) != saved[k] and k not in ("resume", "overwrite", "out_dir")]
 
 
 def restore_checkpoint(out):
@@ -606,16 +607,25 @@ def load_checkpoint(ck, transformer, opt):
     return st
 
 
-def trim_log(path, last_epoch):
-    """On resume, drop the log lines of epochs after the checkpoint (they are replayed), atomically."""
+def log_records(path, say=print):
+    """The records of a run's log.jsonl, each named by its line when it is broken or has no epoch; a last
+    line cut short by a kill is left out, with a note to `say` (it belongs to an epoch after the last
+    checkpoint)."""
     if not os.path.isfile(path):
-        return
+        return []
     rows = S.read_jsonl(path, "two runs wrote this out_dir at once, or it was edited: fix or delete that "
-                        "line, then resume", torn_tail=True)
+                        "line, then resume", torn_tail=True, say=say)
     for n, r in rows:
         if not isinstance(r, dict) or not isinstance(r.get("epoch"), int):
             raise SystemExit(f"{path} line {n} has no integer 'epoch': fix or delete that line, then resume")
-    S.write_text_atomic(path, "".join(json.dumps(r) + "\n" for _, r in rows if r["epoch"] <= last_epoch))
+    return [r for _, r in rows]
+
+
+def trim_log(path, last_epoch):
+    """On resume, drop the log lines of epochs after the checkpoint (they are replayed), atomically."""
+    if os.path.isfile(path):
+        S.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in log_records(path)
+                                          if r["epoch"] <= last_epoch))
 
 
 def adapters_finite(transformer, x_t, t, c):

@@ -82,7 +82,7 @@ def prompts_hash(prompt_list):
     return hashlib.sha256("\n".join(prompt_list).encode("utf-8")).hexdigest()
 
 
-def read_jsonl(path, advice="fix or delete that line", torn_tail=False):
+def read_jsonl(path, advice="fix or delete that line", torn_tail=False, say=print):
     """[(line number, record)] of a .jsonl file, blank lines skipped. A line that is not JSON stops with one
     sentence naming the file and the line (two writers on one file interleave their lines; an edit can break
     one). torn_tail=True: an unparsable last line without its newline, a write cut short by a kill, is left
@@ -97,7 +97,7 @@ def read_jsonl(path, advice="fix or delete that line", torn_tail=False):
             rows.append((n, json.loads(ln)))
         except json.JSONDecodeError as err:
             if torn_tail and n == len(lines):  # no newline after it: the write was cut
-                print(f"note: {path} line {n} is incomplete (a write cut short): left out")
+                say(f"note: {path} line {n} is incomplete (a write cut short): left out")
                 break
             raise SystemExit(f"{path} line {n} is not valid JSON ({err.msg}, column {err.colno}): {advice}")
     return rows
@@ -254,9 +254,12 @@ def load_lora(pipe, path, model_id, adapter_name=None):
     try:
         pipe.load_lora_weights(path, adapter_name=adapter_name)
     except Exception as err:
-        first = next((ln.strip() for ln in str(err).splitlines() if "mismatch" in ln or "not found" in ln),
-                     str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        raise SystemExit(f"LoRA {path} does not fit model {model_id} ({first[:200]}): it was trained on "
+        said = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        fit = [ln for ln in said if "size mismatch" in ln or "not found in the base model" in ln]
+        if not fit:
+            raise SystemExit(f"LoRA {path} cannot be loaded into {model_id} ({type(err).__name__}: "
+                             f"{said[0][:200]})")
+        raise SystemExit(f"LoRA {path} does not fit model {model_id} ({fit[0][:200]}): it was trained on "
                          "another model; pass the --model it was trained on")
     finally:
         diffusers.utils.logging.set_verbosity(level)
