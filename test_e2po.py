@@ -466,6 +466,26 @@ def test_sample_cli_replaces_earlier_samples_only_when_told(prompt_file, tmp_pat
     assert sorted(p.name for p in d.glob("*_k*_g*.png")) == sorted(r["file"] for r in index)
 
 
+def test_sample_cli_checks_every_setting_before_loading(prompt_file, tmp_path, monkeypatch):
+    """sample.py's settings, its LoRA and its out_dir are checked before any model loads: one sentence each,
+    nothing written."""
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "pytorch_lora_weights.safetensors").write_bytes(b"\x08" + b"\x00" * 20)
+    for extra, says in (("--resolution=30", "resolution=30 must be a positive multiple of 16"),
+                        ("--guidance=0.5", "guidance=0.5 must be finite and >= 1"), ("--G=0", "G=0 must be"),
+                        ("--steps=0", "steps=0 must be at least 1"), ("--solver=rk4", "solver='rk4' must be"),
+                        ("--device=cuda", "this machine has no CUDA GPU"),
+                        (f"--out_dir={tmp_path / 'file'}", "is a file: name a folder"),
+                        (f"--lora={tmp_path / 'cut'}", "pytorch_lora_weights.safetensors cannot be read"),
+                        (f"--lora={tmp_path}", "holds no pytorch_lora_weights.safetensors")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=1",
+                         f"--out_dir={tmp_path / 's'}", extra])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "file", "prompts.txt"]
+
+
 def test_sample_cli_refuses_k_without_file(prompt_file, tmp_path):
     with pytest.raises(SystemExit, match="needs --perturbations"):
         sample.main(["config/tiny_cpu.py", f"--prompts={prompt_file}", "--K=4", "--perturbations=None",
@@ -565,6 +585,9 @@ def test_phase1_checks_every_setting_and_its_output_before_loading(prompt_file, 
                         (("--delta_lr=0",), "delta_lr=0.0 must be finite and > 0"),
                         (("--batch_prompts=0",), "batch_prompts=0 must be at least 1"),
                         (("--refine_iters=(5, -1)",), "refine_iters=(5, -1) must be whole numbers >= 0"),
+                        (("--eps=1",), "eps=1.0 must be below 1"),
+                        (("--sigma_init=-1",), "sigma_init=-1.0 must be finite and > 0"),
+                        (("--amortize=True", "--gen_batch=0"), "gen_batch=0 must be at least 1"),
                         (("--device=cuda",), "this machine has no CUDA GPU")):
         extra = extra if extra[0].startswith("--perturbations") else (f"--perturbations={tmp_path / 'p'}",
                                                                       *extra)
@@ -954,7 +977,14 @@ def run_folder(phase1_file, tmp_path_factory):
      "weight of reward 'jpeg_incompressibility' must be finite"),
     ("--reward={'jpeg_incompressibility': 0}", "must be finite and non-zero, got 0"),
     ("--reward_opts={'pickscore': {'model': 'x'}}", "reward_opts names 'pickscore', which is not a reward"),
-    ("--resume=True", "--resume=True continues the run in out_dir and --overwrite=True replaces it")])
+    ("--resume=True", "--resume=True continues the run in out_dir and --overwrite=True replaces it"),
+    ("--resolution=100", "resolution=100 must be a positive multiple of 16"),
+    ("--lr=1e400", "lr=inf must be"), ("--device=tpu", "device='tpu' is not a device"),
+    ("--timestep_fraction=0", "leaves no training timestep"),
+    ("--ema_max=1", "ema_max=1.0 must be in [0, 1)"),
+    ("--old_decay_max=1", "old_decay_max=1.0 must be in [0, 1)"),
+    ("--out_dir=conftest.py", "out_dir=conftest.py is a file: name a folder to write into"),
+    ("--perturbations=/no/such.safetensors", "perturbation file '/no/such.safetensors' not found")])
 def test_phase2_overwrite_checks_every_setting_before_it_removes_anything(run_folder, phase1_file, tmp_path,
                                                                           monkeypatch, extra, says):
     """--overwrite=True with a bad setting: one sentence, before any model loads, and the earlier run (its
