@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 
+import numpy as np
 import pytest
 import torch
 
@@ -744,6 +745,15 @@ def test_phase2_end_to_end_log_and_lora(phase1_file, tmp_path):
         assert all(math.isfinite(r[key]) for r in log), key
     assert "eval_reward" in log[1] and "eval_reward" not in log[0]
     assert log[0]["group_std"] > 0
+    # the group std in units of the step's std, and every sample's reward beside the log: the group std
+    # recomputed from rewards.jsonl (sample j in group j // (K G)) is the logged one
+    per = [json.loads(ln) for ln in (d / "rewards.jsonl").read_text().splitlines()]
+    assert [(p["epoch"], p["step"], p["K"], p["G"]) for p in per] == [(0, 1, 4, 2), (1, 2, 4, 2)]
+    for rec, p in zip(log, per):
+        assert rec["group_std_rel"] == pytest.approx(rec["group_std"] / (rec["reward_std"] + 1e-4))
+        R = np.array(p["rewards"]).reshape(len(p["prompts"]), p["K"] * p["G"])
+        assert R.mean() == pytest.approx(rec["reward_mean"])
+        assert R.std(1).mean() == pytest.approx(rec["group_std"])
     ck = d / "checkpoint"
     assert all((ck / s / "pytorch_lora_weights.safetensors").is_file()
                for s in ("lora", "lora_old", "lora_ema"))
@@ -763,6 +773,8 @@ def test_phase2_resume_reproduces_the_next_step(phase1_file, tmp_path):
     phase2_align.main(_phase2(cut, out, pf, "--epochs=2", "--ckpt_every=1", "--resume=True"))
     a, b = _log(full), _log(cut)
     assert [r["epoch"] for r in b] == [0, 1]
+    # rewards.jsonl is trimmed and replayed like the log: the same lines as the uninterrupted run's
+    assert (cut / "rewards.jsonl").read_text() == (full / "rewards.jsonl").read_text()
     for key in ("reward_mean", "group_std", "loss", "nft", "kl", "grad_norm"):
         assert b[1][key] == pytest.approx(a[1][key], rel=1e-6, abs=1e-9), key
 
