@@ -23,6 +23,7 @@ spec() {  # pilot -> its prompts and reward
         colour_amount) echo "${COLOURS[*]} --reward={'colour_amount':1.0}" ;;
         colour_amount_gated) echo "${COLOURS[*]} --reward={'colour_amount':1.0} \
 --reward_opts={'colour_amount':{'gate':True}}" ;;
+        colour_amount_gated_lr2e-3) echo "$(spec colour_amount_gated) --lr=2e-3" ;;
         layout) echo "${EASY[*]} --reward={'layout':1.0}" ;;
         *) echo "unknown pilot $1" >&2; return 1 ;;
     esac
