@@ -252,7 +252,10 @@ def colour_share(device="cpu", dtype=torch.float32):
     """The share of the image's pixels whose nearest colour among SHAPES_PALETTE and the background is a
     colour the prompt asks for (the `color` of its include clauses), in [0, 1]: a dense reward of the shapes
     world whose optimum depends on the text ("a red circle" wants red pixels), so a policy that stops
-    listening to the prompt cannot climb it. Pixels are rounded to uint8 first, as a saved PNG is."""
+    listening to the prompt cannot climb it. Pixels are rounded to uint8 first, as a saved PNG is. Kept as
+    the variance study ran it, with its one off-text channel: greys are not among the names, so a canvas
+    darkened below ~70 counts as "black" and one lightened above ~200 as "white"; `colour_amount` (below)
+    caps the share at one object's area, which closes it."""
     names = list(GENEVAL_COLORS) + ["background"]
     ref = torch.tensor([SHAPES_PALETTE[c] for c in GENEVAL_COLORS] + [SHAPES_BACKGROUND], dtype=torch.float32)
 
