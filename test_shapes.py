@@ -715,6 +715,11 @@ def test_collapse_world_candidate_rewards_by_hand(prep):
     assert amount(as_batch([half]), None, [red]).item() == pytest.approx(want, rel=1e-6)
     blue = dict(red, include=[dict(red["include"][0], color="blue")])
     assert amount(as_batch([img]), None, [blue]).item() == 0.0
+    # a smaller target: the half square (13 x 26 px) against a square of side 0.3
+    want = (13 * 26 / 64 ** 2) / 0.3 ** 2
+    assert rewards.REWARDS["colour_amount"](side=0.3)(as_batch([half]), None, [red]).item() == pytest.approx(want)
+    with pytest.raises(SystemExit, match="side=1.5 must be a fraction"):
+        rewards.REWARDS["colour_amount"](side=1.5)
     # gate: times the shapes credit, 0 for the half-erased square (a 2:1 box is no square)
     gated = rewards.REWARDS["colour_amount"](gate=True)
     assert gated(as_batch([img, half]), None, [red, red]).tolist() == [1.0, 0.0]

@@ -24,6 +24,10 @@ spec() {  # pilot -> its prompts and reward
         colour_amount_gated) echo "${COLOURS[*]} --reward={'colour_amount':1.0} \
 --reward_opts={'colour_amount':{'gate':True}}" ;;
         colour_amount_gated_lr2e-3) echo "$(spec colour_amount_gated) --lr=2e-3" ;;
+        colour_amount_0.33) echo "${COLOURS[*]} --reward={'colour_amount':1.0} \
+--reward_opts={'colour_amount':{'side':0.33}}" ;;
+        colour_amount_0.33_gated) echo "${COLOURS[*]} --reward={'colour_amount':1.0} \
+--reward_opts={'colour_amount':{'side':0.33,'gate':True}}" ;;
         layout) echo "${EASY[*]} --reward={'layout':1.0}" ;;
         *) echo "unknown pilot $1" >&2; return 1 ;;
     esac

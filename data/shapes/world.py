@@ -340,18 +340,19 @@ def tint(device="cpu", dtype=torch.float32, gate=False):
     return _gated("tint", score, gate)
 
 
-AMOUNT_SIDE = 0.40  # colour_amount's target: the asked shape's area at this side (the detector's size ramp
-# starts at 0.45)
+AMOUNT_SIDE = 0.40  # colour_amount's default target: the asked shape's area at this side (the detector's size
+# ramp starts at 0.45)
 
 
-def colour_amount(device="cpu", dtype=torch.float32, gate=False):
+def colour_amount(device="cpu", dtype=torch.float32, gate=False, side=AMOUNT_SIDE):
     """Enough of the asked colour: min(1, share_c / a(class)), share_c the share of pixels named the first
-    include clause's colour c, a(class) the area of that class's ideal shape at AMOUNT_SIDE of the side
-    (square 0.16, circle 0.126, triangle 0.080 of the canvas). Capped, so that a large object of the right
-    colour is as good as it gets: no incentive to paint the canvas (colour_share's channel)."""
-    import numpy as np
+    include clause's colour c, a(class) the area of that class's ideal shape at `side` of the image side
+    (at 0.40: square 0.16, circle 0.126, triangle 0.080 of the canvas). Capped, so that a large object of the
+    right colour is as good as it gets: no incentive to paint the canvas (colour_share's channel)."""
+    if not 0 < side <= 1:
+        raise SystemExit(f"colour_amount's side={side!r} must be a fraction of the image side in (0, 1]")
     n = 64
-    area = {c: float(shape_mask(c, n, n).mean()) * AMOUNT_SIDE ** 2 for c in SHAPE_CLASSES}
+    area = {c: float(shape_mask(c, n, n).mean()) * side ** 2 for c in SHAPE_CLASSES}
 
     def score(im, cls, colour):
         share = float((pixel_names(im) == GENEVAL_COLORS.index(colour)).mean())
