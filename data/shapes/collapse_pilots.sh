@@ -28,6 +28,8 @@ spec() {  # pilot -> its prompts and reward
 --reward_opts={'colour_amount':{'side':0.33}}" ;;
         colour_amount_0.33_gated) echo "${COLOURS[*]} --reward={'colour_amount':1.0} \
 --reward_opts={'colour_amount':{'side':0.33,'gate':True}}" ;;
+        colour_amount_0.33_kl1e-2) echo "$(spec colour_amount_0.33) --kl_beta=1e-2" ;;
+        colour_amount_0.33_kl1e-3) echo "$(spec colour_amount_0.33) --kl_beta=1e-3" ;;
         layout) echo "${EASY[*]} --reward={'layout':1.0}" ;;
         *) echo "unknown pilot $1" >&2; return 1 ;;
     esac
