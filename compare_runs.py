@@ -34,6 +34,9 @@ window = 1  # the plot's per-step curves are running means over this many steps
 # reference labels, comma-separated: the table adds each label's figures minus those of the reference with the
 # same samples per prompt (N = G x K), paired by seed (and by image for the final reward)
 ref = None
+# a planned contrast of final rewards, "label:other,other": the label's final reward minus the mean of the
+# others', paired by seed and image (e.g. e2po_4x4:nft_g16,all_in_k: a balanced split against both extremes)
+contrast = None
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -199,6 +202,30 @@ def paired_p(mean, se, n):
         return float("nan") if n < 2 else (0.0 if mean else 1.0)
     from scipy.stats import t
     return float(2 * t.sf(abs(mean / se), n - 1))
+
+
+def contrast_of(groups, spec):
+    """A planned contrast of final rewards, spec "label:other,other": per seed (runs matched by folder name),
+    the mean over the images of R_label - mean_o R_o (every run scores the same images), then the mean ± its
+    standard error over seeds and the two-sided paired t-test. Returns (mean, se, p, seeds)."""
+    label, _, others = spec.partition(":")
+    others = [o.strip() for o in others.split(",") if o.strip()]
+    missing = [n for n in [label, *others] if n not in groups]
+    if missing or not others:
+        raise SystemExit(f"--contrast={spec}: write label:other,other with labels of these runs "
+                         f"({', '.join(groups)}); not found: {', '.join(missing) or 'the others'}")
+    by = {n: {f["run"]: f["final_rewards"] for f in map(run_figures, groups[n]) if f.get("final_rewards")}
+          for n in [label, *others]}
+    seeds = sorted(set.intersection(*(set(v) for v in by.values())))
+    d = []
+    for sd in seeds:
+        mine, rest = by[label][sd], [by[o][sd] for o in others]
+        d.append(sum(a - sum(r[i] for r in rest) / len(rest) for i, a in enumerate(mine)) / len(mine))
+    if not d:
+        return None, None, None, 0
+    m = sum(d) / len(d)
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+    return m, se, paired_p(m, se, len(d)), len(d)
 
 
 def _cell(m, s, sep="±", p=None):
@@ -399,6 +426,12 @@ def main(argv=None):
         raise SystemExit(f"--block={block} and --window={window} must be at least 1")
     groups = find_runs(roots)
     print(table(groups, block, ref))
+    if contrast:
+        m, se, p, n = contrast_of(groups, contrast)
+        print(f"\ncontrast {contrast} (final reward, paired by seed and image): "
+              + ("no seed has every run's final evaluation" if m is None else
+                 f"{_cell(m, se, p=p)} over {n} seeds (t = {m / se:.2f}, {n - 1} degrees of freedom)"
+                 if se else f"{m:.4f} over {n} seed(s)"))
     mech = mechanism_table(groups, block)
     if mech:
         print("\n" + mech)

@@ -1558,6 +1558,12 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
             for ln in out.splitlines() if ln.startswith("| ")}
     ref = rows["run"].index("reference")
     assert rows["e2po_4x12"][ref] == "nft_g48" and rows["e2po"][ref] == "nft" and rows["nft_g48"][ref] == ""
+    # a planned contrast, paired by seed and image: e2po - (nft + e2po) / 2 = (e2po - nft) / 2: seed 0
+    # ((0.3 - 0.2) + (0.7 - 0.4)) / 4 = 0.1, seed 1 ((0.5 - 0.5) + (0.9 - 0.5)) / 4 = 0.1 -> 0.1 ± 0
+    m, se, p, n = compare_runs.contrast_of(compare_runs.find_runs([str(tmp_path)]), "e2po:nft,e2po")
+    assert (m, n) == (pytest.approx(0.1), 2) and se == pytest.approx(0, abs=1e-12)
+    with pytest.raises(SystemExit, match="not found: nope"):
+        compare_runs.contrast_of(compare_runs.find_runs([str(tmp_path)]), "e2po:nope")
     assert rows["e2po_4x12"][rows["run"].index("group std / step std, last")] == "0.5000 ± 0.0000"
     # the perturbation probe (probe.json beside a run's final_eval.json, prior_probe.json at the root)
     for seed, (k0, kp) in enumerate(((0.9, 0.8), (0.7, 0.7))):

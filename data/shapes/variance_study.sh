@@ -56,6 +56,8 @@ spec() {  # configuration -> its Phase II arguments (building the Phase I file i
         e2po_4x12) echo "--K=12 --G=4 $(phase1 k12 --K=12)" ;;
         e2po_4x4_shared) echo "--K=4 --G=4 $(phase1 k4 --K=4) --shared_noise=True" ;;
         all_in_k) echo "--K=16 --G=1 $(phase1 k16 --K=16)" ;;
+        e2po_8x2) echo "--K=2 --G=8 $(phase1 k2 --K=2)" ;;
+        e2po_2x8) echo "--K=8 --G=2 $(phase1 k8 --K=8)" ;;
         no_anchor) echo "--K=4 --G=4 $(phase1 k4 --K=4) --use_anchor=False" ;;
         no_schedule) echo "--K=4 --G=4 $(phase1 k4 --K=4) --use_schedule=False" ;;
         mu0.7) echo "--K=4 --G=4 $(phase1 k4_mu0.7 --K=4 --mu=0.7)" ;;
