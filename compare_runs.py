@@ -31,7 +31,12 @@ plot = None  # PNG path; None = compare.png in the first folder of `runs`
 title = ""  # figure title
 block = 1  # the table's "first" and "last" figures are means over this many steps
 window = 1  # the plot's per-step curves are running means over this many steps
-ref = None  # a label: the table adds each label's final reward minus this label's, paired by seed and image
+# reference labels, comma-separated: the table adds each label's figures minus those of the reference with the
+# same samples per prompt (N = G x K), paired by seed (and by image for the final reward)
+ref = None
+# a planned contrast of final rewards, "label:other,other": the label's final reward minus the mean of the
+# others', paired by seed and image (e.g. e2po_4x4:nft_g16,all_in_k: a balanced split against both extremes)
+contrast = None
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -76,8 +81,22 @@ def find_runs(roots):
             label = (os.path.basename(os.path.dirname(d)) if re.fullmatch(r"seed\d+", os.path.basename(d))
                      else os.path.basename(d))
             runs_ = found.setdefault(label, [])
-            runs_.append(read_log(p) + (final_records(d) or [{"run": os.path.basename(d)}]))
+            final = final_records(d) or [{"run": os.path.basename(d)}]
+            final[0].update(group_shape(d))
+            runs_.append(read_log(p) + final)
     return found
+
+
+def group_shape(folder):
+    """{"G", "K", "N" = G x K} of a run, from its config.json ({} without one): comparisons are made at
+    equal N, and the k = 0 / k > 0 split of a group holds G and (K - 1) G samples."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    G, K = cfg.get("G", 1), cfg.get("K", 1)
+    return {"G": G, "K": K, "N": G * K}
 
 
 def final_records(folder, sub="final"):
@@ -123,10 +142,18 @@ def block_mean(values, block, last=False):
     return sum(v) / len(v) if v else None
 
 
+def with_rel(records):
+    """The records with group_std_rel (group std / (the step's std + 1e-4), the scale the advantages are
+    normalised by) computed from group_std and reward_std where a log written before it was logged lacks it."""
+    return [dict(r, group_std_rel=r["group_std"] / (r["reward_std"] + 1e-4))
+            if "group_std" in r and "reward_std" in r and "group_std_rel" not in r else r for r in records]
+
+
 def run_figures(records, block=1):
     """The table's figures of one run; "first" and "last" are means over `block` steps."""
-    train = [r for r in records if "group_std" in r]
+    train = with_rel([r for r in records if "group_std" in r])
     _, std = curve(train, "group_std")
+    _, rel = curve(train, "group_std_rel")
     _, coll = curve(train, "collapsed_groups")
     steps, ev = curve(records, "eval_reward")
     start = [v for s, v in zip(steps, ev) if s == 0]
@@ -135,6 +162,7 @@ def run_figures(records, block=1):
     figs = {"steps": train[-1]["step"] if train else 0,
             "std_first": block_mean(std, block), "std_last": block_mean(std, block, last=True),
             "std_mean": sum(std) / len(std) if std else None,
+            "rel_first": block_mean(rel, block), "rel_last": block_mean(rel, block, last=True),
             "collapsed_last": block_mean(coll, block, last=True),
             "eval_start": start[0] if start else None, "eval_last": after[-1] if after else None,
             "eval_mean": sum(after) / len(after) if after else None}
@@ -143,12 +171,13 @@ def run_figures(records, block=1):
         figs[f"{key}_first"], figs[f"{key}_last"] = block_mean(v, block), block_mean(v, block, last=True)
     figs.update({k: v for k, v in final.items() if k.startswith("final")})
     figs.update({f"probe_{k}": v for k, v in final.get("probe", {}).items() if k in PROBE})
-    figs["run"] = final.get("run")
+    figs.update(run=final.get("run"), N=final.get("N"), G=final.get("G"), K=final.get("K"))
     return figs
 
 
 COLUMNS = (("std_first", "group std, first"), ("std_last", "group std, last"),
-           ("std_mean", "group std, mean"), ("collapsed_last", "collapsed, last"),
+           ("std_mean", "group std, mean"), ("rel_first", "group std / step std, first"),
+           ("rel_last", "group std / step std, last"), ("collapsed_last", "collapsed, last"),
            ("eval_start", "held-out, start"), ("eval_last", "held-out, last"),
            ("eval_mean", "held-out, mean"), ("final_geneval", "final GenEval"),
            ("final_credit", "final credit"), ("final_reward", "final reward"),
@@ -163,7 +192,8 @@ def paired_difference(figs, ref_figs, key="final_reward"):
     """A figure of a label minus that of the reference label, paired by seed (runs matched by their folder
     name, seed<N>): the final reward as the mean over images of the per-image difference (the same noises
     and prompts), any other figure as the difference of the two runs' values; then the mean over seeds ± its
-    standard error (std over seeds, ddof 1, / sqrt(seeds)). (None, None) without pairs."""
+    standard error (std over seeds, ddof 1, / sqrt(seeds)) and the two-sided p-value of the paired t-test
+    (seeds - 1 degrees of freedom: 3 seeds need t > 4.3 for p < 0.05). (None, None, None) without pairs."""
     if key == "final_reward":
         ref = {f["run"]: f["final_rewards"] for f in ref_figs if f.get("final_rewards")}
         d = [sum(a - b for a, b in zip(f["final_rewards"], ref[f["run"]])) / len(f["final_rewards"])
@@ -172,38 +202,108 @@ def paired_difference(figs, ref_figs, key="final_reward"):
         ref = {f["run"]: f[key] for f in ref_figs if f.get(key) is not None}
         d = [f[key] - ref[f["run"]] for f in figs if f.get(key) is not None and f["run"] in ref]
     if not d:
-        return None, None
+        return None, None, None
     m = sum(d) / len(d)
     se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
-    return m, se
+    return m, se, paired_p(m, se, len(d))
 
 
-def _cell(m, s, sep="±"):
-    return "n/a" if m is None else f"{m:.4f} {sep} {s:.4f}"
+def paired_p(mean, se, n):
+    """Two-sided p-value of a paired t-test from the mean difference, its standard error and n pairs."""
+    if n < 2 or not se > 0:
+        return float("nan") if n < 2 else (0.0 if mean else 1.0)
+    from scipy.stats import t
+    return float(2 * t.sf(abs(mean / se), n - 1))
+
+
+def contrast_of(groups, spec):
+    """A planned contrast of final rewards, spec "label:other,other": per seed (runs matched by folder name),
+    the mean over the images of R_label - mean_o R_o (every run scores the same images), then the mean ± its
+    standard error over seeds and the two-sided paired t-test. Returns (mean, se, p, seeds)."""
+    label, _, others = spec.partition(":")
+    others = [o.strip() for o in others.split(",") if o.strip()]
+    missing = [n for n in [label, *others] if n not in groups]
+    if missing or not others:
+        raise SystemExit(f"--contrast={spec}: write label:other,other with labels of these runs "
+                         f"({', '.join(groups)}); not found: {', '.join(missing) or 'the others'}")
+    by = {n: {f["run"]: f["final_rewards"] for f in map(run_figures, groups[n]) if f.get("final_rewards")}
+          for n in [label, *others]}
+    seeds = sorted(set.intersection(*(set(v) for v in by.values())))
+    d = []
+    for sd in seeds:
+        mine, rest = by[label][sd], [by[o][sd] for o in others]
+        d.append(sum(a - sum(r[i] for r in rest) / len(rest) for i, a in enumerate(mine)) / len(mine))
+    if not d:
+        return None, None, None, 0
+    m = sum(d) / len(d)
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+    return m, se, paired_p(m, se, len(d)), len(d)
+
+
+def _cell(m, s, sep="±", p=None):
+    if m is None:
+        return "n/a"
+    if p is None or not math.isfinite(p):
+        return f"{m:.4f} {sep} {s:.4f}"
+    return f"{m:.4f} {sep} {s:.4f} (p {'< 0.001' if p < 1e-3 else f'{p:.2g}'})"
+
+
+def reference_of(label, figs_of, refs):
+    """The reference label a label is compared with: among `refs`, the one whose runs draw the same number
+    of samples per prompt (N = G x K, from the runs' config.json), so that E²PO 4 x 12 meets G = 48, not
+    G = 16; the first of `refs` (marked "†" in the table) when none does. None for a reference itself."""
+    if label in refs:
+        return None
+    n = {f.get("N") for f in figs_of[label]}
+    same = [r for r in refs if r in figs_of and {f.get("N") for f in figs_of[r]} == n and None not in n]
+    return same[0] if same else refs[0]
 
 
 def table(groups, block=1, ref=None):
-    """A markdown table: one row per label, mean ± std over its seeds; with `ref` (a label) columns of the
-    paired differences from that label (mean ± standard error over seeds) of the last block's group std, the
-    final reward and the final diversity (is a gain in diversity bought with reward, or beside it?)."""
+    """A markdown table: one row per label, mean ± std over its seeds; with `ref` (a label, or several,
+    comma-separated) columns of the paired differences from the reference at the same N (`reference_of`;
+    mean ± standard error over seeds, with the paired t-test's p) of the last block's group std and
+    normalised std, the final reward and the final diversity (is a gain in diversity bought with reward, or
+    beside it?). Below the table: how many comparisons its p-values make."""
     figs_of = {label: [run_figures(r, block) for r in runs_] for label, runs_ in groups.items()}
+    refs = [r.strip() for r in (ref or "").split(",") if r.strip() in figs_of]
     # the final-evaluation columns only when some run has one
     cols = [(k, n) for k, n in COLUMNS
             if not k.startswith("final") or any(f.get(k) is not None for fs in figs_of.values() for f in fs)]
     # with a reference label: each of these minus the reference's, paired by seed
-    paired = [k for k in ("std_last", "final_reward", "final_pixel_dist", "final_sdi", "final_pvs")
-              if ref in figs_of
-              and any(f.get(k) is not None for f in figs_of[ref])]
-    head = ("| run | seeds | steps | " + " | ".join(name for _, name in cols)
-            + "".join(f" | {dict(COLUMNS)[k]} − {ref} (paired, ± SE)" for k in paired) + " |")
-    lines = [head, "|" + "---|" * (3 + len(cols) + len(paired))]
+    paired = [k for k in ("std_last", "rel_last", "final_reward", "final_pixel_dist", "final_sdi", "final_pvs")
+              if refs and any(f.get(k) is not None for r in refs for f in figs_of[r])]
+    name = " or ".join(refs)
+    head = ("| run | seeds | N | steps | " + " | ".join(n for _, n in cols) + (" | reference" if paired else "")
+            + "".join(f" | {dict(COLUMNS)[k]} − {name} (paired, ± SE)" for k in paired) + " |")
+    lines = [head, "|" + "---|" * (4 + len(cols) + len(paired) + bool(paired))]
+    n_tests = 0
     for label, runs_ in groups.items():
         figs = figs_of[label]
+        Ns = sorted({f["N"] for f in figs if f.get("N")})
         cells = [_cell(*mean_std([f.get(key) for f in figs])) for key, _ in cols]
-        cells += ["" if label == ref else _cell(*paired_difference(figs, figs_of[ref], k)) for k in paired]
-        lines.append(f"| {label} | {len(runs_)} | {max(f['steps'] for f in figs)} | "
+        if paired:
+            r = reference_of(label, figs_of, refs)
+            mark = "" if r is None or {f.get("N") for f in figs_of[r]} == {f.get("N") for f in figs} else " †"
+            cells.append("" if r is None else r + mark)
+            diffs = [paired_difference(figs, figs_of[r], k) if r else (None, None, None) for k in paired]
+            n_tests += sum(d[0] is not None for d in diffs)
+            cells += ["" if r is None else _cell(m, se, p=p) for m, se, p in diffs]
+        lines.append(f"| {label} | {len(runs_)} | {','.join(map(str, Ns))} | {max(f['steps'] for f in figs)} | "
                      + " | ".join(cells) + " |")
+    if paired:
+        lines.append(f"\n{n_tests} paired comparisons in this table (p-values uncorrected; † = against a "
+                     "reference of another N)")
     return "\n".join(lines)
+
+
+def binomial_std(p, n):
+    """The expected population std (ddof 0) of n draws of a 0/1 reward with mean p:
+        E[sqrt(p^(1 - p^))], p^ = X / n, X ~ Binomial(n, p).
+    It grows with n (0.15 at n = 4 against 0.24 at n = 12 for p = 0.9), so a group's k = 0 part (G samples)
+    and its k > 0 part ((K - 1) G) must be compared against this, or at equal n, not with each other."""
+    return sum(math.comb(n, x) * p ** x * (1 - p) ** (n - x) * math.sqrt(x / n * (1 - x / n))
+               for x in range(n + 1))
 
 
 def mechanism_table(groups, block=1):
@@ -220,6 +320,20 @@ def mechanism_table(groups, block=1):
     for label, figs in figs_of.items():
         cells = [_cell(*mean_std([f[f"{k}_{end}"] for f in figs])) for k in keys for end in ("first", "last")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    # what sampling alone gives each part at its size, for a 0/1 reward at the logged means (rewards in [0, 1])
+    rows = []
+    for label, figs in figs_of.items():
+        ok = [f for f in figs if f.get("G") and all(0 <= (f[f"reward_{k}_{e}"] or -1) <= 1
+                                                     for k in ("k0", "kp") for e in ("first", "last"))]
+        if ok:
+            cells = [_cell(*mean_std([binomial_std(f[f"reward_{k}_{e}"], f["G"] * (1 if k == "k0" else f["K"] - 1))
+                                      for f in ok])) for k in ("k0", "kp") for e in ("first", "last")]
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", "The same parts' std expected from sampling alone (a 0/1 reward at the logged mean, n = G "
+                  "for k = 0 and (K − 1) G for k > 0: `binomial_std`):", "",
+                  "| run | group_std_k0 expected, first | last | group_std_kp expected, first | last |",
+                  "|---|---|---|---|---|", *rows]
     return "\n".join(lines)
 
 
@@ -272,6 +386,7 @@ def draw(groups, path, title="", window=1):
         print("matplotlib is not installed (pip install matplotlib): no plot, the table above is the result")
         return False
     panels = [("group_std", f"intra-group reward std (running mean of {window})"),
+              ("group_std_rel", f"group std / the step's std: what the advantages see (running mean of {window})"),
               ("collapsed_groups", f"share of collapsed groups, std < 1e-3 (running mean of {window})"),
               ("eval_reward", "held-out reward (EMA weights)")]
     if any("reward_kp" in r for runs_ in groups.values() for recs in runs_ for r in recs):
@@ -287,7 +402,7 @@ def draw(groups, path, title="", window=1):
                 runs_k = runs_
             curves = []
             for recs in runs_k:
-                st, v = curve(recs, key)
+                st, v = curve(with_rel(recs), key)
                 curves.append(dict(zip(st, v if key == "eval_reward" else smooth(v, window))))
             steps = sorted(set().union(*curves))
             if not steps:
@@ -303,7 +418,7 @@ def draw(groups, path, title="", window=1):
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=8)
+    axes[3].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -330,6 +445,12 @@ def main(argv=None):
     if ref is not None and ref not in groups:
         raise SystemExit(f"--ref={ref} is not a label of these runs ({', '.join(groups)})")
     print(table(groups, block, ref))
+    if contrast:
+        m, se, p, n = contrast_of(groups, contrast)
+        print(f"\ncontrast {contrast} (final reward, paired by seed and image): "
+              + ("no seed has every run's final evaluation" if m is None else
+                 f"{_cell(m, se, p=p)} over {n} seeds (t = {m / se:.2f}, {n - 1} degrees of freedom)"
+                 if se else f"{m:.4f} over {n} seed(s)"))
     mech = mechanism_table(groups, block)
     if mech:
         print("\n" + mech)

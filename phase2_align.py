@@ -858,6 +858,18 @@ def track(tracker, rec, R=None, grid=None):
     tracker.log(logged, step=rec["step"])
 
 
+def reward_log(run, resume_epoch):
+    """OUT/rewards.jsonl, beside log.jsonl: every epoch's rewards, one per sample in the epoch's sample order
+    (sample j is noise j % G of condition (j // G) % K of group j // (K G), whose prompt is prompts[group]),
+    so that group statistics at any n can be recomputed from the logs. Trimmed like log.jsonl on resume."""
+    if not run.master:
+        return None
+    path = os.path.join(out_dir, "rewards.jsonl")
+    if resume:
+        trim_log(path, resume_epoch)
+    return open(path, "a" if resume else "w")
+
+
 def first_and_last_grid():
     """OUT/evals/first_vs_last.png: the first and the last evaluation grids side by side."""
     from PIL import Image
@@ -891,13 +903,14 @@ def check_settings():
         raise SystemExit(f"train_batch={train_batch} and sample_batch={sample_batch} must be at least 1")
     if math.floor(steps * timestep_fraction) < 1:
         raise SystemExit(f"steps={steps} x timestep_fraction={timestep_fraction} leaves no training timestep")
-    needs_meta = [n for n in RW.parse_spec(reward) if n in ("geneval", "shapes", "colour_share")]  # names too
+    needs_meta = [n for n in RW.parse_spec(reward) if n in RW.NEEDS_METADATA]  # names checked too
     if needs_meta and not all(m.get("tag") for m in metadata):
         raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata (.jsonl with 'tag' and "
                          f"'include'); {prompts} has none: make it with data/geneval/prepare.py (or "
                          "data/shapes/prepare.py)")
-    if "colour_share" in needs_meta and not all(any(c.get("color") for c in m["include"]) for m in metadata):
-        raise SystemExit(f"the colour_share reward needs prompts that ask for a colour; {prompts} has some "
+    colour = [n for n in needs_meta if n in RW.NEEDS_COLOUR]
+    if colour and not all(m["include"][0].get("color") for m in metadata):
+        raise SystemExit(f"the {colour[0]} reward needs prompts that ask for a colour; {prompts} has some "
                          "that do not: use data/shapes/train_colors.jsonl")
     if needs_meta and not all(m.get("tag") for m in eval_meta):
         raise SystemExit(f"the {needs_meta[0]} reward needs GenEval metadata in the held-out prompts too; "
@@ -995,6 +1008,7 @@ def main(argv=None):
     step, start_epoch, logf = start_run(run, cfg)
     if honoured:
         run.log(f"resumed with new settings: {', '.join(honoured)}")
+    rlogf = reward_log(run, start_epoch - 1)
     run.theta_model = run.transformer if world == 1 else ddp_theta(run.transformer, dev)
     torch.manual_seed(seed + rank)
     tracker = start_tracking(cfg) if wandb_log and run.master else None
@@ -1038,8 +1052,11 @@ def main(argv=None):
         t3 = time.time()
 
         # ---- log: rank 0 prints one line and appends to log.jsonl
-        rec = {"epoch": epoch, "step": step, "reward_mean": R.mean().item(),
-               "reward_std": R.std(unbiased=False).item(), "group_std": grp_std,
+        reward_std = R.std(unbiased=False).item()
+        # group_std_rel: the group std in units of the step's std, what the advantages are normalised by
+        # (global_std): a group std that falls only as fast as the step's leaves the signal intact
+        rec = {"epoch": epoch, "step": step, "reward_mean": R.mean().item(), "reward_std": reward_std,
+               "group_std": grp_std, "group_std_rel": grp_std / (reward_std + 1e-4),
                "collapsed_groups": collapsed, **by_k, **parts, **losses, "grad_norm": grad_norm,
                "time_sample": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
                "img_per_s": N / (t3 - t0)}
@@ -1047,15 +1064,18 @@ def main(argv=None):
         if eval_list and (epoch + 1) % eval_every == 0:
             rec["eval_reward"], grid = evaluate(run, eval_list, eval_meta, step)
         run.log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
-                f"(collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} nft {rec['nft']:.4f} "
-                f"kl {rec['kl']:.2e} | sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s | "
-                f"{rec['img_per_s']:.2f} img/s"
+                f"(rel {rec['group_std_rel']:.2f}, collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} "
+                f"nft {rec['nft']:.4f} kl {rec['kl']:.2e} | sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s "
+                f"train {t3 - t2:.1f}s | {rec['img_per_s']:.2f} img/s"
                 + (f" | k=0/k>0 reward {rec['reward_k0']:.3f}/{rec['reward_kp']:.3f} "
                    f"std {rec['group_std_k0']:.3f}/{rec['group_std_kp']:.3f}" if by_k else "")
                 + (f" | eval {rec['eval_reward']:.4f}" if "eval_reward" in rec else ""))
         if run.master:
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
+            rlogf.write(json.dumps({"epoch": epoch, "step": step, "K": K, "G": G, "prompts": draw,
+                                    "rewards": R.tolist()}) + "\n")
+            rlogf.flush()
             track(tracker, rec, R, grid)
         if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
             checkpoint(run, epoch, step, probe, cfg)
@@ -1063,6 +1083,7 @@ def main(argv=None):
             dist.barrier()
     if run.master:
         logf.close()
+        rlogf.close()
         first_and_last_grid()
         if tracker is not None:
             tracker.finish()

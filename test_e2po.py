@@ -10,6 +10,7 @@ import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 
+import numpy as np
 import pytest
 import torch
 
@@ -856,6 +857,15 @@ def test_phase2_end_to_end_log_and_lora(phase1_file, tmp_path):
         assert all(math.isfinite(r[key]) for r in log), key
     assert "eval_reward" in log[1] and "eval_reward" not in log[0]
     assert log[0]["group_std"] > 0
+    # the group std in units of the step's std, and every sample's reward beside the log: the group std
+    # recomputed from rewards.jsonl (sample j in group j // (K G)) is the logged one
+    per = [json.loads(ln) for ln in (d / "rewards.jsonl").read_text().splitlines()]
+    assert [(p["epoch"], p["step"], p["K"], p["G"]) for p in per] == [(0, 1, 4, 2), (1, 2, 4, 2)]
+    for rec, p in zip(log, per):
+        assert rec["group_std_rel"] == pytest.approx(rec["group_std"] / (rec["reward_std"] + 1e-4))
+        R = np.array(p["rewards"]).reshape(len(p["prompts"]), p["K"] * p["G"])
+        assert R.mean() == pytest.approx(rec["reward_mean"])
+        assert R.std(1).mean() == pytest.approx(rec["group_std"])
     ck = d / "checkpoint"
     assert all((ck / s / "pytorch_lora_weights.safetensors").is_file()
                for s in ("lora", "lora_old", "lora_ema"))
@@ -875,6 +885,8 @@ def test_phase2_resume_reproduces_the_next_step(phase1_file, tmp_path):
     phase2_align.main(_phase2(cut, out, pf, "--epochs=2", "--ckpt_every=1", "--resume=True"))
     a, b = _log(full), _log(cut)
     assert [r["epoch"] for r in b] == [0, 1]
+    # rewards.jsonl is trimmed and replayed like the log: the same lines as the uninterrupted run's
+    assert (cut / "rewards.jsonl").read_text() == (full / "rewards.jsonl").read_text()
     for key in ("reward_mean", "group_std", "loss", "nft", "kl", "grad_norm"):
         assert b[1][key] == pytest.approx(a[1][key], rel=1e-6, abs=1e-9), key
 
@@ -975,7 +987,7 @@ def run_folder(phase1_file, tmp_path_factory):
     ("--guidance=3", "guidance=3.0 must be 1.0"),
     ("--reward={'jpeg_incompressibility': 1e400}",
      "weight of reward 'jpeg_incompressibility' must be finite"),
-    ("--reward={'jpeg_incompressibility': 0}", "must be finite and non-zero, got 0"),
+    ("--reward={'jpeg_incompressibility': 0}", "every reward weight is 0 (jpeg_incompressibility)"),
     ("--reward_opts={'pickscore': {'model': 'x'}}", "reward_opts names 'pickscore', which is not a reward"),
     ("--resume=True", "--resume=True continues the run in out_dir and --overwrite=True replaces it"),
     ("--resolution=100", "resolution=100 must be a positive multiple of 16"),
@@ -1696,11 +1708,14 @@ def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
     # mean std per seed 0.101667 and 0.102333 -> 0.1020 ± 0.0003;
     # held-out last (0.6, 0.8) -> 0.7 ± 0.1,
     # mean over evaluations after the start (0.5, 0.5667) -> 0.5333 ± 0.0333
-    assert rows["nft"][:2] == ["2", "3"]
-    assert rows["nft"][3] == "0.0060 ± 0.0010" and rows["nft"][4] == "0.1020 ± 0.0003"
-    assert rows["nft"][5] == "0.2500 ± 0.0000" and rows["nft"][6] == "0.3000 ± 0.0000"
-    assert rows["nft"][7] == "0.7000 ± 0.1000" and rows["nft"][8] == "0.5333 ± 0.0333"
-    assert rows["e2po"][:2] == ["1", "3"] and rows["e2po"][7] == "0.5000 ± 0.0000"
+    col = {name: i for i, name in enumerate(rows["run"])}
+    nft = lambda name: rows["nft"][col[name]]
+    assert rows["nft"][:3] == ["2", "", "3"]  # seeds, N (no config.json), steps
+    assert nft("group std, last") == "0.0060 ± 0.0010" and nft("group std, mean") == "0.1020 ± 0.0003"
+    assert nft("collapsed, last") == "0.2500 ± 0.0000" and nft("held-out, start") == "0.3000 ± 0.0000"
+    assert nft("held-out, last") == "0.7000 ± 0.1000" and nft("held-out, mean") == "0.5333 ± 0.0333"
+    assert nft("group std / step std, last") == "n/a"  # these logs have no reward_std
+    assert rows["e2po"][:3] == ["1", "", "3"] and rows["e2po"][col["held-out, last"]] == "0.5000 ± 0.0000"
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "c.png").stat().st_size > 1000
@@ -1712,7 +1727,7 @@ def test_compare_runs_table_and_plot(tmp_path, capsys, monkeypatch):
                         if name.startswith("matplotlib") else real_import(name, *a, **k))
     compare_runs.main([f"--runs={tmp_path / 'nft' / 'seed0'}", f"--plot={tmp_path / 'd.png'}"])
     out = capsys.readouterr().out
-    assert ("| nft | 1 | 3 |" in out and "matplotlib is not installed" in out
+    assert ("| nft | 1 |  | 3 |" in out and "matplotlib is not installed" in out
             and not (tmp_path / "d.png").exists())
     with pytest.raises(SystemExit, match="no log.jsonl"):
         compare_runs.main([f"--runs={tmp_path / 'none'}"])
@@ -1767,14 +1782,16 @@ def test_compare_runs_names_a_broken_line_and_checks_its_plot_path(tmp_path, cap
 
 def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
     """The variance study's figures: first/last as means over --block steps, the final reward's difference
-    from a reference label paired by seed and image (mean ± standard error over seeds), and the k = 0 / k > 0
-    table of the runs that log it."""
+    from the reference label at the same samples per prompt, paired by seed and image (mean ± standard error
+    over seeds, the paired t-test's p), the normalised group std, and the k = 0 / k > 0 table of the runs
+    that log it with what sampling alone gives each part."""
     import compare_runs
     finals = {("nft", 0): [0.2, 0.4], ("nft", 1): [0.5, 0.5],
               ("e2po", 0): [0.3, 0.7], ("e2po", 1): [0.5, 0.9]}
     for (label, seed), rewards_ in finals.items():
         d = tmp_path / label / f"seed{seed}"
         _write_run(d, [0.4, 0.3, 0.2, 0.1] if label == "nft" else [0.5, 0.4, 0.3, 0.3], [0.3, 0.4])
+        (d / "config.json").write_text(json.dumps({"K": 1, "G": 16} if label == "nft" else {"K": 4, "G": 4}))
         if label == "e2po":  # the per-condition fields, on every training record
             recs = [json.loads(ln) for ln in (d / "log.jsonl").read_text().splitlines()]
             for i, r in enumerate(x for x in recs if "group_std" in x):
@@ -1785,7 +1802,7 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
                                                        "pixel_dist": 0.1 + more, "sdi": 0.2, "pvs": 0.3}))
     compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}", "--block=2", "--ref=nft",
                        "--window=2"])
-    main_table, mech_table = capsys.readouterr().out.split("\n\n")[:2]
+    main_table, count, mech_table, _, binomial = capsys.readouterr().out.split("\n\n")[:5]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in main_table.splitlines() if ln.startswith("| ")}
     head = rows["run"]
@@ -1795,18 +1812,54 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
     # paired by seed: the final reward, seed 0 (0.1 + 0.3) / 2 = 0.2, seed 1 (0 + 0.4) / 2 = 0.2 -> 0.2 ± 0;
     # the last block's group std (0.3 + 0.3) / 2 - 0.15 = 0.15 at both seeds
     # and the diversity figures: pixel distance (0.05 + 0.10) / 2 ± (0.05 / sqrt 2) / sqrt 2; the others equal
-    assert head[-5:] == [f"{name} − nft (paired, ± SE)" for name in (
+    # the p-values: a difference equal at both seeds (SE 0) is certain; pixel distance t = 0.075 / 0.025 = 3
+    # on 1 degree of freedom: p = 2 (1/2 - atan(3) / pi) = 0.205
+    assert head[-6:] == ["reference"] + [f"{name} − nft (paired, ± SE)" for name in (
         "group std, last", "final reward", "final pixel dist", "final SDI", "final PVS")]
-    assert rows["e2po"][-5:] == ["0.1500 ± 0.0000", "0.2000 ± 0.0000", "0.0750 ± 0.0250",
-                                 "0.0000 ± 0.0000", "0.0000 ± 0.0000"]
-    assert rows["nft"][-5:] == [""] * 5
+    assert rows["e2po"][-6:] == ["nft", "0.1500 ± 0.0000 (p < 0.001)", "0.2000 ± 0.0000 (p < 0.001)",
+                                 "0.0750 ± 0.0250 (p 0.2)", "0.0000 ± 0.0000 (p 1)", "0.0000 ± 0.0000 (p 1)"]
+    assert compare_runs.paired_p(0.075, 0.025, 2) == pytest.approx(1 - 2 * math.atan(3) / math.pi)
+    assert rows["nft"][-6:] == [""] * 6 and rows["nft"][1] == "16" and rows["e2po"][1] == "16"
+    assert count.startswith("5 paired comparisons in this table")
     assert rows["e2po"][head.index("final reward")] == "0.6000 ± 0.1000"
     # the mechanism table: k = 0 reward over the first two steps (0.5, 0.6) and the last two (0.7, 0.8)
     mech = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in mech_table.splitlines() if ln.startswith("| ")}
     assert mech["run"][:2] == ["reward_k0, first", "reward_k0, last"] and "nft" not in mech
     assert mech["e2po"][:2] == ["0.5500 ± 0.0000", "0.7500 ± 0.0000"]
+    # ... and what sampling alone gives a 0/1 reward at those means: n = G = 4 for k = 0, (K - 1) G = 12 for
+    # k > 0 (binomial_std; 0.152 at p = 0.9, n = 4 and 0.239 at n = 12, worked by hand)
+    expected = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+                for ln in binomial.splitlines() if ln.startswith("| ")}
+    assert expected["e2po"] == [f"{compare_runs.binomial_std(p, n):.4f} ± 0.0000"
+                                 for p, n in ((0.55, 4), (0.75, 4), (0.35, 12), (0.55, 12))]
+    # n = 4: 3 of 4 (probability 0.2916) and 1 of 4 (0.0036) give sqrt(3/16), 2 of 4 (0.0486) gives 1/2
+    assert compare_runs.binomial_std(0.9, 4) == pytest.approx((0.2916 + 0.0036) * (3 / 16) ** 0.5 + 0.0486 / 2)
+    assert compare_runs.binomial_std(0.9, 12) == pytest.approx(0.2389, abs=1e-4)
     assert compare_runs.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    # equal N: a G = 48 reference serves the N = 48 label, the G = 16 one the rest; rel = group std / (step
+    # std + 1e-4), computed for logs written before it was logged
+    for label, (K, G) in {"nft_g48": (1, 48), "e2po_4x12": (12, 4)}.items():
+        for seed in (0, 1):
+            d = tmp_path / label / f"seed{seed}"
+            _write_run(d, [0.3, 0.3, 0.3, 0.3], [0.3, 0.4])
+            recs = [dict(r, reward_std=0.6 - 1e-4) if "group_std" in r else r
+                    for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]
+            (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            (d / "config.json").write_text(json.dumps({"K": K, "G": G}))
+    compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}", "--block=2", "--ref=nft,nft_g48"])
+    out = capsys.readouterr().out.split("\n\n")[0]
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in out.splitlines() if ln.startswith("| ")}
+    ref = rows["run"].index("reference")
+    assert rows["e2po_4x12"][ref] == "nft_g48" and rows["e2po"][ref] == "nft" and rows["nft_g48"][ref] == ""
+    # a planned contrast, paired by seed and image: e2po - (nft + e2po) / 2 = (e2po - nft) / 2: seed 0
+    # ((0.3 - 0.2) + (0.7 - 0.4)) / 4 = 0.1, seed 1 ((0.5 - 0.5) + (0.9 - 0.5)) / 4 = 0.1 -> 0.1 ± 0
+    m, se, p, n = compare_runs.contrast_of(compare_runs.find_runs([str(tmp_path)]), "e2po:nft,e2po")
+    assert (m, n) == (pytest.approx(0.1), 2) and se == pytest.approx(0, abs=1e-12)
+    with pytest.raises(SystemExit, match="not found: nope"):
+        compare_runs.contrast_of(compare_runs.find_runs([str(tmp_path)]), "e2po:nope")
+    assert rows["e2po_4x12"][rows["run"].index("group std / step std, last")] == "0.5000 ± 0.0000"
     # the perturbation probe (probe.json beside a run's final_eval.json, prior_probe.json at the root)
     for seed, (k0, kp) in enumerate(((0.9, 0.8), (0.7, 0.7))):
         (tmp_path / "e2po" / f"seed{seed}" / "probe.json").write_text(json.dumps({"probe": {
@@ -1817,7 +1870,7 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
         "K": 4, "reward_k0": 0.6, "reward_kp": 0.3, "pixel_dist_kp": 0.2, "changed_kp": 0.5}}))
     compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}", "--block=2"])
     probe = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
-             for ln in capsys.readouterr().out.split("\n\n")[2].splitlines() if ln.startswith("| ")}
+             for ln in capsys.readouterr().out.split("\n\n")[4].splitlines() if ln.startswith("| ")}
     # e2po: k = 0 (0.9, 0.7) -> 0.8 ± 0.1; k > 0 (0.8, 0.7) -> 0.75 ± 0.05; gaps (-0.1, 0) -> -0.05 ± 0.05
     assert probe["e2po"] == ["2", "0.8000 ± 0.1000", "0.7500 ± 0.0500", "-0.0500 ± 0.0500",
                              "0.1000 ± 0.0000", "0.2000 ± 0.0000"]

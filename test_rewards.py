@@ -574,6 +574,22 @@ def _cli_arg(msg, key):
     return f"--{key}={m.group(1).strip(chr(34))}"
 
 
+def test_a_zero_weight_logs_a_reward_and_all_zero_is_refused():
+    """A reward at weight 0 beside a trained one is scored and logged without being trained on (the shapes
+    credit beside a dense reward shows whether the images still follow the text); all weights 0 would tie
+    every group, and is refused."""
+    assert rewards.parse_spec({"jpeg_incompressibility": 1.0, "shapes": 0}) == {
+        "jpeg_incompressibility": 1.0, "shapes": 0.0}
+    reward = rewards.build_reward({"jpeg_incompressibility": 1.0, "jpeg_compressibility": 0.0})
+    total, per = reward(torch.rand(2, 3, 32, 32), ["a", "b"])
+    assert torch.equal(total, per["jpeg_incompressibility"]) and set(per) == {"jpeg_incompressibility",
+                                                                           "jpeg_compressibility"}
+    with pytest.raises(SystemExit, match="every reward weight is 0"):
+        rewards.parse_spec({"jpeg_incompressibility": 0, "shapes": 0.0})
+    with pytest.raises(SystemExit, match="must be finite, got inf"):
+        rewards.parse_spec({"jpeg_incompressibility": float("inf")})
+
+
 def test_error_hints_are_what_the_command_line_accepts(tmp_path):
     """Every --reward / --reward_opts example in an error passes phase2_align.py's configurator (a dict
     key takes a Python literal, not "name:weight") and then does what the message says."""

@@ -1,6 +1,6 @@
 # ============================================================================= shapes world
 # Tests of the shapes world: the renderer and prompt files (data/shapes/prepare.py) and the `shapes`
-# reward (rewards.shapes_detect judged by rewards.geneval_rules); then the committed priors
+# reward (data/shapes/world.py: shapes_detect judged by rewards.geneval_rules); then the committed priors
 # (data/shapes/prior and its guidance-distilled copy prior_cfgfree), their training script, and the
 # training loop on them, the learning guard among them. CPU; a test whose prior is absent is skipped.
 import importlib.util
@@ -14,8 +14,12 @@ import torch
 from scipy import ndimage
 
 import rewards
-from rewards import (GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, SHAPE_CLASSES, SHAPES_BACKGROUND,
-                     SHAPES_PALETTE, geneval_task, shapes_detect)
+from rewards import GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, geneval_task
+
+world = rewards.shapes_world()  # data/shapes/world.py: the detector and the world's rewards
+SHAPE_CLASSES, SHAPES_BACKGROUND, SHAPES_PALETTE = (world.SHAPE_CLASSES, world.SHAPES_BACKGROUND,
+                                                   world.SHAPES_PALETTE)
+shapes_detect = world.shapes_detect
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,7 +39,7 @@ def prep():
 
 @pytest.fixture(scope="module")
 def judge():
-    return rewards.shapes(strict=True)
+    return world.shapes(strict=True)
 
 
 def as_batch(imgs):
@@ -127,9 +131,9 @@ def test_noise_blobs_and_canvas_fills_are_not_clean_objects():
     assert all(s <= rewards.THRESHOLD for dets in shapes_detect(full).values() for _, s, _ in dets)
     img = np.empty((64, 64, 3), np.uint8)
     img[:] = SHAPES_BACKGROUND
-    img[10:26, 10:26][rewards.shape_mask("circle", 16, 16)] = SHAPES_PALETTE["red"]
+    img[10:26, 10:26][world.shape_mask("circle", 16, 16)] = SHAPES_PALETTE["red"]
     img[10:26, 26:42] = SHAPES_PALETTE["blue"]  # a square touching the circle: one two-coloured blob
-    img[40:56, 40:56][rewards.shape_mask("triangle", 16, 16)[::-1]] = SHAPES_PALETTE["green"]  # upside down
+    img[40:56, 40:56][world.shape_mask("triangle", 16, 16)[::-1]] = SHAPES_PALETTE["green"]  # upside down
     img[44:47, 4:7] = SHAPES_PALETTE["black"]  # a speck
     checker = (np.add.outer(np.arange(16), np.arange(16)) % 2).astype(bool)
     # a square of two colours
@@ -226,23 +230,23 @@ def test_shapes_reward_partial_credit_strict_and_registry(prep):
     total, per = reward(imgs, ["x", "x"], [m, m])
     part = rewards.geneval_rules(shapes_detect(prep.render(half, 64, seed=0)), m)[1]
     assert total.tolist() == pytest.approx([1.0, part]) and 0 < part < 1
-    assert rewards.shapes(strict=True)(imgs, None, [m, m]).tolist() == [1.0, 0.0]
+    assert world.shapes(strict=True)(imgs, None, [m, m]).tolist() == [1.0, 0.0]
     assert ([d["class"] for d in reward.fns["shapes"].detect(imgs[:1])[0]]
             in (["circle", "square"], ["square", "circle"]))
     # the partial-credit formula is geneval_rules' own option: 3 circles for "a circle" is -1 / 0
     one = {"tag": "single_object", "include": [{"class": "circle", "count": 1}],
            "prompt": "a photo of a circle"}
     three = as_batch([prep.render(dict(one, include=[{"class": "circle", "count": 3}]), 64, seed=0)])
-    assert rewards.shapes()(three, None, [one]).item() == pytest.approx(-1.0)
+    assert world.shapes()(three, None, [one]).item() == pytest.approx(-1.0)
     assert rewards.build_reward({"shapes": 1.0},
                                 opts={"shapes": {"credit": "fixed"}})(three, None, [one])[0].item() == 0.0
     with pytest.raises(SystemExit, match="unknown shapes credit"):
-        rewards.shapes(credit="clipped")
+        world.shapes(credit="clipped")
     with pytest.raises(SystemExit, match="knows only"):
-        rewards.shapes()(imgs[:1], None,
+        world.shapes()(imgs[:1], None,
                          [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}])
     with pytest.raises(SystemExit, match="metadata"):
-        rewards.shapes()(imgs[:1], None, [{}])
+        world.shapes()(imgs[:1], None, [{}])
 
 
 def test_colour_share_counts_the_pixels_named_as_an_asked_colour(prep):
@@ -334,7 +338,7 @@ def test_prior_folder_loads_in_plain_diffusers_and_here_and_carries_colour(folde
     noise = sample.image_noise(range(len(metas)), sample.latent_shape(pipe, info["resolution"]), "cpu")
     images = sample.decode(pipe.vae, sample.sample(pipe.transformer, sample.sigma_grid(pipe.scheduler, 10),
                                                    noise, cond))
-    judge = rewards.shapes()
+    judge = world.shapes()
     found = [{d[2] for dets in r["detections"].values() for d in dets} for r in judge.evaluate(images, metas)]
     asked = [m["include"][0]["color"] for m in metas]
     hit = np.mean([a in f for a, f in zip(asked, found)])
@@ -495,6 +499,15 @@ def test_final_eval_pairs_runs_image_by_image(tmp_path):
         outs.append(json.loads((run / "final_eval.json").read_text()))
     a = outs[0]
     assert len(a["rewards"]) == 8 * 3 and a["reward"] == pytest.approx(np.mean(a["rewards"]))
+    assert 0 <= a["strict"] <= 1 and a["reward_other_colour"] < a["reward"]
+    # the reward as another colour's prompt: for colour_share, the mean over the other nine colours' shares
+    img = np.full((8, 8, 3), SHAPES_BACKGROUND, np.uint8)
+    img[:4] = SHAPES_PALETTE["red"]
+    img[4, :2] = SHAPES_PALETTE["blue"]
+    red = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]}
+    share = rewards.build_reward({"colour_share": 1.0})
+    assert fe.other_colour_reward(share, as_batch([img]), "x", red) == pytest.approx(2 / 64 / 9)
+    assert np.isnan(fe.other_colour_reward(share, as_batch([img]), "x", {"include": [{"class": "circle"}]}))
     assert a["per_prompt"]["reward"][0] == pytest.approx(np.mean(a["rewards"][:3]))
     assert all(0 <= v <= 1 for v in a["rewards"]) and a["pixel_dist"] > 0
     assert outs[1]["rewards"] == a["rewards"]
@@ -594,7 +607,7 @@ def _hack(kind, S=64, colour="red", centre=(0.5, 0.5), r=0.15):
 
 
 def _judge(imgs, meta):
-    return rewards.shapes(strict=True).evaluate(as_batch(imgs), [meta] * len(imgs))
+    return world.shapes(strict=True).evaluate(as_batch(imgs), [meta] * len(imgs))
 
 
 def _task(tag, cls, count=1, color=None, prompt="x"):
@@ -658,7 +671,7 @@ def test_a_small_extra_object_is_seen():
         meta = {"tag": "counting", "include": [{"class": "circle", "count": 2}],
                 "exclude": [{"class": "circle", "count": 3}], "prompt": "a photo of two circles"}
         assert not _judge([img], meta)[0]["correct"], S
-    assert rewards.SHAPES_MIN_PIXELS == 4  # a 3-pixel speck is no object (the noise test)
+    assert world.SHAPES_MIN_PIXELS == 4  # a 3-pixel speck is no object (the noise test)
 
 
 def test_greys_are_no_colour_of_the_palette():
@@ -671,3 +684,81 @@ def test_greys_are_no_colour_of_the_palette():
         assert not _judge([img], _task("colors", "circle", color=not_colour))[0]["correct"], not_colour
         assert _judge([img], _task("single_object", "circle"))[0]["correct"], grey
         assert [col for _, _, col in shapes_detect(img)["circle"]] == ["grey"]
+
+
+# ----------------------------------------------------------------------------- the collapse-world candidates
+def test_collapse_world_candidate_rewards_by_hand(prep):
+    """tint, colour_amount and layout (data/shapes/world.py) on drawn images, against their formulas worked
+    by hand; gate=True multiplies by the shapes credit; a prompt without the clause they read is refused."""
+    red = {"tag": "colors", "include": [{"class": "square", "count": 1, "color": "red"}], "prompt": "x"}
+    sq = world.shape_mask("square", 26, 26)  # side 26 / 64 = 0.406
+    img = np.full((64, 64, 3), SHAPES_BACKGROUND, np.uint8)
+    img[10:36, 10:36][sq] = SHAPES_PALETTE["red"]
+    # tint: exp(-|b - b*|^2 / (2 * 15^2)), b the background's mean; the plain grey is 25 units from b*
+    t = rewards.REWARDS["tint"]()
+    assert t(as_batch([img]), None, [red]).item() == pytest.approx(np.exp(-25 ** 2 / 450), rel=1e-5)
+    tinted = img.copy()
+    bg = (img == SHAPES_BACKGROUND).all(-1)
+    tinted[bg] = np.round(world.tint_target("red")).astype(np.uint8)
+    b = tinted[bg].astype(float).mean(0)
+    want = np.exp(-((b - world.tint_target("red")) ** 2).sum() / 450)
+    assert t(as_batch([tinted]), None, [red]).item() == pytest.approx(want, rel=1e-5) and want > 0.99
+    # ... and the tinted background is still background to the detector: the same object, still correct
+    assert shapes_detect(tinted) == shapes_detect(img)
+    assert world.shapes(strict=True)(as_batch([tinted]), None, [red]).item() == 1.0
+    # colour_amount: min(1, share / area of the class's shape at side 0.40); 26 px is a little more than 0.40
+    amount = rewards.REWARDS["colour_amount"]()
+    assert amount(as_batch([img]), None, [red]).item() == 1.0
+    half = img.copy()
+    half[23:36, 10:36] = SHAPES_BACKGROUND  # 13 x 26 red pixels left
+    want = (13 * 26 / 64 ** 2) / 0.4 ** 2
+    assert amount(as_batch([half]), None, [red]).item() == pytest.approx(want, rel=1e-6)
+    blue = dict(red, include=[dict(red["include"][0], color="blue")])
+    assert amount(as_batch([img]), None, [blue]).item() == 0.0
+    # a smaller target: the half square (13 x 26 px) against a square of side 0.3
+    want = (13 * 26 / 64 ** 2) / 0.3 ** 2
+    assert rewards.REWARDS["colour_amount"](side=0.3)(as_batch([half]), None, [red]).item() == pytest.approx(want)
+    with pytest.raises(SystemExit, match="side=1.5 must be a fraction"):
+        rewards.REWARDS["colour_amount"](side=1.5)
+    # gate: times the shapes credit, 0 for the half-erased square (a 2:1 box is no square)
+    gated = rewards.REWARDS["colour_amount"](gate=True)
+    assert gated(as_batch([img, half]), None, [red, red]).tolist() == [1.0, 0.0]
+    # layout: max(0.6 exp(-d_c^2 / (2 0.2^2)), exp(-d_k^2 / (2 0.08^2))) for the object's box centre
+    circle = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "y"}
+    cx, cy = world.layout_corner("circle", None)  # no colour: the class alone picks the corner
+    lay = rewards.REWARDS["layout"]()
+    for (x, y), want in [((cx, cy), 1.0), ((0.5, 0.5), 0.6)]:  # on each peak, the other term is smaller
+        im = np.full((64, 64, 3), SHAPES_BACKGROUND, np.uint8)
+        x0, y0 = round(x * 64) - 10, round(y * 64) - 10
+        im[y0:y0 + 20, x0:x0 + 20][world.shape_mask("circle", 20, 20)] = SHAPES_PALETTE["blue"]
+        d_c, d_k = np.hypot(x - 0.5, y - 0.5), np.hypot(x - cx, y - cy)
+        hand = max(0.6 * np.exp(-d_c ** 2 / 0.08), np.exp(-d_k ** 2 / 0.0128))
+        assert hand == pytest.approx(want, abs=1e-4)
+        assert lay(as_batch([im]), None, [circle]).item() == pytest.approx(hand, rel=1e-5)
+    assert lay(as_batch([np.full((64, 64, 3), SHAPES_BACKGROUND, np.uint8)]), None, [circle]).item() == 0.0
+    assert {"tint", "colour_amount", "layout"} <= set(rewards.NEEDS_METADATA)
+    with pytest.raises(SystemExit, match="'include' clause has a 'class' and a color"):
+        t(as_batch([img]), None, [circle])
+
+
+def test_pilot_verdict_applies_the_rule_written_before_the_pilots():
+    """data/shapes/pilot_verdict.py's four criteria on a made-up run: the group std falls 6x from its peak
+    block (>= 3), the normalised std to 0.7 of its peak block's (<= 0.8), the strict accuracy is level with
+    the prior's, the reward as another colour's prompt is a quarter of the own (<= 0.5): GO; then each
+    criterion failed alone."""
+    pv = _load_script("data/shapes/pilot_verdict.py", "pilot_verdict")
+    log = [{"epoch": -1, "eval_reward": 0.2}] + [
+        {"epoch": e, "group_std": 0.3 if e < 10 else 0.05, "group_std_rel": 1.0 if e < 10 else 0.7}
+        for e in range(20)]
+    final = {"reward": 0.8, "reward_other_colour": 0.2, "strict": 0.9, "per_prompt": {"strict": [0.9, 0.8, 1.0]}}
+    prior = {"reward": 0.3, "strict": 0.9, "per_prompt": {"strict": [0.9, 0.8, 1.0]}}
+    assert [ok for *_, ok in pv.verdict(log, final, prior)] == [True] * 4
+    assert "6.00" in pv.verdict(log, final, prior)[0][1]
+    slow = [dict(r, group_std=0.3 if r["epoch"] < 10 else 0.11) for r in log]  # 2.7x
+    flat = [dict(r, group_std_rel=1.0) for r in log]
+    worse = dict(final, per_prompt={"strict": [0.5, 0.4, 0.7]})  # 0.37 below, SE 0.033
+    blind = dict(final, reward_other_colour=0.5)
+    assert [ok for *_, ok in pv.verdict(slow, final, prior)] == [False, True, True, True]
+    assert [ok for *_, ok in pv.verdict(flat, final, prior)] == [True, False, True, True]
+    assert [ok for *_, ok in pv.verdict(log, worse, prior)] == [True, True, False, True]
+    assert [ok for *_, ok in pv.verdict(log, final, prior)][3] and not pv.verdict(log, blind, prior)[3][3]

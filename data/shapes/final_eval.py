@@ -7,6 +7,11 @@ the prior are compared image by image (paired). Writes RUN/final_eval.json, whic
     python data/shapes/final_eval.py --run=out/variance/easy/nft_g16/seed0
     python data/shapes/final_eval.py --run=out/variance/easy/nft_g16/seed0 --lora=none --out=prior.json
 
+Beside the reward: `strict`, the share of images the shapes detector judges correct by GenEval's rules (does
+the model still draw what is asked, whatever it was trained on), and `reward_other_colour`, the reward of a
+colour prompt's images scored as if the prompt had asked for another colour (lower than `reward` if the
+images follow their text).
+
 Diversity, per prompt over its images (then averaged over prompts), all computable offline:
   pixel_dist  mean over pairs of the RMS difference of the two images (pixels in [0, 1]; 0 = identical)
   sdi         1 - mean Hungarian-IoU layout similarity of the shapes detector's boxes (eval_diversity.py)
@@ -51,6 +56,21 @@ def pixel_distance(images):
     d2 = (sq[:, None] + sq[None] - 2 * f @ f.T).clamp(min=0) / f.shape[1]
     iu = torch.triu_indices(n, n, 1)
     return d2[iu[0], iu[1]].sqrt().mean().item()
+
+
+def other_colour_reward(reward, images, prompt, meta):
+    """The mean reward of a prompt's images scored as if the prompt had asked for each other colour (its first
+    include clause's colour swapped for each of the other nine): if the images follow their text, it is lower
+    than their own reward. nan for a prompt without a colour."""
+    first = meta["include"][0]
+    if not first.get("color"):
+        return float("nan")
+    out = []
+    for c in RW.GENEVAL_COLORS:
+        if c != first["color"]:
+            m = {**meta, "include": [{**first, "color": c}, *meta["include"][1:]]}
+            out.append(reward(images, [prompt] * len(images), [m] * len(images))[0].mean().item())
+    return float(np.mean(out))
 
 
 def probe(pipe, text, reward, cfg, path, n, batch):
@@ -110,7 +130,7 @@ def main(argv=None):
         with S.diffusers_notes_off():
             pipe.load_lora_weights(lora)
     reward = RW.build_reward(cfg["reward"], "cpu", torch.float32, opts=cfg.get("reward_opts"))
-    detector = RW.shapes()
+    detector = RW.shapes_world().shapes()
     shape = S.latent_shape(pipe, cfg["resolution"])
     sigmas = S.sigma_grid(pipe.scheduler, cfg["eval_steps"])
     items = [(i, g) for i in range(len(prompts)) for g in range(a.noises)]
@@ -125,12 +145,15 @@ def main(argv=None):
         R.append(reward(im, [prompts[i] for i, _ in chunk], [meta[i] for i, _ in chunk])[0].float())
         images.append(im)
     R, images = torch.cat(R), torch.cat(images)
-    per_prompt = {"reward": [], "pixel_dist": [], "sdi": [], "pvs": []}
+    per_prompt = {"reward": [], "strict": [], "reward_other_colour": [], "pixel_dist": [], "sdi": [], "pvs": []}
     for i in range(len(prompts)):
         ims = images[i * a.noises:(i + 1) * a.noises]
         boxes = [[d["box"] for d in dets] for dets in detector.detect(ims)]
         rgb = ims.permute(0, 2, 3, 1).numpy()
         per_prompt["reward"].append(R[i * a.noises:(i + 1) * a.noises].mean().item())
+        verdicts = detector.evaluate(ims, [meta[i]] * len(ims))  # GenEval's strict verdict, whatever the reward
+        per_prompt["strict"].append(float(np.mean([v["correct"] for v in verdicts])))
+        per_prompt["reward_other_colour"].append(other_colour_reward(reward, ims, prompts[i], meta[i]))
         per_prompt["pixel_dist"].append(pixel_distance(ims))
         per_prompt["sdi"].append(ED.spatial_dispersion(boxes))
         per_prompt["pvs"].append(ED.photographic_variance([ED.photo_stats(x) for x in rgb]))

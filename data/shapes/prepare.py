@@ -9,7 +9,7 @@ renderer that draws an image satisfying any such prompt exactly.
     python data/shapes/prepare.py --seed=1 --test_fraction=0.3 --out_dir=out/shapes
     python data/shapes/prepare.py --preview=out/shapes_preview.png   # also a grid of rendered test prompts
 
-Every task of GenEval's six tags over rewards.SHAPE_CLASSES and GenEval's ten colours is enumerated
+Every task of GenEval's six tags over world.SHAPE_CLASSES and GenEval's ten colours is enumerated
 once, in GenEval's prompt templates (data/geneval/prepare.py's wording): single_object (3 tasks),
 two_object (3), counting 2-4 with the exclude clause n+1 (9), colors (30), position with the four
 relations (24), color_attr (270). Tasks are told apart by rewards.geneval_task (the wording of "a circle
@@ -37,9 +37,14 @@ import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
-from rewards import (GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, SHAPE_CLASSES,  # noqa: E402
-                     SHAPES_BACKGROUND, SHAPES_PALETTE, SHAPES_SIZE, geneval_task, relative_position,
-                     shape_mask)
+from rewards import GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, geneval_task, relative_position  # noqa: E402
+from rewards import shapes_world  # noqa: E402
+
+# the world's shapes, colours and sizes, from the module its detector and rewards live in
+W = shapes_world()
+SHAPE_CLASSES, SHAPES_BACKGROUND, SHAPES_PALETTE, SHAPES_SIZE = (W.SHAPE_CLASSES, W.SHAPES_BACKGROUND,
+                                                                 W.SHAPES_PALETTE, W.SHAPES_SIZE)
+shape_mask = W.shape_mask
 
 
 def _geneval_prepare():

@@ -67,7 +67,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import prepare  # noqa: E402  (data/shapes/prepare.py: tasks, wordings, renderer)
 import sample  # noqa: E402
-from rewards import GENEVAL_TAGS, shapes  # noqa: E402
+from rewards import GENEVAL_TAGS, shapes_world  # noqa: E402
 
 _names_before_config = set(globals())
 # -----------------------------------------------------------------------------
@@ -413,7 +413,7 @@ def prior_readme(folder, info):
         f"(CLIP: {info['clip_len']} tokens, the\n"
         "tokenizers' model_max_length); both values are in shapes_prior.json. "
         "Score with the `shapes` reward\n"
-        "(rewards.py), on the prompt files data/shapes/{train,test}_metadata.jsonl:\n\n"
+        "(data/shapes/world.py), on the prompt files data/shapes/{train,test}_metadata.jsonl:\n\n"
         f"    python sample.py --model={where} --resolution={info['resolution']} "
         f"--t5_len={info['t5_len']} \\\n"
         "        --prompts=data/shapes/test_metadata.jsonl --out_dir=out/shapes/samples\n\n"
@@ -476,7 +476,7 @@ def evaluate(folder, dtype=torch.float32, steps_list=None):
     prompts, metadata = sample.read_prompts(test_prompts)
     pipe = sample.load_pipeline(folder, "cpu", dtype)
     text = sample.load_text(folder, "cpu", dtype, t5_len, pipe=pipe)
-    judge = shapes()
+    judge = shapes_world().shapes()
     plan = eval_plan(metadata, eval_images)
     metas = [metadata[i] for i, _ in plan]
     cols = {}

@@ -5,6 +5,8 @@
 #   WORLD=easy   bash data/shapes/variance_study.sh   # `shapes` (GenEval rules), colour + single-object tasks
 #   WORLD=jpeg   bash data/shapes/variance_study.sh   # jpeg_incompressibility (DDPO's), text-independent
 #   WORLD=colour bash data/shapes/variance_study.sh   # colour_share: dense, its optimum depends on the prompt
+#   WORLD=amount EPOCHS=300 SEEDS="0 1 2 3 4" NOISES=256 CONFIGS="nft_g16 nft_g48 e2po_4x4 e2po_4x12" \
+#       bash data/shapes/variance_study.sh           # the gated colour amount (docs/collapse_world.md)
 #   WORLD=easy SEEDS="0 1" EPOCHS=60 CONFIGS="nft_g16 e2po_4x4" bash data/shapes/variance_study.sh
 #
 # Each configuration (CONFIGS, below) runs Phase II (config/shapes_variance.py: 150 steps of 3 prompts, so
@@ -21,6 +23,7 @@ OUT=${OUT:-out/variance}/$WORLD
 SEEDS=${SEEDS:-"0 1 2"}
 EPOCHS=${EPOCHS:-150}
 JOBS=${JOBS:-2}
+NOISES=${NOISES:-64}  # final evaluation: images per held-out prompt
 CONFIGS=${CONFIGS:-"nft_g16 nft_g48 e2po_4x4 e2po_4x12 e2po_4x4_shared"}
 export OMP_NUM_THREADS=1
 CFG=config/shapes_variance.py
@@ -31,7 +34,10 @@ case $WORLD in  # the training prompts (P, Phase I's too), and the held-out prom
           W=(--eval_prompts=data/shapes/test_small.jsonl "--reward={'jpeg_incompressibility': 1.0}") ;;
     colour) P=data/shapes/train_colors.jsonl
             W=(--eval_prompts=data/shapes/test_colors.jsonl "--reward={'colour_share': 1.0}") ;;
-    *) echo "WORLD=$WORLD: use easy, jpeg or colour" >&2; exit 2 ;;
+    amount) P=data/shapes/train_colors_14.jsonl
+            W=(--eval_prompts=data/shapes/test_colors_16.jsonl "--reward={'colour_amount': 1.0}"
+               "--reward_opts={'colour_amount': {'gate': True}}") ;;
+    *) echo "WORLD=$WORLD: use easy, jpeg, colour or amount" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
 
@@ -50,6 +56,8 @@ spec() {  # configuration -> its Phase II arguments (building the Phase I file i
         e2po_4x12) echo "--K=12 --G=4 $(phase1 k12 --K=12)" ;;
         e2po_4x4_shared) echo "--K=4 --G=4 $(phase1 k4 --K=4) --shared_noise=True" ;;
         all_in_k) echo "--K=16 --G=1 $(phase1 k16 --K=16)" ;;
+        e2po_8x2) echo "--K=2 --G=8 $(phase1 k2 --K=2)" ;;
+        e2po_2x8) echo "--K=8 --G=2 $(phase1 k8 --K=8)" ;;
         no_anchor) echo "--K=4 --G=4 $(phase1 k4 --K=4) --use_anchor=False" ;;
         no_schedule) echo "--K=4 --G=4 $(phase1 k4 --K=4) --use_schedule=False" ;;
         mu0.7) echo "--K=4 --G=4 $(phase1 k4_mu0.7 --K=4 --mu=0.7)" ;;
@@ -62,13 +70,25 @@ spec() {  # configuration -> its Phase II arguments (building the Phase I file i
         *) echo "unknown configuration $1" >&2; return 1 ;;
     esac
 }
-run() {  # configuration seed: Phase II, then the final evaluation of its EMA weights
-    local dir=$OUT/$1/seed$2
+epochs_done() {  # run folder -> epochs its log.jsonl holds (0 without one)
+    python -c "import json, sys
+print(1 + max([json.loads(l)['epoch'] for l in open(sys.argv[1]) if l.strip()] + [-1]))" "$1/log.jsonl" \
+        2>/dev/null || echo 0
+}
+run() {  # configuration seed: Phase II, then the final evaluation of its EMA weights. A grid stopped part way
+    # (a session's end) picks up where it was: finished runs are skipped, unfinished ones resumed from their
+    # last checkpoint (--resume replays exactly), runs without a checkpoint started again
+    local dir=$OUT/$1/seed$2 mode=--overwrite=True
+    [ -f "$dir/final_eval.json" ] && return
     mkdir -p "$OUT/$1"
-    # shellcheck disable=SC2046
-    python phase2_align.py $CFG --prompts=$P "${W[@]}" $(spec "$1") --seed="$2" --epochs="$EPOCHS" \
-        --out_dir="$dir" --overwrite=True > "$dir.log" 2>&1 || { echo "FAILED: $dir.log"; return; }
-    python data/shapes/final_eval.py --run="$dir" >> "$dir.log" 2>&1 || echo "FAILED (final): $dir.log"
+    if [ "$(epochs_done "$dir")" -lt "$EPOCHS" ]; then
+        ls "$dir"/checkpoint*/state.pt > /dev/null 2>&1 && mode=--resume=True
+        # shellcheck disable=SC2046
+        python phase2_align.py $CFG --prompts=$P "${W[@]}" $(spec "$1") --seed="$2" --epochs="$EPOCHS" \
+            --out_dir="$dir" $mode >> "$dir.log" 2>&1 || { echo "FAILED: $dir.log"; return; }
+    fi
+    python data/shapes/final_eval.py --run="$dir" --noises="$NOISES" >> "$dir.log" 2>&1 \
+        || echo "FAILED (final): $dir.log"
 }
 for c in $CONFIGS; do spec "$c" > /dev/null; done  # every Phase I file first, once
 for seed in $SEEDS; do
@@ -79,7 +99,7 @@ for seed in $SEEDS; do
 done
 wait
 first=$(ls -d "$OUT"/*/seed* | head -1)
-python data/shapes/final_eval.py --run="$first" --lora=none \
+python data/shapes/final_eval.py --run="$first" --lora=none --noises="$NOISES" \
     --out="$(realpath -m "$OUT")/prior_final_eval.json" > "$OUT/prior_final_eval.log" 2>&1
 if [ -f "$OUT/k4.safetensors" ]; then  # the perturbation probe: how the prior and the final models answer Δ
     probe=(--noises=1 --perturbations="$OUT/k4.safetensors")
@@ -91,4 +111,4 @@ if [ -f "$OUT/k4.safetensors" ]; then  # the perturbation probe: how the prior a
     done
 fi
 python compare_runs.py --runs="$OUT" --plot="$OUT/compare.png" --title="world: $WORLD" --block=10 \
-    --window=10 --ref=nft_g16 | tee "$OUT/compare.md"
+    --window=10 --ref=nft_g16,nft_g48 | tee "$OUT/compare.md"

@@ -9,8 +9,8 @@ cr() { python compare_runs.py --block=10 --window=10 "$@"; }
 runs() { local w=$1; shift; ls -d ${@/#/$D/$w/} | paste -sd,; }  # world, label/seed globs -> run folders
 main=("nft_g16/seed*" "nft_g48/seed*" "e2po_4x4/seed*" "e2po_4x12/seed*" "e2po_4x4_shared/seed*")
 for w in easy colour jpeg; do  # every label of the world: the full tables, the prior and the probe
-    cr --runs=$D/$w --plot=/dev/null --ref=nft_g16 | grep -v "^plot: /dev/null" > $D/$w/compare.md
-    cr --runs="$(runs $w "${main[@]}")" --plot=$D/$w.png --ref=nft_g16 --title="world: $w" > /dev/null
+    cr --runs=$D/$w --plot=/dev/null --ref=nft_g16,nft_g48 | grep -v "^plot: /dev/null" > $D/$w/compare.md
+    cr --runs="$(runs $w "${main[@]}")" --plot=$D/$w.png --ref=nft_g16,nft_g48 --title="world: $w" > /dev/null
 done
 cr --runs="$(runs easy {nft_g16,e2po_4x4,no_anchor,no_schedule,all_in_k}/seed*)" \
     --plot=$D/easy_ablations.png --ref=e2po_4x4 --title="world: easy, ablations" \
