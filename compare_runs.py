@@ -144,7 +144,7 @@ def block_mean(values, block, last=False):
 
 def with_rel(records):
     """The records with group_std_rel (group std / (the step's std + 1e-4), the scale the advantages are
-    normalised by) computed from group_std and reward_std where a log written before it was logged lacks it."""
+    normalised by) computed from group_std and reward_std where a log from before it was logged lacks it."""
     return [dict(r, group_std_rel=r["group_std"] / (r["reward_std"] + 1e-4))
             if "group_std" in r and "reward_std" in r and "group_std_rel" not in r else r for r in records]
 
@@ -271,10 +271,12 @@ def table(groups, block=1, ref=None):
     cols = [(k, n) for k, n in COLUMNS
             if not k.startswith("final") or any(f.get(k) is not None for fs in figs_of.values() for f in fs)]
     # with a reference label: each of these minus the reference's, paired by seed
-    paired = [k for k in ("std_last", "rel_last", "final_reward", "final_pixel_dist", "final_sdi", "final_pvs")
+    paired = [k for k in ("std_last", "rel_last", "final_reward", "final_pixel_dist", "final_sdi",
+                          "final_pvs")
               if refs and any(f.get(k) is not None for r in refs for f in figs_of[r])]
     name = " or ".join(refs)
-    head = ("| run | seeds | N | steps | " + " | ".join(n for _, n in cols) + (" | reference" if paired else "")
+    head = ("| run | seeds | N | steps | " + " | ".join(n for _, n in cols)
+            + (" | reference" if paired else "")
             + "".join(f" | {dict(COLUMNS)[k]} − {name} (paired, ± SE)" for k in paired) + " |")
     lines = [head, "|" + "---|" * (4 + len(cols) + len(paired) + bool(paired))]
     n_tests = 0
@@ -289,7 +291,8 @@ def table(groups, block=1, ref=None):
             diffs = [paired_difference(figs, figs_of[r], k) if r else (None, None, None) for k in paired]
             n_tests += sum(d[0] is not None for d in diffs)
             cells += ["" if r is None else _cell(m, se, p=p) for m, se, p in diffs]
-        lines.append(f"| {label} | {len(runs_)} | {','.join(map(str, Ns))} | {max(f['steps'] for f in figs)} | "
+        steps = max(f["steps"] for f in figs)
+        lines.append(f"| {label} | {len(runs_)} | {','.join(map(str, Ns))} | {steps} | "
                      + " | ".join(cells) + " |")
     if paired:
         lines.append(f"\n{n_tests} paired comparisons in this table (p-values uncorrected; † = against a "
@@ -320,18 +323,19 @@ def mechanism_table(groups, block=1):
     for label, figs in figs_of.items():
         cells = [_cell(*mean_std([f[f"{k}_{end}"] for f in figs])) for k in keys for end in ("first", "last")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    # what sampling alone gives each part at its size, for a 0/1 reward at the logged means (rewards in [0, 1])
+    # what sampling alone gives each part at its size, for a 0/1 reward at the logged means (in [0, 1])
     rows = []
     for label, figs in figs_of.items():
         ok = [f for f in figs if f.get("G") and all(0 <= (f[f"reward_{k}_{e}"] or -1) <= 1
                                                      for k in ("k0", "kp") for e in ("first", "last"))]
         if ok:
-            cells = [_cell(*mean_std([binomial_std(f[f"reward_{k}_{e}"], f["G"] * (1 if k == "k0" else f["K"] - 1))
-                                      for f in ok])) for k in ("k0", "kp") for e in ("first", "last")]
+            n = lambda f, k: f["G"] * (1 if k == "k0" else f["K"] - 1)  # the part's samples in a group
+            cells = [_cell(*mean_std([binomial_std(f[f"reward_{k}_{e}"], n(f, k)) for f in ok]))
+                     for k in ("k0", "kp") for e in ("first", "last")]
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
     if rows:
-        lines += ["", "The same parts' std expected from sampling alone (a 0/1 reward at the logged mean, n = G "
-                  "for k = 0 and (K − 1) G for k > 0: `binomial_std`):", "",
+        lines += ["", "The same parts' std expected from sampling alone (a 0/1 reward at the logged mean, "
+                  "n = G for k = 0 and (K − 1) G for k > 0: `binomial_std`):", "",
                   "| run | group_std_k0 expected, first | last | group_std_kp expected, first | last |",
                   "|---|---|---|---|---|", *rows]
     return "\n".join(lines)
@@ -386,7 +390,8 @@ def draw(groups, path, title="", window=1):
         print("matplotlib is not installed (pip install matplotlib): no plot, the table above is the result")
         return False
     panels = [("group_std", f"intra-group reward std (running mean of {window})"),
-              ("group_std_rel", f"group std / the step's std: what the advantages see (running mean of {window})"),
+              ("group_std_rel", f"group std / the step's std, what the advantages see (running mean of "
+                                f"{window})"),
               ("collapsed_groups", f"share of collapsed groups, std < 1e-3 (running mean of {window})"),
               ("eval_reward", "held-out reward (EMA weights)")]
     if any("reward_kp" in r for runs_ in groups.values() for recs in runs_ for r in recs):
@@ -442,8 +447,9 @@ def main(argv=None):
     from sample import check_writable
     check_writable(path, "plot", kind="file")
     groups = find_runs(roots)
-    if ref is not None and ref not in groups:
-        raise SystemExit(f"--ref={ref} is not a label of these runs ({', '.join(groups)})")
+    unknown = [r for r in (ref or "").split(",") if r.strip() and r.strip() not in groups]
+    if unknown:
+        raise SystemExit(f"--ref={ref}: {unknown[0].strip()} is not a label of these runs ({', '.join(groups)})")
     print(table(groups, block, ref))
     if contrast:
         m, se, p, n = contrast_of(groups, contrast)

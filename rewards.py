@@ -770,7 +770,7 @@ REWARDS = {
     "geneval": geneval,
     **{name: _shapes_world_reward(name) for name in SHAPES_WORLD_REWARDS},
 }
-# the rewards that read GenEval-style metadata ('tag', 'include'): a prompt file without it is refused up front
+# the rewards that read GenEval-style metadata ('tag', 'include'): a prompt file without it is refused first
 NEEDS_METADATA = ("geneval", *SHAPES_WORLD_REWARDS)
 NEEDS_COLOUR = ("colour_share", "tint", "colour_amount")  # ... and a colour in every prompt's first clause
 # what build_reward(tiny=True) passes: every model id of a reward set to "tiny"
@@ -809,7 +809,7 @@ def parse_spec(spec):
                              f"write e.g. {example}")
         if not math.isfinite(w):
             raise SystemExit(f"the weight of reward '{name}' must be finite, got {w!r}")
-    # a weight of 0 beside others logs a reward without training on it; all 0 ties every group: nothing to learn
+    # a weight of 0 beside others logs a reward without training on it; all 0 would tie every group
     if not any(spec.values()):
         raise SystemExit(f"every reward weight is 0 ({', '.join(spec)}): every group's rewards would tie and "
                          "the run would learn nothing; give at least one a non-zero weight")

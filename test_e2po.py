@@ -1770,7 +1770,7 @@ def test_compare_runs_names_a_broken_line_and_checks_its_plot_path(tmp_path, cap
     with pytest.raises(SystemExit, match=re.escape(f"{d / 'final_eval.json'} is not valid JSON")):
         compare_runs.main([f"--runs={tmp_path / 'exp'}", f"--plot={tmp_path / 'p.png'}"])
     (d / "final_eval.json").unlink()
-    with pytest.raises(SystemExit, match=re.escape("--ref=b is not a label of these runs (a)")):
+    with pytest.raises(SystemExit, match=re.escape("--ref=b: b is not a label of these runs (a)")):
         compare_runs.main([f"--runs={tmp_path / 'exp'}", f"--plot={tmp_path / 'p.png'}", "--ref=b"])
     (tmp_path / "f").write_text("x")
     for plot, says in ((log, "must name a .png, .pdf or .svg file"),
@@ -1834,7 +1834,8 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
     assert expected["e2po"] == [f"{compare_runs.binomial_std(p, n):.4f} ± 0.0000"
                                  for p, n in ((0.55, 4), (0.75, 4), (0.35, 12), (0.55, 12))]
     # n = 4: 3 of 4 (probability 0.2916) and 1 of 4 (0.0036) give sqrt(3/16), 2 of 4 (0.0486) gives 1/2
-    assert compare_runs.binomial_std(0.9, 4) == pytest.approx((0.2916 + 0.0036) * (3 / 16) ** 0.5 + 0.0486 / 2)
+    want = (0.2916 + 0.0036) * (3 / 16) ** 0.5 + 0.0486 / 2
+    assert compare_runs.binomial_std(0.9, 4) == pytest.approx(want)
     assert compare_runs.binomial_std(0.9, 12) == pytest.approx(0.2389, abs=1e-4)
     assert compare_runs.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
     # equal N: a G = 48 reference serves the N = 48 label, the G = 16 one the rest; rel = group std / (step
@@ -1847,7 +1848,8 @@ def test_compare_runs_blocks_paired_difference_and_mechanism(tmp_path, capsys):
                     for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]
             (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
             (d / "config.json").write_text(json.dumps({"K": K, "G": G}))
-    compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}", "--block=2", "--ref=nft,nft_g48"])
+    compare_runs.main([f"--runs={tmp_path}", f"--plot={tmp_path / 'c.png'}", "--block=2",
+                       "--ref=nft,nft_g48"])
     out = capsys.readouterr().out.split("\n\n")[0]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in out.splitlines() if ln.startswith("| ")}

@@ -717,7 +717,8 @@ def test_collapse_world_candidate_rewards_by_hand(prep):
     assert amount(as_batch([img]), None, [blue]).item() == 0.0
     # a smaller target: the half square (13 x 26 px) against a square of side 0.3
     want = (13 * 26 / 64 ** 2) / 0.3 ** 2
-    assert rewards.REWARDS["colour_amount"](side=0.3)(as_batch([half]), None, [red]).item() == pytest.approx(want)
+    smaller = rewards.REWARDS["colour_amount"](side=0.3)
+    assert smaller(as_batch([half]), None, [red]).item() == pytest.approx(want)
     with pytest.raises(SystemExit, match="side=1.5 must be a fraction"):
         rewards.REWARDS["colour_amount"](side=1.5)
     # gate: times the shapes credit, 0 for the half-erased square (a 2:1 box is no square)
@@ -737,7 +738,7 @@ def test_collapse_world_candidate_rewards_by_hand(prep):
         assert lay(as_batch([im]), None, [circle]).item() == pytest.approx(hand, rel=1e-5)
     assert lay(as_batch([np.full((64, 64, 3), SHAPES_BACKGROUND, np.uint8)]), None, [circle]).item() == 0.0
     assert {"tint", "colour_amount", "layout"} <= set(rewards.NEEDS_METADATA)
-    with pytest.raises(SystemExit, match="'include' clause has a 'class' and a color"):
+    with pytest.raises(SystemExit, match="has a 'class' and a color"):
         t(as_batch([img]), None, [circle])
 
 
@@ -750,7 +751,8 @@ def test_pilot_verdict_applies_the_rule_written_before_the_pilots():
     log = [{"epoch": -1, "eval_reward": 0.2}] + [
         {"epoch": e, "group_std": 0.3 if e < 10 else 0.05, "group_std_rel": 1.0 if e < 10 else 0.7}
         for e in range(20)]
-    final = {"reward": 0.8, "reward_other_colour": 0.2, "strict": 0.9, "per_prompt": {"strict": [0.9, 0.8, 1.0]}}
+    final = {"reward": 0.8, "reward_other_colour": 0.2, "strict": 0.9,
+             "per_prompt": {"strict": [0.9, 0.8, 1.0]}}
     prior = {"reward": 0.3, "strict": 0.9, "per_prompt": {"strict": [0.9, 0.8, 1.0]}}
     assert [ok for *_, ok in pv.verdict(log, final, prior)] == [True] * 4
     assert "6.00" in pv.verdict(log, final, prior)[0][1]

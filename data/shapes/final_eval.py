@@ -145,13 +145,13 @@ def main(argv=None):
         R.append(reward(im, [prompts[i] for i, _ in chunk], [meta[i] for i, _ in chunk])[0].float())
         images.append(im)
     R, images = torch.cat(R), torch.cat(images)
-    per_prompt = {"reward": [], "strict": [], "reward_other_colour": [], "pixel_dist": [], "sdi": [], "pvs": []}
+    per_prompt = {k: [] for k in ("reward", "strict", "reward_other_colour", "pixel_dist", "sdi", "pvs")}
     for i in range(len(prompts)):
         ims = images[i * a.noises:(i + 1) * a.noises]
         boxes = [[d["box"] for d in dets] for dets in detector.detect(ims)]
         rgb = ims.permute(0, 2, 3, 1).numpy()
         per_prompt["reward"].append(R[i * a.noises:(i + 1) * a.noises].mean().item())
-        verdicts = detector.evaluate(ims, [meta[i]] * len(ims))  # GenEval's strict verdict, whatever the reward
+        verdicts = detector.evaluate(ims, [meta[i]] * len(ims))  # GenEval's verdict, whatever the reward
         per_prompt["strict"].append(float(np.mean([v["correct"] for v in verdicts])))
         per_prompt["reward_other_colour"].append(other_colour_reward(reward, ims, prompts[i], meta[i]))
         per_prompt["pixel_dist"].append(pixel_distance(ims))

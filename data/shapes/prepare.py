@@ -37,7 +37,8 @@ import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
-from rewards import GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, geneval_task, relative_position  # noqa: E402
+from rewards import (GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TAGS, geneval_task,  # noqa: E402
+                     relative_position)
 from rewards import shapes_world  # noqa: E402
 
 # the world's shapes, colours and sizes, from the module its detector and rewards live in

@@ -1,9 +1,9 @@
 """
 The shapes world's detector and rewards: a synthetic GenEval that a CPU can learn. Filled circles, squares and
 triangles in GenEval's ten colours on a plain grey background; data/shapes/prepare.py renders them and writes
-GenEval-style prompt files, data/shapes/train_prior.py trains an SD3-shaped prior on them, and the rewards here
-judge its images. They are registered in rewards.REWARDS by name (`shapes`, `colour_share`, ...), so every
-script takes them like any other reward; rewards.shapes_world() returns this module.
+GenEval-style prompt files, data/shapes/train_prior.py trains an SD3-shaped prior on them, and the rewards
+here judge its images. They are registered in rewards.REWARDS by name (`shapes`, `colour_share`, ...), so
+every script takes them like any other reward; rewards.shapes_world() returns this module.
 
 `shapes` finds the objects with pixel rules (`shapes_detect`) and judges them with GenEval's own rules
 (rewards.geneval_rules): the reward has exactly GenEval's structure, but is exact and takes a millisecond an
@@ -275,7 +275,7 @@ def colour_share(device="cpu", dtype=torch.float32):
     return fn
 
 
-# --------------------------------------------- candidate worlds for the collapse question (docs/collapse_world.md)
+# ------------------------------------ candidate worlds for the collapse question (docs/collapse_world.md)
 # Rewards whose optimum depends on the prompt and that a policy can saturate, so that a group's images can
 # all reach the top while still following their text: each is piloted before any E²PO comparison. With
 # gate=True a reward is multiplied by the `shapes` partial credit of the same image (the object must still be
@@ -287,8 +287,9 @@ def _first_clause(metadata, name, colour=True):
     for m in metadata:
         inc = (m or {}).get("include") or [{}]
         if "class" not in inc[0] or (colour and not inc[0].get("color")):
-            raise SystemExit(f"the {name} reward needs GenEval-style prompts whose first 'include' clause has a "
-                             f"'class'{' and a color' if colour else ''} (e.g. data/shapes/train_colors.jsonl)")
+            raise SystemExit(f"the {name} reward needs GenEval-style prompts whose first 'include' clause "
+                             f"has a 'class'{' and a color' if colour else ''} "
+                             "(e.g. data/shapes/train_colors.jsonl)")
         out.append((inc[0]["class"], inc[0].get("color")))
     return out
 
