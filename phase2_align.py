@@ -12,12 +12,16 @@ and every sample is trained with C^orig as its condition (reference-anchored bat
     torchrun --nproc_per_node=8 phase2_align.py config/geneval_g4k12.py
     # the DiffusionNFT baseline (48 prompts x G=24 = the same 1152 samples an epoch; K=1, no Phase I)
     torchrun --nproc_per_node=8 phase2_align.py config/geneval_nft_g24.py
+    # Flow-GRPO's objective instead of DiffusionNFT's (its baseline, and E²PO on it): one switch
+    torchrun --nproc_per_node=8 phase2_align.py config/geneval_flowgrpo_g24.py   # objective = "grpo"
 
-The file reads top to bottom: config; the formulas (`advantages`, `nft_loss`, `nft_objective`); the LoRA
-adapters; the E²PO group of a prompt; the per-sample seeds that make 1 and 8 GPUs see the same samples; the
-run folder and checkpoints; the stages of an epoch (`rollouts`: E²PO change 1, `score`, `train`: E²PO
-change 2, `evaluate`); and `main()`, which is the README's diagram: settings -> models -> per epoch
-{sample with the old policy, reward, advantages, train theta, old <- theta, log} -> checkpoints.
+The file reads top to bottom: config; the formulas (`group_advantages`, `nft_loss`, `nft_objective`, and
+Flow-GRPO's `grpo_loss`, `grpo_kl`); the LoRA adapters; the E²PO group of a prompt; the per-sample seeds
+that make 1 and 8 GPUs see the same samples; the run folder and checkpoints; the stages of an epoch
+(`rollouts`: E²PO change 1, `score`, `train`: E²PO change 2, `evaluate`); and `main()`, which is the README's
+diagram: settings -> models -> per epoch {sample with the old policy, reward, advantages, train theta,
+old <- theta, log} -> checkpoints. The objective is one branch in `rollouts` (the ODE's x0, or the SDE's paths
+and log-probs) and one in `train` (`nft_terms` or `grpo_terms`); everything else is shared.
 """
 import contextlib
 import json
@@ -53,11 +57,14 @@ G = 4  # initial noises per condition
 rho = 0.4  # gamma schedule width: perturbed conditions act while sigma > 1 - rho
 use_anchor = True  # train every sample on C^orig (False: on the condition that sampled it; ablation)
 use_schedule = True  # gamma schedule (False: static C^opt, gamma = 1; ablation)
+# "nft": DiffusionNFT's objective, as the paper runs E²PO; "grpo": Flow-GRPO's (Liu et al. 2025, arXiv
+# 2505.05470): SDE rollouts that keep their log-probs, the PPO-clip ratio loss, its KL (README)
+objective = "nft"
 prompts_per_epoch = 48  # groups per epoch over all ranks: prompts_per_epoch * K * G samples
 epochs = 1000
 steps = 10  # sampler steps; the training times are this grid
 solver = "dpm2"  # as DiffusionNFT; "euler" also works (the training times are the grid either way)
-guidance = 1.0  # no CFG while sampling, as DiffusionNFT
+guidance = 1.0  # no CFG while sampling, as DiffusionNFT (grpo: > 1 samples and trains with CFG, as Flow-GRPO)
 resolution = 512
 t5_len = 128
 sample_batch = 16  # images per transformer forward while sampling
@@ -67,9 +74,17 @@ opt_steps_per_epoch = 1
 # train on the first floor(steps * 0.99) entries of a per-sample permutation of the grid
 timestep_fraction = 0.99
 beta = 1.0  # implicit-policy strength (0.1 for multi-reward)
-adv_clip = 5.0
+adv_clip = 5.0  # A clipped to +-adv_clip (Flow-GRPO's adv_clip_max)
 global_std = True  # normalise by the std of all rewards of the step (False: per group)
-kl_beta = 1e-4  # beta_KL on mean (v_theta - v_ref)^2
+kl_beta = 1e-4  # nft: beta_KL on mean (v_theta - v_ref)^2; grpo: Flow-GRPO's beta on its KL of the step means
+# objective = "grpo" (Flow-GRPO's public SD3.5-M values): its SDE's a, s_t = a * sqrt(sigma / (1 - sigma)),
+# and the PPO clip of the ratio
+noise_level = 0.7
+clip_range = 1e-4
+# the old log-prob of a perturbed sample's ratio (E²PO under GRPO, ours: README): "orig", of its trajectory
+# under C^orig with the sampling weights, as the new one is taken; "sampling", under the condition that
+# drew it
+grpo_old_logprob = "orig"
 lr = 3e-4
 weight_decay = 1e-4
 grad_clip = 1.0
@@ -422,10 +437,11 @@ def group_conditions(text, pert, prompt_list, idx, ks):
 
 
 # ---------------------------------------------------- reproducibility: 1 GPU and 8 GPUs see the same samples
-# Every random draw of sample j of an epoch (its noise, its training times, their eps) comes from its own
-# generator seeded by sample_seed(seed, epoch, j, STREAM), the prompts of an epoch and its optimizer steps
-# from (seed, epoch) alone: which GPU holds a sample changes nothing, and a resumed run replays exactly.
-STREAM_NOISE, STREAM_TIMES, STREAM_EPS, STREAM_STEPS = 0, 1, 2, 3
+# Every random draw of sample j of an epoch (its noise, its training times, their eps, the eps of its SDE step
+# i under grpo) comes from its own generator seeded by sample_seed(seed, epoch, j, STREAM[, i]), the prompts
+# of an epoch and its optimizer steps from (seed, epoch) alone: which GPU holds a sample changes nothing, and
+# a resumed run replays exactly.
+STREAM_NOISE, STREAM_TIMES, STREAM_EPS, STREAM_STEPS, STREAM_SDE = 0, 1, 2, 3, 4
 EVAL_EPOCH = 10 ** 9  # the "epoch" of the fixed evaluation noises: no training epoch reaches it
 GRID_PROMPTS, GRID_NOISES = 8, 4  # the evaluation grid: these held-out prompts x noises
 
@@ -741,13 +757,15 @@ def checkpoint(run, epoch, step, probe, cfg):
 
 # ----------------------------------------------------------------------------- the stages of an epoch
 def rollouts(run, epoch, js, c_orig, c_opt):
-    """The epoch's samples js drawn with the old policy by the deterministic ODE: x0 latents (fp32). Each
-    starts from its own seeded noise (shared_noise: the K conditions of a group's noise g from one x_1, a
-    paired design)."""
+    """The epoch's samples js drawn with the old policy: nft, by the deterministic ODE, their x0 latents
+    (fp32); grpo, by Flow-GRPO's SDE, also every state of their paths and the old log-prob of every step,
+    each step's eps keyed by (sample, step). Each starts from its own seeded noise (shared_noise: the K
+    conditions of a group's noise g from one x_1 and, under grpo, one path of eps; a paired design).
+    Returns {"x0"} (nft) or {"x0", "states" [n, T+1, ...], "old_log_prob" [n, T]} (grpo)."""
     use_adapter(run.transformer, "old")
     noise_ids = [(j // (K * G)) * K * G + j % G if shared_noise else j for j in js]
     noise = S.image_noise([sample_seed(seed, epoch, j, STREAM_NOISE) for j in noise_ids], run.shape, run.dev)
-    x0 = []
+    x0, paths = [], []
     for a in tqdm(range(0, len(js), sample_batch), desc=f"epoch {epoch} sample", disable=not S.bars(run.rank),
                   leave=False):
         b = slice(a, a + sample_batch)
@@ -759,10 +777,24 @@ def rollouts(run, epoch, js, c_orig, c_opt):
         # C^opt_i at every step, the paper's ablation.
         cond = (orig_b, opt_b) if use_schedule else (opt_b, None)
         with run.autocast():
-            x0.append(S.sample(run.transformer, run.sigmas, noise[b], *cond, rho=rho, guidance=guidance,
-                               solver=solver))
+            # ---- the objective: DiffusionNFT trains on ODE samples; Flow-GRPO on the SDE's paths and their
+            # log-probs. grpo_old_logprob="orig" also scores each path under C^orig (change 2), where the
+            # old log-prob of its ratio comes from (README "Choices where the paper is silent")
+            if objective == "nft":
+                x0.append(S.sample(run.transformer, run.sigmas, noise[b], *cond, rho=rho, guidance=guidance,
+                                   solver=solver))
+            else:
+                gens = [[torch.Generator().manual_seed(sample_seed(seed, epoch, j, STREAM_SDE, i))
+                         for j in noise_ids[b]] for i in range(steps)]
+                score_on = orig_b if use_anchor and grpo_old_logprob == "orig" else None
+                paths.append(S.sde_sample(run.transformer, run.sigmas, noise[b], *cond, rho=rho,
+                                          guidance=guidance, c_neg=run.c_neg, noise_level=noise_level,
+                                          generators=gens, c_score=score_on))
     use_adapter(run.transformer, "default")
-    return torch.cat(x0).float()
+    if objective == "nft":
+        return {"x0": torch.cat(x0).float()}
+    states, lp, lp_orig = (torch.cat(p) if p[0] is not None else None for p in zip(*paths))
+    return {"x0": states[:, -1], "states": states, "old_log_prob": lp if lp_orig is None else lp_orig}
 
 
 def score(run, epoch, x0, idx):
@@ -784,14 +816,58 @@ def score(run, epoch, x0, idx):
                 for n, v in parts.items()} if len(parts) > 1 else {})
 
 
-def train(run, epoch, step, js, x0, r, c_orig, c_opt):
-    """The epoch's optimizer steps on the samples js (x0, r). Each sample is trained at its own training times
-    (`training_draws`), re-noised with a fresh eps; which samples share a step is keyed by the global sample
-    list (`step_assignment`). Returns (steps done, the mean loss terms, the mean gradient norm, one training
-    input for the checkpoint's check)."""
-    step_of, key = step_assignment(len(js) * run.world, opt_steps_per_epoch, seed, epoch)
-    step_of, key = step_of[js.start:js.stop], key[js.start:js.stop]
-    sums, grad_norms, n_t = torch.zeros(3, device=run.dev), [], run.n_train_t
+TERMS = {"nft": ("loss", "nft", "kl"),  # the logged means of each objective's loss terms
+         "grpo": ("loss", "policy", "kl", "clip_frac", "approx_kl", "ratio_dev")}
+
+
+def nft_terms(run, x0, A, t, eps, c):
+    """DiffusionNFT's loss at one training time of a micro-batch: x0 re-noised at each sample's t with eps,
+    v_old, v_ref and v_theta on c, nft_objective with r = optimality(A). Returns (the loss summed over the
+    micro-batch, its terms summed over it: TERMS["nft"], x_t)."""
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    v_old, v_ref, v_theta = policy_velocities(run.transformer, x_t, t, c, with_ref=kl_beta > 0,
+                                              theta_model=run.theta_model)
+    loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0, t, optimality(A, adv_clip), beta, adv_clip,
+                                  kl_beta)
+    return loss.sum(), [v.detach().sum() for v in (loss, nft, kl)], x_t
+
+
+def grpo_terms(run, x_t, x_next, i, old_log_prob, A, keep, scale, c):
+    """Flow-GRPO's loss at step i of the stored paths (x_t -> x_next) of a micro-batch: theta's log-prob of
+    each transition on c (with CFG when guidance > 1, as its training step), grpo_loss against the old
+    log-prob, plus kl_beta * grpo_kl against the frozen base's step. A sample with keep = 0 (A = 0) weighs
+    nothing, as Flow-GRPO leaves those out; scale = the optimizer step's samples / those it keeps. Returns
+    (the loss summed over the micro-batch, its terms summed over the kept samples: TERMS["grpo"], x_t)."""
+    s, s_next = float(run.sigmas[i]), float(run.sigmas[i + 1])
+    step = lambda model: S.sde_step(x_t, S.guided_velocity(model, x_t, s, c, guidance, run.c_neg).float(), s,
+                                    s_next, noise_level, prev=x_next)
+    if kl_beta > 0:  # the frozen base first, theta last (with checkpointing its backward re-runs the forward)
+        with torch.no_grad():
+            use_adapter(run.transformer, None)
+            mean_ref = step(run.transformer)[2]
+            use_adapter(run.transformer, "default")
+    _, log_prob, mean, s_t = step(run.theta_model)
+    policy = grpo_loss(log_prob, old_log_prob, A, clip_range, adv_clip) * len(A)  # summed: A = 0 adds 0
+    kl = (keep * grpo_kl(mean, mean_ref, s_t)).sum() if kl_beta > 0 else torch.zeros((), device=A.device)
+    stats = [(keep * v).sum() for v in ratio_stats(log_prob, old_log_prob, clip_range)]
+    loss = policy + kl_beta * kl
+    return scale * loss, [v.detach() for v in (loss, policy, kl, *stats)], x_t
+
+
+def train(run, epoch, step, js, roll, A, c_orig, c_opt):
+    """The epoch's optimizer steps on the samples js (their rollouts `roll`; A: the advantages of all the
+    epoch's samples). nft: each sample is trained at its own training times (`training_draws`), re-noised
+    with a fresh eps; grpo: at the first n_t steps of its stored path, in order, as Flow-GRPO. Which samples
+    share a step is keyed by the global sample list (`step_assignment`). Returns (steps done, the mean loss
+    terms, the mean gradient norm, one training input for the checkpoint's check)."""
+    step_all, key = step_assignment(len(js) * run.world, opt_steps_per_epoch, seed, epoch)
+    step_of, key = step_all[js.start:js.stop], key[js.start:js.stop]
+    n_t = run.n_train_t
+    sums, grad_norms, norm = torch.zeros(len(TERMS[objective]), device=run.dev), [], len(js) * n_t
+    if objective == "grpo":  # Flow-GRPO trains on the samples with A != 0: a step's mean is over those
+        keep, scale, kept = grpo_weights(A, step_all, opt_steps_per_epoch)
+        keep, norm = keep[js.start:js.stop], max(kept, 1) * n_t / run.world
+    A = A[js.start:js.stop]
     run.transformer.train()
     for s in range(opt_steps_per_epoch):
         mine = [i for i in torch.argsort(key).tolist() if step_of[i] == s]  # local indices, in step order
@@ -799,12 +875,13 @@ def train(run, epoch, step, js, x0, r, c_orig, c_opt):
         for m, chunk in enumerate(tqdm(micro, desc=f"epoch {epoch} train {s}", disable=not S.bars(run.rank),
                                        leave=False)):
             b = S.to_device(torch.tensor(chunk), run.dev)
-            x0_b, r_b, orig_b, opt_b = x0[b], r[b], tuple(q[b] for q in c_orig), tuple(q[b] for q in c_opt)
-            t_all, eps_all = training_draws(epoch, [js[i] for i in chunk], run.sigmas, run.shape, n_t,
-                                            run.dev)
+            A_b, orig_b, opt_b = A[b], tuple(q[b] for q in c_orig), tuple(q[b] for q in c_opt)
+            if objective == "nft":  # each sample's own training times and their eps
+                t_all, eps_all = training_draws(epoch, [js[i] for i in chunk], run.sigmas, run.shape, n_t,
+                                                run.dev)
             for ti in range(n_t):
-                t, eps = t_all[:, ti].contiguous(), eps_all[:, ti]
-                x_t = (1 - t.view(-1, 1, 1, 1)) * x0_b + t.view(-1, 1, 1, 1) * eps
+                # nft: x0 re-noised at each sample's own time; grpo: the stored path's step ti, at its sigma
+                t = t_all[:, ti].contiguous() if objective == "nft" else float(run.sigmas[ti])
                 # ---- E²PO change 2, reference-anchored training: every sample is trained on C^orig, whatever
                 # condition sampled it (use_anchor=False: on that condition at this t, the ablation)
                 c = (orig_b if use_anchor else S.mix_condition(opt_b, orig_b, t, rho) if use_schedule
@@ -814,14 +891,17 @@ def train(run, epoch, step, js, x0, r, c_orig, c_opt):
                 last = m == len(micro) - 1 and ti == n_t - 1
                 with run.autocast(), (contextlib.nullcontext() if run.world == 1 or last
                                       else run.theta_model.no_sync()):
-                    v_old, v_ref, v_theta = policy_velocities(
-                        run.transformer, x_t, t, c, with_ref=kl_beta > 0, theta_model=run.theta_model)
-                    loss, nft, kl = nft_objective(v_theta, v_old, v_ref, x_t, x0_b, t, r_b, beta, adv_clip,
-                                                  kl_beta)
+                    # ---- the objective's loss at this training time, summed over the micro-batch
+                    if objective == "nft":
+                        loss, terms, x_t = nft_terms(run, roll["x0"][b], A_b, t, eps_all[:, ti], c)
+                    else:
+                        path = roll["states"][b]
+                        loss, terms, x_t = grpo_terms(run, path[:, ti], path[:, ti + 1], ti,
+                                                      roll["old_log_prob"][b, ti], A_b, keep[b], scale[s], c)
                     # each sample weighs 1/len(mine) in its rank's step (the same count on every rank);
-                    # averaged over ranks, this is DiffusionNFT's mean over the step's samples and times
-                    (loss.sum() / (len(mine) * n_t)).backward()
-                sums += torch.stack([v.detach().sum() for v in (loss, nft, kl)]) / (len(js) * n_t)
+                    # averaged over ranks, this is the mean over the step's samples and times
+                    (loss / (len(mine) * n_t)).backward()
+                sums += torch.stack(terms) / norm
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, grad_clip)
         if not torch.isfinite(grad_norm):  # the gradients are averaged over ranks: every rank sees it
             raise SystemExit(f"non-finite loss or gradient at epoch {epoch}, step {step + 1}; "
@@ -835,8 +915,11 @@ def train(run, epoch, step, js, x0, r, c_orig, c_opt):
     if run.world > 1:
         dist.all_reduce(sums)
         sums /= run.world
-    return (step, dict(zip(("loss", "nft", "kl"), sums.tolist())), sum(grad_norms) / len(grad_norms),
-            (x_t[:1], t[:1], tuple(q[:1] for q in c)))
+    means = dict(zip(TERMS[objective], sums.tolist()))
+    if "ratio_dev" in means:  # the root of the mean (rho - 1)^2
+        means["ratio_dev"] = math.sqrt(max(means["ratio_dev"], 0.0))
+    return (step, means, sum(grad_norms) / len(grad_norms),
+            (x_t[:1], t[:1] if torch.is_tensor(t) else t, tuple(q[:1] for q in c)))
 
 
 @torch.no_grad()
@@ -861,7 +944,8 @@ def evaluate(run, prompt_list, metadata, step):
         c = tuple(torch.cat([conds[i][n] for i in idx]) for n in range(2))
         noise = S.image_noise([sample_seed(seed, EVAL_EPOCH, i, g) for i, g in chunk], run.shape, run.dev)
         with run.autocast():
-            x0 = S.sample(run.transformer, run.eval_sigmas, noise, c, guidance=guidance, solver=eval_solver)
+            x0 = S.sample(run.transformer, run.eval_sigmas, noise, c, guidance=guidance, c_neg=run.c_neg,
+                          solver=eval_solver)
         images = S.decode(run.vae, x0)
         R = run.reward_fn(images, [prompt_list[i] for i in idx], [metadata[i] for i in idx])[0].float()
         scores[torch.tensor([i * eval_G + g for i, g in chunk], device=run.dev)] = R.to(run.dev)
@@ -940,6 +1024,9 @@ def check_settings():
     eval_list, eval_meta = S.read_prompts(eval_prompts) if eval_prompts else ([], [])
     if K < 1 or G < 1:
         raise SystemExit(f"K={K}, G={G}: both must be at least 1")
+    if objective not in ("nft", "grpo") or grpo_old_logprob not in ("orig", "sampling"):
+        raise SystemExit(f"objective={objective!r} must be 'nft' (DiffusionNFT's) or 'grpo' (Flow-GRPO's) "
+                         f"and grpo_old_logprob={grpo_old_logprob!r} 'orig' or 'sampling'")
     S.check_rho(rho)
     if not beta > 0 or solver not in ("euler", "dpm2") or eval_solver not in ("euler", "dpm2"):
         raise SystemExit(f"beta={beta} must be > 0 and solver={solver!r}, eval_solver={eval_solver!r} "
@@ -977,7 +1064,11 @@ def check_settings():
             ("resolution", resolution >= 16 and resolution % 16 == 0,
              "a positive multiple of 16 (SD3's VAE downsamples 8x, its transformer takes 2x2 patches)"),
             ("timestep_fraction", 0 < timestep_fraction <= 1, "in (0, 1]"),
-            ("guidance", guidance == 1.0, "1.0: Phase II samples without CFG, as DiffusionNFT"),
+            ("guidance", guidance == 1.0, "1.0: Phase II samples without CFG, as DiffusionNFT")
+            if objective == "nft" else
+            ("guidance", 1 <= guidance < math.inf, "finite and >= 1 (1.0: no CFG)"),
+            ("noise_level", 0 < noise_level < math.inf, "finite and > 0 (the SDE's noise scale a)"),
+            ("clip_range", 0 < clip_range < math.inf, "finite and > 0 (the PPO clip of the ratio)"),
             ("lr", 0 <= lr < math.inf, "finite and >= 0"),
             ("weight_decay", 0 <= weight_decay < math.inf, "finite and >= 0"),
             ("grad_clip", 0 < grad_clip < math.inf, "finite and > 0"),
@@ -1023,7 +1114,9 @@ def main(argv=None):
     run.log(config_summary(cfg))
     run.log(f"epoch = {prompts_per_epoch} prompts x K={K} x G={G} = {N} samples ({n_local} per GPU x "
             f"{world}); {opt_steps_per_epoch} optimizer step(s) of {N // opt_steps_per_epoch} samples, "
-            f"micro-batches of {train_batch}, {run.n_train_t} training timesteps each")
+            f"micro-batches of {train_batch}, {run.n_train_t} training timesteps each"
+            + (f" (the first {run.n_train_t} of the {steps} steps of each SDE path)" if objective == "grpo"
+               else ""))
     if prompts_per_epoch > len(prompt_list):
         run.log(f"note: prompts_per_epoch={prompts_per_epoch} > {len(prompt_list)} prompts: "
                 f"each epoch draws prompts with replacement")
@@ -1038,6 +1131,7 @@ def main(argv=None):
     run.text = S.load_text(model, dev, dt, t5_len, pipe=pipe)
     S.note_cut_prompts(run.text, prompt_list + eval_list, run.log)
     pert = S.load_perturbations(perturbations, run.text, prompt_list, K) if K > 1 else None
+    run.c_neg = S.encode(run.text, [""]) if guidance > 1 else None  # CFG's negative: the empty prompt
     if text_offload:  # on the CPU except while they encode (S.text_on)
         run.text["encoders"] = {n: e.to("cpu") for n, e in run.text["encoders"].items()}
     run.transformer, run.vae = pipe.transformer, pipe.vae
@@ -1075,27 +1169,29 @@ def main(argv=None):
         js, idx, ks = epoch_samples(prompts_per_epoch, K, G, rank, n_local, draw)
         with S.text_on(run.text, dev, offload=text_offload):
             c_orig, c_opt = group_conditions(run.text, pert, prompt_list, idx, ks)
-        # ---- sample with the old policy (E²PO change 1 inside: the condition schedule)
-        x0 = rollouts(run, epoch, js, c_orig, c_opt)
+        # ---- sample with the old policy (E²PO change 1 inside: the condition schedule); the objective
+        # decides how: DiffusionNFT's ODE, or Flow-GRPO's SDE keeping each path and its log-probs
+        roll = rollouts(run, epoch, js, c_orig, c_opt)
         t1 = time.time()
         # ---- reward, gathered over GPUs with each sample's group
-        R, parts = score(run, epoch, x0, idx)
+        R, parts = score(run, epoch, roll["x0"], idx)
         gid = torch.arange(N, device=dev) // (K * G)  # the group (prompt slot) of every sample of the epoch
-        # ---- advantages: normalised within groups, r in [0, 1]; this GPU keeps its slice
-        r = advantages(R, gid, global_std, adv_clip)[rank * n_local:(rank + 1) * n_local]
+        # ---- advantages, normalised within groups (nft trains on r = optimality(A) in [0, 1], grpo on A)
+        A = group_advantages(R, gid, global_std)
         grp_std, collapsed = group_stats(R.cpu(), gid.cpu())
         by_k = condition_stats(R.cpu(), gid.cpu(), (torch.arange(N) // G) % K)  # k = 0 and k > 0 apart
         if shared_noise and K > 1:  # how far a perturbation moves a sample from its noise's k = 0 sample
-            d = paired_distance(x0, js, K, G)
+            d = paired_distance(roll["x0"], js, K, G)
             if world > 1:
                 dist.all_reduce(d)
             by_k["dist_kp"] = (d[0] / d[1]).item() if d[1] > 0 else None
         t2 = time.time()
-        # ---- train theta on C^orig (E²PO change 2 inside), AdamW, EMA
-        step, losses, grad_norm, probe = train(run, epoch, step, js, x0, r, c_orig, c_opt)
-        # ---- the sampling policy follows theta once per epoch: old <- d*old + (1-d)*theta
-        blend_adapter(run.transformer, "old", "default",
-                      old_decay(step, old_decay_rate, old_decay_max, old_decay_flat))
+        # ---- train theta on C^orig (E²PO change 2 inside) with the objective's loss, AdamW, EMA
+        step, losses, grad_norm, probe = train(run, epoch, step, js, roll, A, c_orig, c_opt)
+        # ---- the sampling policy follows theta once per epoch: old <- d*old + (1-d)*theta (grpo: d = 0,
+        # Flow-GRPO samples with the weights it trains, and its ratio's denominator is their log-prob)
+        decay = old_decay(step, old_decay_rate, old_decay_max, old_decay_flat) if objective == "nft" else 0.0
+        blend_adapter(run.transformer, "old", "default", decay)
         t3 = time.time()
 
         # ---- log: rank 0 prints one line and appends to log.jsonl
@@ -1110,9 +1206,12 @@ def main(argv=None):
         grid = None
         if eval_list and (epoch + 1) % eval_every == 0:
             rec["eval_reward"], grid = evaluate(run, eval_list, eval_meta, step)
+        terms = (f"nft {rec['nft']:.4f} kl {rec['kl']:.2e}" if objective == "nft" else
+                 f"policy {rec['policy']:.4f} kl {rec['kl']:.2e} clip_frac {rec['clip_frac']:.3f} "
+                 f"approx_kl {rec['approx_kl']:.2e} ratio_dev {rec['ratio_dev']:.2e}")
         run.log(f"epoch {epoch} step {step} | reward {rec['reward_mean']:.4f} | group std {grp_std:.4f} "
                 f"(rel {rec['group_std_rel']:.2f}, collapsed {collapsed:.0%}) | loss {rec['loss']:.4f} "
-                f"nft {rec['nft']:.4f} kl {rec['kl']:.2e} | sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s "
+                f"{terms} | sample {t1 - t0:.1f}s reward {t2 - t1:.1f}s "
                 f"train {t3 - t2:.1f}s | {rec['img_per_s']:.2f} img/s"
                 + (f" | k=0/k>0 reward {rec['reward_k0']:.3f}/{rec['reward_kp']:.3f} "
                    f"std {rec['group_std_k0']:.3f}/{rec['group_std_kp']:.3f}" if by_k else "")

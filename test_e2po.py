@@ -1023,6 +1023,7 @@ def test_phase2_resume_stops_on_a_setting_that_changes_the_checkpoint(run_folder
     other.write_text("a blue square\n" + open(pf).read())
     for extra, says in ((("--lora_rank=8",), "lora_rank=8 (the checkpoint's: 4)"),
                         (("--K=1",), "K=1 (the checkpoint's: 4)"),
+                        (("--objective=grpo",), "objective='grpo' (the checkpoint's: 'nft')"),
                         (("--G=4", "--seed=3"), "G=4 (the checkpoint's: 2), seed=3 (the checkpoint's: 0)"),
                         (("--model=tiny-large", "--K=1"), "model='tiny-large' (the checkpoint's: 'tiny')"),
                         ((f"--prompts={other}", "--K=1"), "prompts="),

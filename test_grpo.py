@@ -6,6 +6,7 @@ written from Flow-GRPO's published formulas (Liu et al. 2025, arXiv 2505.05470);
 the switch: the ratio is 1 where theta is the sampling policy, 1 and 2 processes agree, a resume is exact.
 """
 import math
+import re
 
 import numpy as np
 import pytest
@@ -231,3 +232,130 @@ def test_sde_sample_scores_each_path_under_c_orig_where_its_condition_differs(pi
     plain = sample.sde_sample(pipe.transformer, sigmas, noise, c, c, rho=0.3, generators=gens([0, 1]),
                               c_score=c)
     assert torch.equal(plain[2], plain[1])
+
+
+# ------------------------------------------------------------------- Phase II with objective=grpo, end to end
+import phase1_perturb  # noqa: E402
+from test_e2po import PROMPTS, _log, _log_without_timings, _phase2, _torchrun  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def p1(tmp_path_factory):
+    """Three prompts and a K=4 Phase I file (20 iterations: Phase II only needs one to exist)."""
+    d = tmp_path_factory.mktemp("grpo_p1")
+    pf = d / "prompts.txt"
+    pf.write_text("\n".join(PROMPTS[:3]) + "\n")
+    out = str(d / "pert.safetensors")
+    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4",
+                         "--iters=20", "--t5_len=16"])
+    return str(pf), out
+
+
+def _grpo(tmp, p1, *extra):
+    return _phase2(tmp, p1[1], p1[0], "--objective=grpo", *extra)
+
+
+def _ratios(monkeypatch):
+    """Every (log_prob, old_log_prob) that phase2_align.grpo_loss is given, in call order."""
+    seen, real = [], phase2_align.grpo_loss
+
+    def spy(log_prob, old_log_prob, *a):
+        seen.append((log_prob.detach().clone(), old_log_prob.clone()))
+        return real(log_prob, old_log_prob, *a)
+    monkeypatch.setattr(phase2_align, "grpo_loss", spy)
+    return seen
+
+
+def test_grpo_ratio_is_one_while_theta_is_the_sampling_policy(p1, tmp_path, monkeypatch):
+    """K = 4 with CFG (guidance 4.5), 2 optimizer steps an epoch, 2 epochs; 4 sampler steps, 3 trained (on
+    the tiny grid 1, 0.86, 0.60, 0.01). The first optimizer step of an epoch recomputes each stored
+    transition's log-prob with theta = the sampling weights, on C^orig, as the rollout scored it
+    (grpo_old_logprob="orig"): the ratio is 1 bit for bit (micro-batches of the sampler's batch size: the
+    same arithmetic per sample). The second step's theta has moved: the ratio is not 1. The old policy is
+    theta again at the next epoch (d = 0): 1 again."""
+    seen = _ratios(monkeypatch)
+    phase2_align.main(_grpo(tmp_path / "orig", p1, "--epochs=2", "--guidance=4.5", "--sample_batch=8",
+                            "--train_batch=8", "--opt_steps_per_epoch=2", "--kl_beta=0.04",
+                            "--clip_range=1e-6"))
+    assert len(seen) == 2 * 2 * 3  # epochs x optimizer steps x training steps (one micro-batch each)
+    first, second, next_epoch = seen[0:3], seen[3:6], seen[6:9]
+    assert all(torch.equal(lp, old) for lp, old in first + next_epoch)
+    assert not any(torch.equal(lp, old) for lp, old in second)
+    rec = _log(tmp_path / "orig")
+    for key in ("loss", "policy", "kl", "clip_frac", "approx_kl", "ratio_dev", "group_std_rel"):
+        assert all(math.isfinite(r[key]) for r in rec), key
+    # theta left the base; only the second step's ratios can be clipped (at 1e-6 here: lr 3e-4 moves the tiny
+    # model's log-probs by ~1e-5), half the samples and times
+    assert rec[1]["kl"] > 0 and all(0 < r["clip_frac"] <= 0.5 for r in rec)
+    # grpo_old_logprob="sampling": the old log-prob of a perturbed sample is the one under the condition
+    # that drew it. With rho = 0.2 the first two steps are perturbed (sigma > 0.8): at the first (gamma = 1)
+    # only the 4 samples of k = 0 (2 prompts x G = 2) of the 16 have ratio 1; at the second (gamma = 0.29)
+    # those and any whose small change of condition moves its log-prob by less than a rounding; at the third
+    # (gamma = 0) every sample
+    seen.clear()
+    phase2_align.main(_grpo(tmp_path / "sampling", p1, "--epochs=1", "--rho=0.2", "--sample_batch=16",
+                            "--train_batch=16", "--grpo_old_logprob=sampling"))
+    ones = [sum(bool(e) for e in (lp == old)) for lp, old in seen]
+    assert ones[0] == 4 and 4 <= ones[1] < 16 and ones[2] == 16
+
+
+def test_grpo_resume_replays_the_next_epoch_exactly(p1, tmp_path):
+    """K = 1, G = 8 (Flow-GRPO's sampler and group): 2 epochs at once against 1 epoch, then a resume to 2.
+    The resumed epoch redraws its SDE paths from the per-sample seeds and trains the same: the same log
+    lines and per-sample rewards, bit for bit."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ("--K=1", "--G=8", "--ckpt_every=1", "--kl_beta=0.04")
+    phase2_align.main(_grpo(full, p1, "--epochs=2", *args))
+    phase2_align.main(_grpo(cut, p1, "--epochs=1", *args))
+    phase2_align.main(_grpo(cut, p1, "--epochs=2", "--resume=True", *args))
+    assert _log_without_timings(cut) == _log_without_timings(full)
+    assert (cut / "rewards.jsonl").read_text() == (full / "rewards.jsonl").read_text()
+    assert len(_log(full)) == 2 and _log(full)[1]["kl"] > 0
+
+
+def test_grpo_settings_are_checked_before_anything_loads(p1, tmp_path, monkeypatch):
+    """One sentence for each bad setting of the GRPO objective, before any model loads or anything is
+    written; a checkpoint trained with one objective does not resume with the other."""
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    d = tmp_path / "run"
+    for extra, says in ((("--objective=ppo",), "objective='ppo' must be 'nft' (DiffusionNFT's) or 'grpo'"),
+                        (("--grpo_old_logprob=new",), "grpo_old_logprob='new' 'orig' or 'sampling'"),
+                        (("--clip_range=0",), "clip_range=0.0 must be finite and > 0"),
+                        (("--clip_range=-1e-4",), "clip_range=-0.0001 must be finite and > 0"),
+                        (("--noise_level=0",), "noise_level=0.0 must be finite and > 0"),
+                        (("--noise_level=1e400",), "noise_level=inf must be finite and > 0"),
+                        (("--guidance=0.5",), "guidance=0.5 must be finite and >= 1 (1.0: no CFG)"),
+                        (("--objective=nft", "--guidance=4.5"), "guidance=4.5 must be 1.0")):
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            phase2_align.main(_grpo(d, p1, *extra))
+    assert not d.exists()
+
+
+def test_grpo_under_torchrun_two_processes_match_one(p1, tmp_path):
+    """torchrun with 2 processes against 1: K = 4 with CFG, 2 optimizer steps an epoch, micro-batches of 3
+    that do not divide a step. Epoch 0's SDE paths are drawn per sample from their own seeds, so its
+    rewards are the same bit for bit; the loss terms are sums of the same terms in another order."""
+    args = _grpo("X", p1, "--epochs=2", "--guidance=4.5", "--sample_batch=8", "--train_batch=3",
+                 "--opt_steps_per_epoch=2", "--kl_beta=0.04")
+    for n in (1, 2):
+        _torchrun("phase2_align.py", [a if a != "--out_dir=X" else f"--out_dir={tmp_path / str(n)}"
+                                      for a in args], n)
+    a, b = _log(tmp_path / "1"), _log(tmp_path / "2")
+    for key in ("reward_mean", "group_std"):
+        assert b[0][key] == a[0][key], key
+    # the tolerances from the arithmetic: the policy loss is -mean A rho, about 0 (A sums to 0 in a group),
+    # a sum of terms of size ~1 rounded at ~1e-7; approx_kl and ratio_dev come from log-prob differences of
+    # ~1e-5 between log-probs of size ~1, each rounded at ~1e-7 (about 1 %)
+    for key, rel, tol in (("loss", 0, 1e-6), ("policy", 0, 1e-6), ("kl", 1e-4, 0), ("grad_norm", 1e-4, 0),
+                          ("clip_frac", 0, 1e-9), ("approx_kl", 2e-2, 0), ("ratio_dev", 1e-2, 0)):
+        assert b[0][key] == pytest.approx(a[0][key], rel=rel, abs=tol), key
+    assert (tmp_path / "1" / "rewards.jsonl").read_text().split("\n")[0] == \
+        (tmp_path / "2" / "rewards.jsonl").read_text().split("\n")[0]
+    # after 4 AdamW steps whose gradients differ in rounding: within 2 x 3.17 lr a step of each other
+    # (test_e2po.test_phase2_two_processes_match_one says why), and one model on both ranks
+    from safetensors.torch import load_file
+    for sub in ("lora", "lora_old", "lora_ema"):
+        A, B = (load_file(str(tmp_path / n / "checkpoint" / sub / "pytorch_lora_weights.safetensors"))
+                for n in ("1", "2"))
+        assert max((A[k] - B[k]).abs().max().item() for k in A) < 2 * 3.17 * 3e-4 * b[-1]["step"], sub
+
