@@ -359,3 +359,25 @@ def test_grpo_under_torchrun_two_processes_match_one(p1, tmp_path):
                 for n in ("1", "2"))
         assert max((A[k] - B[k]).abs().max().item() for k in A) < 2 * 3.17 * 3e-4 * b[-1]["step"], sub
 
+
+def test_flow_grpo_configs_are_its_public_recipes():
+    """config/{geneval,pickscore}_flowgrpo_g24.py hold Flow-GRPO's SD3.5-M numbers (its config/grpo.py,
+    geneval_sd3 and pickscore_sd3): 1152 samples an epoch, 2 optimizer steps, which split over 8 GPUs and over
+    its 32; the E²PO ones keep the recipe at the paper's budgets, at the same N."""
+    from configurator import configure
+
+    def read(name):
+        g = {k: getattr(phase2_align, k) for k in phase2_align.config_keys}
+        return configure(g, phase2_align.config_keys, [f"config/{name}.py"])
+    recipe = dict(objective="grpo", steps=10, guidance=4.5, noise_level=0.7, clip_range=1e-4, adv_clip=5.0,
+                  global_std=True, timestep_fraction=0.99, lr=3e-4, weight_decay=1e-4, grad_clip=1.0,
+                  opt_steps_per_epoch=2, resolution=512, t5_len=128, lora_rank=32, lora_alpha=64,
+                  eval_steps=40)
+    for name, kl, K, G in (("geneval_flowgrpo_g24", 0.04, 1, 24), ("pickscore_flowgrpo_g24", 0.01, 1, 24),
+                           ("geneval_grpo_g4k12", 0.04, 12, 4), ("pickscore_grpo_g8k3", 0.01, 3, 8)):
+        cfg = read(name)
+        assert {k: cfg[k] for k in recipe} == recipe and (cfg["kl_beta"], cfg["K"], cfg["G"]) == (kl, K, G)
+        assert cfg["prompts_per_epoch"] * K * G == 1152
+        for gpus in (8, 32):
+            assert phase2_align.samples_per_rank(cfg["prompts_per_epoch"], K, G, gpus, 2) == 1152 // gpus
+        assert int(cfg["steps"] * cfg["timestep_fraction"]) == 9  # its num_train_timesteps

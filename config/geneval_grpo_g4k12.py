@@ -1,0 +1,37 @@
+# E²PO on Flow-GRPO's objective, GenEval, at the paper's "high exploration" budget (G=4 noises x K=12
+# conditions, 24 prompts = the same 1152 samples an epoch as the Flow-GRPO baseline
+# config/geneval_flowgrpo_g24.py, whose recipe it keeps: SDE rollouts with CFG 4.5, PPO clip 1e-4, KL 0.04,
+# 2 optimizer steps an epoch). The paper ran E²PO on DiffusionNFT only; this pairing and how its ratio treats
+# a perturbed sample (grpo_old_logprob) are ours (README, "Choices where the paper is silent").
+#   torchrun --nproc_per_node=8 phase1_perturb.py config/geneval_g4k12.py   # its Phase I file serves here
+#   torchrun --nproc_per_node=8 phase2_align.py config/geneval_grpo_g4k12.py
+model = "stabilityai/stable-diffusion-3.5-medium"
+prompts = "data/geneval/train_metadata.jsonl"
+eval_prompts = "data/geneval/evaluation_metadata.jsonl"  # GenEval's official 553 prompts (the benchmark)
+eval_G = 4
+perturbations = "out/geneval_g4k12/perturbations.safetensors"  # the same model, prompts and K
+out_dir = "out/geneval_grpo_g4k12"
+samples = "out/geneval_grpo_g4k12/samples"
+reward = {"geneval": 1.0}
+objective = "grpo"
+grpo_old_logprob = "orig"
+K = 12
+G = 4
+prompts_per_epoch = 24
+steps = 10
+guidance = 4.5
+noise_level = 0.7
+clip_range = 1e-4
+adv_clip = 5.0
+global_std = True
+kl_beta = 0.04
+timestep_fraction = 0.99
+lr = 3e-4
+weight_decay = 1e-4
+grad_clip = 1.0
+opt_steps_per_epoch = 2
+sample_batch = 16
+train_batch = 8
+eval_steps = 40
+eval_solver = "euler"
+eval_every = 60
