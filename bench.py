@@ -1,8 +1,9 @@
 """
 What a Phase II run (phase2_align.py) costs, on a random-weight transformer of the real shape: model FLOPs
 and MFU, sampling (ours vs diffusers' pipeline), VAE decoding, the whole training step (with and without
-gradient checkpointing), an epoch of E²PO vs K=1 at equal N, peak memory, the resident weights of a real
-run, and seconds per epoch per GPU for the paper's budgets. Prints figures; asserts nothing.
+gradient checkpointing), an epoch of E²PO vs K=1 at equal N, Flow-GRPO's objective (objective="grpo": its
+SDE sampling and training step with CFG), peak memory, the resident weights of a real run, and seconds per
+epoch per GPU for the paper's budgets and the Flow-GRPO configs. Prints figures; asserts nothing.
 
     python bench.py                    # SD3.5-Medium shape, bf16 on a CUDA GPU, 512 px
     python bench.py --shape=tiny       # the tiny model on CPU: every section in seconds
@@ -36,6 +37,7 @@ solver = "dpm2"
 rho = 0.4
 epoch_prompts = 2  # the E²PO vs K=1 epoch: epoch_prompts prompts x N samples each
 epoch_N = 16  # samples per prompt: G=4 x K=4 against G=16 x K=1
+grpo_guidance = 4.5  # the CFG scale of the GRPO section (Flow-GRPO's recipes)
 gpus = 8  # world size of the per-epoch estimates from measured costs
 assumed_mfu = 0.35  # the utilisation behind the per-epoch estimates from FLOPs, before any GPU measurement
 peak_tflops = 0.0  # 0 = look the device up in PEAK_TFLOPS
@@ -72,7 +74,8 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_hea
 PEAK_TFLOPS = [(("H100", "PCIe"), 756), (("H100", "SXM"), 989), (("H100", "HBM3"), 989), (("H200",), 989),
                (("A100",), 312), (("L40S",), 362), (("A10G",), 125), (("RTX 4090",), 165)]
 BUDGETS = ("config/geneval_g4k12.py", "config/efficient_g2k4.py", "config/pickscore_g8k3.py",
-           "config/geneval_nft_g24.py")
+           "config/geneval_nft_g24.py", "config/geneval_flowgrpo_g24.py", "config/geneval_grpo_g4k12.py",
+           "config/pickscore_grpo_g8k3.py")
 LARGE = "config/geneval_large_g4k12.py"
 
 
@@ -339,27 +342,54 @@ def read_budget(path):
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), path), encoding="utf-8") as f:
         exec(f.read(), ns)
     keys = ("K", "G", "prompts_per_epoch", "sample_batch", "train_batch", "steps", "timestep_fraction",
-            "opt_steps_per_epoch", "resolution")
+            "opt_steps_per_epoch", "resolution", "objective", "guidance", "kl_beta", "rho", "use_schedule",
+            "use_anchor", "grpo_old_logprob")
     return {k: ns.get(k, base[k]) for k in keys}
+
+
+def grpo_forwards(b):
+    """Under objective="grpo", per sample: (transformer calls a sampler step makes, the sampler steps at which
+    a perturbed sample is also scored under C^orig, what a training step's call costs in calls): CFG doubles
+    every call; grpo_old_logprob="orig" with K > 1 adds a call at each step whose condition is not C^orig
+    (gamma > 0 on SD3.5's shift-3 grid; every step with use_schedule=False); theta's training call is followed
+    by the frozen base's when kl_beta > 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    cfg = 2 if b["guidance"] > 1 else 1
+    grid = S.sigma_grid(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), b["steps"])
+    mixed = (sum(S.gamma(float(s), b["rho"]) > 0 for s in grid[:-1]) if b["use_schedule"] else b["steps"])
+    scored = mixed if b["K"] > 1 and b["use_anchor"] and b["grpo_old_logprob"] == "orig" else 0
+    return cfg, scored, b["kl_beta"] > 0
 
 
 def epoch_flops(b, f_fwd, f_ref, f_train):
     """Model FLOPs of one epoch of budget b over all GPUs: every sample is sampled in `steps` forwards with
     LoRA (the old adapter) and trained at floor(steps * timestep_fraction) times, each v_old (with LoRA),
-    v_ref (the base: DiffusionNFT's KL term) and theta's forward and backward. Decoding, rewards and text
-    encoding are left out (a few % of it)."""
+    v_ref (the base: DiffusionNFT's KL term) and theta's forward and backward. objective="grpo": `steps` SDE
+    forwards and the C^orig scoring ones (grpo_forwards), then at each of the n_t trained steps theta's
+    forward and backward and the base's forward (its KL term), every call doubled by CFG. Decoding, rewards
+    and text encoding are left out (a few % of it)."""
     n_t = math.floor(b["steps"] * b["timestep_fraction"])
+    if b["objective"] == "grpo":
+        cfg, scored, ref = grpo_forwards(b)
+        per = cfg * ((b["steps"] + scored) * f_fwd + n_t * (f_train + ref * f_ref))
+        return b["prompts_per_epoch"] * b["K"] * b["G"] * per
     return b["prompts_per_epoch"] * b["K"] * b["G"] * (b["steps"] * f_fwd + n_t * (f_fwd + f_ref + f_train))
 
 
 def epoch_cost(b, world, cost):
     """Samples per GPU and estimated seconds per epoch per GPU of budget b, from per-sample costs (seconds per
     sample of one sampler step, of decoding, of one training timestep) and seconds per optimizer step.
-    Rewards are excluded: they depend on the reward model, not on this code."""
+    objective="grpo" takes its own: "grpo_sample" a sampler step with CFG (C^orig scoring steps counted as
+    more of them, grpo_forwards), "grpo_train" a trained step. Rewards are excluded: they depend on the
+    reward model, not on this code."""
     per_gpu = math.ceil(b["prompts_per_epoch"] * b["K"] * b["G"] / world)
     n_t = math.floor(b["steps"] * b["timestep_fraction"])
-    parts = dict(sample=per_gpu * b["steps"] * cost["sample"], decode=per_gpu * cost["decode"],
-                 train=per_gpu * n_t * cost["train"] + b["opt_steps_per_epoch"] * cost["tail"])
+    grpo = b["objective"] == "grpo"
+    steps = b["steps"] + (grpo_forwards(b)[1] if grpo else 0)
+    parts = dict(sample=per_gpu * steps * cost["grpo_sample" if grpo else "sample"],
+                 decode=per_gpu * cost["decode"],
+                 train=per_gpu * n_t * cost["grpo_train" if grpo else "train"]
+                 + b["opt_steps_per_epoch"] * cost["tail"])
     return per_gpu, parts, sum(parts.values())
 
 
@@ -425,10 +455,10 @@ def exact_figures(m):
     print(f"\n== per GPU per epoch from FLOPs, before any measurement: at an assumed MFU of "
           f"{assumed_mfu:.0%} of an H100 SXM's dense bf16 peak (989 TFLOP/s); the same micro-batches on any "
           f"GPU count, so the memory a GPU needs does not change with the count")
-    print(f"  {'config':<28} {'PFLOP/epoch':>11} " + " ".join(f"{f'{w} GPU s':>9}" for w in (1, 2, 4, 8)))
+    print(f"  {'config':<31} {'PFLOP/epoch':>11} " + " ".join(f"{f'{w} GPU s':>9}" for w in (1, 2, 4, 8)))
     for path in BUDGETS:
         fl = epoch_flops(read_budget(path), m.f_fwd, m.f_ref, m.f_train)
-        print(f"  {path:<28} {fl / 1e15:>11.1f} "
+        print(f"  {path:<31} {fl / 1e15:>11.1f} "
               + " ".join(f"{fl / w / (assumed_mfu * 989e12):>9.0f}" for w in (1, 2, 4, 8)))
 
 
@@ -527,15 +557,26 @@ def training_activations(m):
         act = saved_activation_bytes(lambda: P2.policy_velocities(m.tr, torch.randn(2, *m.lat, device=m.dev),
                                                                   torch.full((2,), 0.5, device=m.dev),
                                                                   m.cond(2)), m.tr.parameters()) / 2 ** 31
+        # objective="grpo": theta's call with CFG (two sequences a sample) and the SDE step's log-prob,
+        # counted on one sample (a batch of one shares a few storages: an upper bound by those). Not on a
+        # CPU at SD3.5-M's shape: a second count there takes the process past 19 GiB of RAM (the first one's
+        # freed memory is not reused); twice DiffusionNFT's figure stands in, what the count gave there on
+        # 2026-12-06 (4.144 against 2 x 2.072 GiB)
+        x, c = torch.randn(1, *m.lat, device=m.dev), m.cond(1)
+        grpo = (saved_activation_bytes(lambda: S.sde_step(
+            x, S.guided_velocity(m.tr, x, 0.5, c, grpo_guidance, m.cond(1)).float(), 0.5, 0.4, prev=x)[1],
+            m.tr.parameters()) / 2 ** 30 if m.cuda or m.is_tiny else 2 * act)
     m.tr.eval()
     total, offload = m.weights[-2][1], m.weights[-1][1]
     size = lambda g: f"{g:.2f} GiB" if g >= 0.1 else f"{g * 1024:.2f} MiB"
     print(f"\n== activations of a training forward without gradient checkpointing (counted, {m.dtype}): "
-          f"{size(act)} a sample, {size(act * train_batch)} a micro-batch of {train_batch}")
+          f"{size(act)} a sample, {size(act * train_batch)} a micro-batch of {train_batch}; "
+          f"objective=grpo with CFG: {size(grpo)} a sample, {size(grpo * train_batch)} a micro-batch")
     if not m.is_tiny:
         print(f"  + the resident weights above: {total + act * train_batch:.1f} GiB "
-              f"({offload + act * train_batch:.1f} GiB with --text_offload=True), before the backward's "
-              f"transients and the reward models")
+              f"({offload + act * train_batch:.1f} GiB with --text_offload=True); grpo with CFG "
+              f"{total + grpo * train_batch:.1f} GiB ({offload + grpo * train_batch:.1f} GiB); before the "
+              f"backward's transients and the reward models")
 
 
 def sampling(m):
@@ -675,21 +716,80 @@ def e2po_epoch(m):
         print(f"  ratio = {a / b:.3f} (the same code path per sample: ~1 expected)")
 
 
+def grpo_micro(m, states, old_log_prob, A, c, c_neg):
+    """One training micro-batch of objective="grpo" as phase2_align.grpo_terms runs it: at each of the n_t
+    trained steps of the stored paths, the frozen base's SDE step (no grad), theta's log-prob of the stored
+    transition, grpo_loss + 0.04 * grpo_kl (Flow-GRPO's GenEval beta), backward; CFG at grpo_guidance."""
+    for ti in range(m.n_t):
+        s, s_next = float(m.sigmas[ti]), float(m.sigmas[ti + 1])
+        x = states[:, ti]
+        step = lambda model: S.sde_step(x, S.guided_velocity(model, x, s, c, grpo_guidance, c_neg).float(), s,
+                                        s_next, prev=states[:, ti + 1])
+        with m.autocast():
+            with torch.no_grad():
+                P2.use_adapter(m.tr, None)
+                mean_ref = step(m.tr)[2]
+                P2.use_adapter(m.tr, "default")
+            _, lp, mean, s_t = step(m.tr)
+            loss = (P2.grpo_loss(lp, old_log_prob[:, ti], A, 1e-4, 5.0)
+                    + 0.04 * P2.grpo_kl(mean, mean_ref, s_t).mean())
+            (loss / m.n_t).backward()
+
+
+def grpo(m):
+    """Flow-GRPO's objective (objective="grpo") with CFG at grpo_guidance: a batch of SDE sampling
+    (sample.sde_sample, its states and log-probs kept; the old adapter) and a training micro-batch
+    (grpo_micro, gradients then dropped), timed interleaved, with their peak memory; training with
+    gradient checkpointing where the DiffusionNFT step needed it. Its per-sample costs feed the per-epoch
+    estimates of the GRPO configs."""
+    m.tr.enable_gradient_checkpointing() if m.ckpt_used else m.tr.disable_gradient_checkpointing()
+    x, cs, c_neg = torch.randn(sample_batch, *m.lat, device=m.dev), m.cond(sample_batch), m.cond(1)
+    gens = [[torch.Generator().manual_seed(i * sample_batch + n) for n in range(sample_batch)]
+            for i in range(steps)]
+
+    def draw():
+        P2.use_adapter(m.tr, "old")
+        with m.autocast():
+            out = S.sde_sample(m.tr, m.sigmas, x, cs, guidance=grpo_guidance, c_neg=c_neg, generators=gens)
+        P2.use_adapter(m.tr, "default")
+        return out
+    states, lp, _ = draw()
+    b = slice(0, train_batch)
+    A = torch.randn(train_batch, device=m.dev)
+
+    def train_step():
+        m.tr.train()
+        grpo_micro(m, states[b], lp[b], A, tuple(c[b] for c in cs), c_neg)
+        m.opt.zero_grad(set_to_none=True)
+        m.tr.eval()
+    t, mem = interleaved({"sampling": draw, "training": train_step}, m.dev, repeats)
+    m.t_grpo_sample = t.get("sampling", float("nan")) / (sample_batch * steps)
+    m.t_grpo_train = t.get("training", float("nan")) / (train_batch * m.n_t)
+    print(f"\n== objective=grpo (Flow-GRPO's) with CFG {grpo_guidance}: SDE sampling, batch {sample_batch} x "
+          f"{steps} steps (2 calls a step), and a training micro-batch {train_batch} x {m.n_t} steps (the "
+          f"base's call and theta's forward + backward, each on 2 sequences a sample), median of {repeats}")
+    for k, calls in (("sampling", 2 * steps * sample_batch * m.f_fwd),
+                     ("training", 2 * m.n_t * train_batch * (m.f_ref + m.f_train))):
+        print(f"  {k:<10} " + (f"{t[k]:.3f} s, {m.rate(calls, t[k])}, " if k in t else "")
+              + f"peak {m.gib(mem[k])}")
+
+
 def per_gpu_epochs(m):
     """Seconds per GPU per epoch for the paper's budgets, from the per-sample costs measured above."""
     cost = dict(sample=m.ts.get("ours", float("nan")) / (sample_batch * steps), decode=m.td / sample_batch,
-                train=m.t_micro / (train_batch * m.n_t), tail=m.tail)
+                train=m.t_micro / (train_batch * m.n_t), tail=m.tail, grpo_sample=m.t_grpo_sample,
+                grpo_train=m.t_grpo_train)
     print(f"\n== per GPU per epoch on {gpus} GPUs: {'the tiny model' if m.is_tiny else 'SD3.5-M'}'s "
-          f"per-sample costs above (training {'with' if m.ckpt_used else 'without'} checkpointing); "
-          "rewards excluded")
-    print(f"  {'config':<28} {'G':>3} {'K':>3} {'prompts':>7} {'samples/GPU':>11} "
+          f"per-sample costs above (training {'with' if m.ckpt_used else 'without'} checkpointing; the grpo "
+          f"configs from the objective=grpo section, with CFG); rewards excluded")
+    print(f"  {'config':<31} {'G':>3} {'K':>3} {'prompts':>7} {'samples/GPU':>11} "
           f"{'sample s':>9} {'decode s':>9} {'train s':>9} {'total s':>9}")
     for path in BUDGETS:
         bud = read_budget(path)
         per_gpu, parts, total = epoch_cost(bud, gpus, cost)
         # per-sample costs then approximate
         other = (bud["sample_batch"], bud["train_batch"]) != (sample_batch, train_batch)
-        print(f"  {path:<28} {bud['G']:>3} {bud['K']:>3} {bud['prompts_per_epoch']:>7} {per_gpu:>11} "
+        print(f"  {path:<31} {bud['G']:>3} {bud['K']:>3} {bud['prompts_per_epoch']:>7} {per_gpu:>11} "
               f"{parts['sample']:>9.1f} {parts['decode']:>9.1f} {parts['train']:>9.1f} {total:>9.1f}"
               + (f"  (its batches {bud['sample_batch']}/{bud['train_batch']} differ from the measured ones)"
                  if other else ""))
@@ -742,6 +842,7 @@ def main(argv=None):
     decoding(m)
     training(m)
     e2po_epoch(m)
+    grpo(m)
     per_gpu_epochs(m)
 
 

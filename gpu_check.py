@@ -17,8 +17,10 @@ what it measured. Each gets at most what is left of `time_budget`; one that woul
     "ema" adapters or the base; gradient checkpointing on vs off; text_offload's CPU copies pinned. Then the
     host syncs of Phase II (torch.cuda.set_sync_debug_mode("warn"), by source line), in-process runs of one
     and of two epochs: their difference is what one epoch costs
-(b) bench.py at SD3.5-M's shape (random weights, bf16): its whole output, parsed for nothing
-    (--quick=True or a CPU: bench.py --shape=tiny --repeats=1)
+(b) bench.py at SD3.5-M's shape (random weights, bf16): its whole output, parsed for nothing, Flow-GRPO's
+    objective included (an SDE sampling batch and a training micro-batch with CFG, the parts of a GRPO epoch,
+    and the GRPO configs' seconds an epoch from them) (--quick=True or a CPU: bench.py --shape=tiny
+    --repeats=1)
 (c) the tiny model end to end under torchrun (as many processes as GPUs, at most 2; 2 gloo processes on a
     CPU): Phase I; Phase II with text_offload and gradient checkpointing, uninterrupted; the same run
     SIGKILLed once its epoch-1 checkpoint is complete and resumed; their logs compared epoch by epoch
@@ -65,11 +67,12 @@ device = "auto"  # "auto" = cuda if available, else cpu
 quick = False  # tiny shapes only: bench --shape=tiny, tiny reward models, no SD3.5-M determinism check
 out = "out/gpu_check"  # the report's folder (the environment variable OUT wins when set) and its runs'
 # seconds for the whole run (a GPU is lent for ~8 minutes): each section gets at most what is left of it, and
-# one that would start later is skipped. Estimated on one H200: (a) 25 s, (b) 250-300 s (its E²PO vs K=1
-# epochs at SD3.5-M's shape are most of it), (c) 100 s, (d) 30 s, (e) 25 s
-time_budget = 450
+# one that would start later is skipped. Estimated on one H200: (a) 25 s, (b) 270-330 s (its E²PO vs K=1
+# epochs at SD3.5-M's shape are most of it; its GRPO section about 20 s, from its FLOPs at 35 % MFU),
+# (c) 100 s, (d) 30 s, (e) 25 s
+time_budget = 480
 section_timeout = 60  # each in-process section, (a), (d), (e): past it the section stops with an error
-bench_timeout = 300  # (b); on timeout bench.py is killed and its output so far kept
+bench_timeout = 330  # (b); on timeout bench.py is killed and its output so far kept
 bench_args = ""  # more arguments for bench.py, e.g. "--repeats=1" (about half of (b)'s time at SD3.5-M)
 e2e_timeout = 120  # (c), all its torchrun launches together
 phase1_iters = 20  # Phase I iterations in (a) and (c): the file only has to exist for Phase II
