@@ -1024,9 +1024,11 @@ def check_settings():
     eval_list, eval_meta = S.read_prompts(eval_prompts) if eval_prompts else ([], [])
     if K < 1 or G < 1:
         raise SystemExit(f"K={K}, G={G}: both must be at least 1")
-    if objective not in ("nft", "grpo") or grpo_old_logprob not in ("orig", "sampling"):
-        raise SystemExit(f"objective={objective!r} must be 'nft' (DiffusionNFT's) or 'grpo' (Flow-GRPO's) "
-                         f"and grpo_old_logprob={grpo_old_logprob!r} 'orig' or 'sampling'")
+    if objective not in ("nft", "grpo"):
+        raise SystemExit(f"objective={objective!r} must be 'nft' (DiffusionNFT's) or 'grpo' (Flow-GRPO's)")
+    if grpo_old_logprob not in ("orig", "sampling"):
+        raise SystemExit(f"grpo_old_logprob={grpo_old_logprob!r} must be 'orig' (a perturbed sample's old "
+                         "log-prob under C^orig) or 'sampling' (under the condition that drew it)")
     S.check_rho(rho)
     if not beta > 0 or solver not in ("euler", "dpm2") or eval_solver not in ("euler", "dpm2"):
         raise SystemExit(f"beta={beta} must be > 0 and solver={solver!r}, eval_solver={eval_solver!r} "
@@ -1064,7 +1066,8 @@ def check_settings():
             ("resolution", resolution >= 16 and resolution % 16 == 0,
              "a positive multiple of 16 (SD3's VAE downsamples 8x, its transformer takes 2x2 patches)"),
             ("timestep_fraction", 0 < timestep_fraction <= 1, "in (0, 1]"),
-            ("guidance", guidance == 1.0, "1.0: Phase II samples without CFG, as DiffusionNFT")
+            ("guidance", guidance == 1.0, "1.0: Phase II samples without CFG, as DiffusionNFT "
+                                          "(objective='grpo' takes CFG, as Flow-GRPO)")
             if objective == "nft" else
             ("guidance", 1 <= guidance < math.inf, "finite and >= 1 (1.0: no CFG)"),
             ("noise_level", 0 < noise_level < math.inf, "finite and > 0 (the SDE's noise scale a)"),

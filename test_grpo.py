@@ -319,7 +319,7 @@ def test_grpo_settings_are_checked_before_anything_loads(p1, tmp_path, monkeypat
     monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     d = tmp_path / "run"
     for extra, says in ((("--objective=ppo",), "objective='ppo' must be 'nft' (DiffusionNFT's) or 'grpo'"),
-                        (("--grpo_old_logprob=new",), "grpo_old_logprob='new' 'orig' or 'sampling'"),
+                        (("--grpo_old_logprob=new",), "grpo_old_logprob='new' must be 'orig' (a perturbed"),
                         (("--clip_range=0",), "clip_range=0.0 must be finite and > 0"),
                         (("--clip_range=-1e-4",), "clip_range=-0.0001 must be finite and > 0"),
                         (("--noise_level=0",), "noise_level=0.0 must be finite and > 0"),
