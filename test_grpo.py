@@ -235,20 +235,8 @@ def test_sde_sample_scores_each_path_under_c_orig_where_its_condition_differs(pi
 
 
 # ------------------------------------------------------------------- Phase II with objective=grpo, end to end
-import phase1_perturb  # noqa: E402
-from test_e2po import PROMPTS, _log, _log_without_timings, _phase2, _torchrun  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def p1(tmp_path_factory):
-    """Three prompts and a K=4 Phase I file (20 iterations: Phase II only needs one to exist)."""
-    d = tmp_path_factory.mktemp("grpo_p1")
-    pf = d / "prompts.txt"
-    pf.write_text("\n".join(PROMPTS[:3]) + "\n")
-    out = str(d / "pert.safetensors")
-    phase1_perturb.main(["config/tiny_cpu.py", f"--prompts={pf}", f"--perturbations={out}", "--K=4",
-                         "--iters=20", "--t5_len=16"])
-    return str(pf), out
+from test_e2po import _log, _log_without_timings, _phase2, _torchrun  # noqa: E402
+from test_e2po import phase1_file as p1  # noqa: E402,F401  (three prompts and a K=4 Phase I file)
 
 
 def _grpo(tmp, p1, *extra):
@@ -366,8 +354,9 @@ def test_flow_grpo_configs_are_its_public_recipes():
     its 32; the E²PO ones keep the recipe at the paper's budgets, at the same N."""
     from configurator import configure
 
-    def read(name):
-        g = {k: getattr(phase2_align, k) for k in phase2_align.config_keys}
+    def read(name):  # over the defaults (an earlier main() of this process leaves its settings behind)
+        g = dict(getattr(phase2_align, "_config_defaults", None)
+                 or {k: getattr(phase2_align, k) for k in phase2_align.config_keys})
         return configure(g, phase2_align.config_keys, [f"config/{name}.py"])
     recipe = dict(objective="grpo", steps=10, guidance=4.5, noise_level=0.7, clip_range=1e-4, adv_clip=5.0,
                   global_std=True, timestep_fraction=0.99, lr=3e-4, weight_decay=1e-4, grad_clip=1.0,

@@ -13,6 +13,7 @@
 # moves every 8th step, ours every step; it runs fp16 autocast, we bf16; and our prompts are
 # data/geneval/prepare.py's (its are its dataset/geneval), the benchmark GenEval's 553, as every GenEval
 # config here. E²PO on this objective at the paper's budget: config/geneval_grpo_g4k12.py.
+# The recipe's values not set below are phase2_align.py's defaults (test_grpo.py checks each of them).
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/geneval/train_metadata.jsonl"
 eval_prompts = "data/geneval/evaluation_metadata.jsonl"  # GenEval's official 553 prompts (the benchmark)
@@ -24,20 +25,7 @@ objective = "grpo"
 K = 1
 G = 24
 prompts_per_epoch = 48
-steps = 10
 guidance = 4.5
-noise_level = 0.7
-clip_range = 1e-4
-adv_clip = 5.0
-global_std = True
 kl_beta = 0.04
-timestep_fraction = 0.99
-lr = 3e-4
-weight_decay = 1e-4
-grad_clip = 1.0
 opt_steps_per_epoch = 2
-sample_batch = 16
-train_batch = 8
-eval_steps = 40
-eval_solver = "euler"  # its evaluation: the SDE step at noise_level 0, i.e. Euler
 eval_every = 60  # its eval_freq and save_freq

@@ -5,6 +5,7 @@
 # (python data/pickscore/prepare.py).
 #   torchrun --nproc_per_node=8 phase2_align.py config/pickscore_flowgrpo_g24.py
 # E²PO on this objective at the paper's budget: config/pickscore_grpo_g8k3.py.
+# The recipe's values not set below are phase2_align.py's defaults (test_grpo.py checks each of them).
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/pickscore/train.txt"
 eval_prompts = "data/pickscore/test.txt"
@@ -15,20 +16,7 @@ objective = "grpo"
 K = 1
 G = 24
 prompts_per_epoch = 48
-steps = 10
 guidance = 4.5
-noise_level = 0.7
-clip_range = 1e-4
-adv_clip = 5.0
-global_std = True
 kl_beta = 0.01
-timestep_fraction = 0.99
-lr = 3e-4
-weight_decay = 1e-4
-grad_clip = 1.0
 opt_steps_per_epoch = 2
-sample_batch = 16
-train_batch = 8
-eval_steps = 40
-eval_solver = "euler"  # its evaluation: the SDE step at noise_level 0, i.e. Euler
 eval_every = 60  # its eval_freq and save_freq

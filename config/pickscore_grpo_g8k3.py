@@ -5,6 +5,7 @@
 # (README, "Choices where the paper is silent").
 #   torchrun --nproc_per_node=8 phase1_perturb.py config/pickscore_g8k3.py   # its Phase I file serves here
 #   torchrun --nproc_per_node=8 phase2_align.py config/pickscore_grpo_g8k3.py
+# The recipe's values not set below are phase2_align.py's defaults (test_grpo.py checks each of them).
 model = "stabilityai/stable-diffusion-3.5-medium"
 prompts = "data/pickscore/train.txt"
 eval_prompts = "data/pickscore/test.txt"
@@ -17,20 +18,7 @@ grpo_old_logprob = "orig"
 K = 3
 G = 8
 prompts_per_epoch = 48
-steps = 10
 guidance = 4.5
-noise_level = 0.7
-clip_range = 1e-4
-adv_clip = 5.0
-global_std = True
 kl_beta = 0.01
-timestep_fraction = 0.99
-lr = 3e-4
-weight_decay = 1e-4
-grad_clip = 1.0
 opt_steps_per_epoch = 2
-sample_batch = 16
-train_batch = 8
-eval_steps = 40
-eval_solver = "euler"
 eval_every = 60
