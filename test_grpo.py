@@ -285,6 +285,12 @@ def test_grpo_ratio_is_one_while_theta_is_the_sampling_policy(p1, tmp_path, monk
                             "--train_batch=16", "--grpo_old_logprob=sampling"))
     ones = [sum(bool(e) for e in (lp == old)) for lp, old in seen]
     assert ones[0] == 4 and 4 <= ones[1] < 16 and ones[2] == 16
+    # use_anchor=False (the ablation): each sample is trained on the condition that drew it, C_k(t), and its
+    # stored log-prob is the old one: ratio 1 for every sample
+    seen.clear()
+    phase2_align.main(_grpo(tmp_path / "no_anchor", p1, "--epochs=1", "--rho=0.2", "--sample_batch=16",
+                            "--train_batch=16", "--use_anchor=False"))
+    assert [sum(bool(e) for e in (lp == old)) for lp, old in seen] == [16, 16, 16]
 
 
 def test_grpo_resume_replays_the_next_epoch_exactly(p1, tmp_path):
