@@ -218,8 +218,8 @@ def test_epoch_cost_by_hand():
 
 def test_grpo_epoch_flops_and_cost_by_hand():
     """objective="grpo": CFG doubles every call; E²PO's "orig" scoring adds a call at each perturbed step
-    (gamma > 0: the first 7 of SD3.5's 10 shift-3 steps at rho = 0.4, sigma 0.6022 > 0.6 the last); each of the
-    9 trained steps costs theta's forward and backward and the base's forward (kl_beta > 0)."""
+    (gamma > 0: the first 7 of SD3.5's 10 shift-3 steps at rho = 0.4, sigma 0.6022 > 0.6 the last); each of
+    the 9 trained steps costs theta's forward and backward and the base's forward (kl_beta > 0)."""
     flow = bench.read_budget("config/geneval_flowgrpo_g24.py")
     e2po = bench.read_budget("config/geneval_grpo_g4k12.py")
     assert bench.grpo_forwards(flow) == (2, 0, True) and bench.grpo_forwards(e2po) == (2, 7, True)
@@ -228,7 +228,8 @@ def test_grpo_epoch_flops_and_cost_by_hand():
     f_fwd, f_ref, f_train = 1.0, 10.0, 100.0
     assert bench.epoch_flops(flow, f_fwd, f_ref, f_train) == 1152 * 2 * (10 * 1 + 9 * (100 + 10))
     assert bench.epoch_flops(e2po, f_fwd, f_ref, f_train) == 1152 * 2 * (17 * 1 + 9 * (100 + 10))
-    assert bench.epoch_flops(dict(flow, kl_beta=0.0, guidance=1.0), f_fwd, f_ref, f_train) == 1152 * (10 + 900)
+    plain = dict(flow, kl_beta=0.0, guidance=1.0)  # no CFG, no KL term
+    assert bench.epoch_flops(plain, f_fwd, f_ref, f_train) == 1152 * (10 + 900)
     cost = dict(sample=0.01, decode=0.02, train=0.03, tail=0.5, grpo_sample=0.04, grpo_train=0.05)
     per_gpu, parts, total = bench.epoch_cost(flow, 8, cost)
     assert per_gpu == 144 and parts["sample"] == pytest.approx(144 * 10 * 0.04)
