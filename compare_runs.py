@@ -449,7 +449,8 @@ def main(argv=None):
     groups = find_runs(roots)
     unknown = [r for r in (ref or "").split(",") if r.strip() and r.strip() not in groups]
     if unknown:
-        raise SystemExit(f"--ref={ref}: {unknown[0].strip()} is not a label of these runs ({', '.join(groups)})")
+        raise SystemExit(f"--ref={ref}: {unknown[0].strip()} is not a label of these runs "
+                         f"({', '.join(groups)})")
     print(table(groups, block, ref))
     if contrast:
         m, se, p, n = contrast_of(groups, contrast)

@@ -136,16 +136,25 @@ def group_moments(R, group_ids):
     return gid, mean, std
 
 
-def advantages(rewards, group_ids, global_std=True, clip=5.0):
-    """Rewards [N] -> optimality probabilities r in [0, 1].
+def group_advantages(rewards, group_ids, global_std=True):
+    """Rewards [N] -> the group-normalised advantages A [N] that both objectives take:
         A = (R - mean_group(R)) / (std(R) + 1e-4)   std over all N (global_std) or within the group; ddof 0
-        A = clip(A, -clip, clip)
-        r = clip(A / (2 * clip) + 0.5, 0, 1)         (= A/10 + 0.5 for clip = 5)"""
+    (Flow-GRPO's PerPromptStatTracker gives the same, a group being a prompt's samples)."""
     R = rewards.float()
     gid, mean, group_std = group_moments(R, group_ids)
     std = R.std(unbiased=False) if global_std else group_std[gid]
-    A = ((R - mean[gid]) / (std + 1e-4)).clamp(-clip, clip)
-    return (A / (2 * clip) + 0.5).clamp(0, 1)
+    return (R - mean[gid]) / (std + 1e-4)
+
+
+def optimality(A, clip=5.0):
+    """DiffusionNFT's optimality probability r in [0, 1] of an advantage:
+        r = clip(clip(A, -clip, clip) / (2 * clip) + 0.5, 0, 1)     (= A/10 + 0.5 for clip = 5)"""
+    return (A.clamp(-clip, clip) / (2 * clip) + 0.5).clamp(0, 1)
+
+
+def advantages(rewards, group_ids, global_std=True, clip=5.0):
+    """Rewards [N] -> optimality probabilities r in [0, 1]: optimality(group_advantages(...), clip)."""
+    return optimality(group_advantages(rewards, group_ids, global_std), clip)
 
 
 def nft_loss(v_theta, v_old, x_t, x0, t, r, beta):
@@ -180,6 +189,44 @@ def nft_objective(v_theta, v_old, v_ref, x_t, x0, t, r, beta=1.0, adv_clip=5.0, 
     kl = (((v_theta - v_ref) ** 2).mean(dim=tuple(range(1, v_theta.dim()))) if v_ref is not None
           else torch.zeros_like(nft))
     return nft + kl_beta * kl, nft, kl
+
+
+# --------------------------------------------------- the formulas of Flow-GRPO's objective (objective="grpo")
+def grpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
+    """Flow-GRPO's PPO-clip policy loss (scalar), as its training step computes it:
+        rho = exp(log_prob - old_log_prob)          A = clip(advantages, -adv_clip_max, adv_clip_max)
+        loss = mean over samples of max(-A * rho, -A * clip(rho, 1 - clip_range, 1 + clip_range))
+    log_prob: sample.sde_step's of the stored transition under theta (carries the gradient); old_log_prob:
+    the sampling weights' (data). A sample with A = 0 adds exactly 0."""
+    A = advantages.clamp(-adv_clip_max, adv_clip_max)
+    rho = torch.exp(log_prob - old_log_prob.detach())
+    return torch.maximum(-A * rho, -A * rho.clamp(1 - clip_range, 1 + clip_range)).mean()
+
+
+def grpo_kl(mean, mean_ref, s_t):
+    """Flow-GRPO's KL term per sample [B], between the SDE step of theta and of the frozen base:
+        kl = mean over all but the batch dimension of (mean - mean_ref)^2 / (2 s_t^2)
+    s_t as sample.sde_step returns it (the Gaussians' own variance is s_t^2 |dt|: this is their KL times
+    1/|dt|, as Flow-GRPO writes it)."""
+    return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * s_t.reshape(-1) ** 2)
+
+
+def grpo_weights(A, step_of, opt_steps):
+    """Flow-GRPO trains only on the samples whose advantage is not 0 (a group whose rewards tie gives all its
+    samples A = 0). Per sample keep = [A != 0]; per optimizer step scale = its samples / its kept samples, so
+    that the step's loss, a mean over its samples, is the mean over the kept ones. step_of: each sample's
+    step (all the epoch's samples). Returns (keep [N] float, scale [opt_steps] list, kept samples in all)."""
+    keep = (A != 0).float()
+    per_step = lambda w: torch.zeros(opt_steps).index_add_(0, step_of.cpu(), w.cpu())
+    kept = per_step(keep)
+    return keep, (per_step(torch.ones_like(keep)) / kept.clamp(min=1)).tolist(), int(kept.sum().item())
+
+
+def ratio_stats(log_prob, old_log_prob, clip_range):
+    """Per sample [B]: whether the ratio was clipped, |rho - 1| > clip_range (Flow-GRPO's clipfrac), its
+    approx_kl 0.5 * (log_prob - old_log_prob)^2, and (rho - 1)^2 (the ratio's spread about 1)."""
+    d = (log_prob - old_log_prob).detach()
+    return (torch.exp(d) - 1).abs().gt(clip_range).float(), 0.5 * d ** 2, torch.expm1(d) ** 2
 
 
 def group_stats(rewards, group_ids):

@@ -745,6 +745,20 @@ def velocity(transformer, x, sigma, cond):
                        return_dict=False)[0]
 
 
+def guided_velocity(transformer, x, sigma, cond, guidance=1.0, c_neg=None):
+    """velocity(), with classifier-free guidance when guidance > 1, one forward of the batch [negative; cond]:
+        v = v_u + w * (v_c - v_u)        v_u on c_neg (the empty prompt), v_c on cond, w = guidance
+    v_u is a constant (detached), as in Flow-GRPO's training step: a training forward's gradient flows through
+    v_c only. guidance = 1: v = v_c."""
+    if not guidance > 1.0:
+        return velocity(transformer, x, sigma, cond)
+    neg = (c_neg[0].expand_as(cond[0]), c_neg[1].expand_as(cond[1]))
+    vu, vc = velocity(transformer, torch.cat([x] * 2), sigma,
+                      (torch.cat([neg[0], cond[0]]), torch.cat([neg[1], cond[1]]))).chunk(2)
+    vu = vu.detach()
+    return vu + guidance * (vc - vu)
+
+
 @torch.no_grad()
 def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0, c_neg=None,
            solver="dpm2", batch_size=None, return_traj=False):
@@ -769,14 +783,7 @@ def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0
         v = []
         for j in range(0, B, batch_size):  # chunk the batch to bound memory
             sl = slice(j, j + batch_size)
-            cj = (cond[0][sl], cond[1][sl])
-            if guidance > 1.0:
-                neg = (c_neg[0].expand_as(cj[0]), c_neg[1].expand_as(cj[1]))
-                vu, vc = velocity(transformer, torch.cat([x[sl]] * 2), s,
-                                  (torch.cat([neg[0], cj[0]]), torch.cat([neg[1], cj[1]]))).chunk(2)
-                v.append(vu + guidance * (vc - vu))
-            else:
-                v.append(velocity(transformer, x[sl], s, cj))
+            v.append(guided_velocity(transformer, x[sl], s, (cond[0][sl], cond[1][sl]), guidance, c_neg))
         v = torch.cat(v).float()
         x0 = x - s * v
         # 1st order on the first step, after sigma=1 (lambda = -inf makes 2M degenerate to 1st order
@@ -793,6 +800,63 @@ def sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0
         if return_traj:
             traj.append(x)
     return (x, traj) if return_traj else x
+
+
+def sde_step(x, v, sigma, sigma_next, noise_level=0.7, prev=None, generator=None):
+    """One step of Flow-GRPO's SDE sampler (Liu et al. 2025, arXiv 2505.05470; its sde_type 'sde'), from x at
+    sigma down to sigma_next, in fp32, with a = noise_level, dt = sigma_next - sigma < 0:
+        s_t  = a * sqrt(sigma / (1 - sigma'))       sigma' = sigma; sigma_next where sigma = 1
+        mean = x * (1 + s_t^2 / (2 sigma) * dt) + v * (1 + s_t^2 (1 - sigma) / (2 sigma)) * dt
+        prev = mean + s_t * sqrt(-dt) * eps,         eps ~ N(0, I)        (unless prev is given)
+        log_prob = mean over all but the batch dimension of log N(prev; mean, (s_t sqrt(-dt))^2)
+    At sigma = 1, 1 - sigma is 0: Flow-GRPO puts the grid's second sigma there (sigmas[1]), which is the
+    sigma_next of the only step that starts at 1, so a step of a grid gets its value with no argument to pass.
+    sigma, sigma_next: floats, or [B] tensors. generator: one torch.Generator for the batch's eps, or a list
+    of one per sample (each sample its own stream), drawn on the CPU. Returns (prev, log_prob [B], mean, s_t):
+    s_t is the SDE's noise scale, as Flow-GRPO returns it (the step's own std is s_t sqrt(-dt)); only mean and
+    log_prob carry v's gradient."""
+    x, v = x.float(), v.float()
+    col = lambda s: torch.as_tensor(s, dtype=torch.float32, device=x.device).reshape(-1, *[1] * (x.dim() - 1))
+    sig, nxt = col(sigma), col(sigma_next)
+    dt = nxt - sig
+    s_t = torch.sqrt(sig / (1 - torch.where(sig == 1, nxt, sig))) * noise_level
+    mean = x * (1 + s_t ** 2 / (2 * sig) * dt) + v * (1 + s_t ** 2 * (1 - sig) / (2 * sig)) * dt
+    std = s_t * torch.sqrt(-dt)
+    if prev is None:
+        eps = (torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
+               if isinstance(generator, (list, tuple)) else
+               torch.randn(x.shape, generator=generator, device=getattr(generator, "device", "cpu")))
+        prev = mean + std * eps.to(x.device)
+    prev = prev.detach().float()
+    log_prob = -((prev - mean) ** 2) / (2 * std ** 2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return prev, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, s_t
+
+
+@torch.no_grad()
+def sde_sample(transformer, sigmas, noise, c_orig, c_opt=None, rho=0.4, guidance=1.0, c_neg=None,
+               noise_level=0.7, generators=None, c_score=None):
+    """Flow-GRPO's sampler: from `noise` (sigma = 1) down `sigmas` by sde_step, keeping every state and the
+    log-prob of every transition. Conditions as in `sample` (E²PO's schedule when c_opt is given, CFG when
+    guidance > 1). generators[i]: what sde_step draws step i's eps with. c_score: also the log-prob of each
+    transition under that condition (C^orig, which training scores the trajectory on), by a second forward
+    at the steps where the sampling condition is not it.
+    Returns (states [B, T+1, C, h, w] fp32, x at every sigma: states[:, -1] is x0; log_prob [B, T] under the
+    sampling condition; the log_prob [B, T] under c_score, or None)."""
+    x, states, lps, scored = noise.float(), [noise.float()], [], []
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        cond = c_orig if c_opt is None else mix_condition(c_opt, c_orig, s, rho)
+        v = guided_velocity(transformer, x, s, cond, guidance, c_neg).float()
+        x, lp, _, _ = sde_step(x, v, s, s_next, noise_level, generator=generators[i] if generators else None)
+        if c_score is not None:
+            same = all(torch.equal(a, b) for a, b in zip(cond, c_score))
+            scored.append(lp if same else sde_step(
+                states[-1], guided_velocity(transformer, states[-1], s, c_score, guidance, c_neg).float(), s,
+                s_next, noise_level, prev=x)[1])
+        states.append(x)
+        lps.append(lp)
+    return (torch.stack(states, 1), torch.stack(lps, 1),
+            torch.stack(scored, 1) if c_score is not None else None)
 
 
 @torch.no_grad()
