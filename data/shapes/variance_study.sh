@@ -8,6 +8,8 @@
 #   WORLD=amount EPOCHS=300 SEEDS="0 1 2 3 4" NOISES=256 CONFIGS="nft_g16 nft_g48 e2po_4x4 e2po_4x12" \
 #       bash data/shapes/variance_study.sh           # the gated colour amount (docs/collapse_world.md)
 #   WORLD=easy SEEDS="0 1" EPOCHS=60 CONFIGS="nft_g16 e2po_4x4" bash data/shapes/variance_study.sh
+#   WORLD=jpeg CONFIGS="grpo_g16 e2po_grpo_4x4" REF=grpo_g16 SEEDS="0 1 2 3 4" \
+#       bash data/shapes/variance_study.sh           # Flow-GRPO's objective against E²PO on it
 #
 # Each configuration (CONFIGS, below) runs Phase II (config/shapes_variance.py: 150 steps of 3 prompts, so
 # every configuration draws the same prompts at each step of a seed) for every seed in SEEDS, then its final
@@ -24,6 +26,8 @@ SEEDS=${SEEDS:-"0 1 2"}
 EPOCHS=${EPOCHS:-150}
 JOBS=${JOBS:-2}
 NOISES=${NOISES:-64}  # final evaluation: images per held-out prompt
+ARGS=${ARGS:-}  # more Phase II arguments for every run (a pilot's learning rate: ARGS=--lr=3e-3)
+REF=${REF:-nft_g16,nft_g48}  # the table's reference labels (those of CONFIGS kept): each run against one at its N
 CONFIGS=${CONFIGS:-"nft_g16 nft_g48 e2po_4x4 e2po_4x12 e2po_4x4_shared"}
 export OMP_NUM_THREADS=1
 CFG=config/shapes_variance.py
@@ -58,6 +62,8 @@ spec() {  # configuration -> its Phase II arguments (building the Phase I file i
         all_in_k) echo "--K=16 --G=1 $(phase1 k16 --K=16)" ;;
         e2po_8x2) echo "--K=2 --G=8 $(phase1 k2 --K=2)" ;;
         e2po_2x8) echo "--K=8 --G=2 $(phase1 k8 --K=8)" ;;
+        grpo_g16) echo "--objective=grpo --K=1 --G=16" ;;  # Flow-GRPO's objective (docs/flow_grpo.md)
+        e2po_grpo_4x4) echo "--objective=grpo --K=4 --G=4 $(phase1 k4 --K=4)" ;;
         no_anchor) echo "--K=4 --G=4 $(phase1 k4 --K=4) --use_anchor=False" ;;
         no_schedule) echo "--K=4 --G=4 $(phase1 k4 --K=4) --use_schedule=False" ;;
         mu0.7) echo "--K=4 --G=4 $(phase1 k4_mu0.7 --K=4 --mu=0.7)" ;;
@@ -84,7 +90,7 @@ run() {  # configuration seed: Phase II, then the final evaluation of its EMA we
     if [ "$(epochs_done "$dir")" -lt "$EPOCHS" ]; then
         ls "$dir"/checkpoint*/state.pt > /dev/null 2>&1 && mode=--resume=True
         # shellcheck disable=SC2046
-        python phase2_align.py $CFG --prompts=$P "${W[@]}" $(spec "$1") --seed="$2" --epochs="$EPOCHS" \
+        python phase2_align.py $CFG --prompts=$P "${W[@]}" $(spec "$1") $ARGS --seed="$2" --epochs="$EPOCHS" \
             --out_dir="$dir" $mode >> "$dir.log" 2>&1 || { echo "FAILED: $dir.log"; return; }
     fi
     python data/shapes/final_eval.py --run="$dir" --noises="$NOISES" >> "$dir.log" 2>&1 \
@@ -110,5 +116,6 @@ if [ -f "$OUT/k4.safetensors" ]; then  # the perturbation probe: how the prior a
             --out="$(realpath -m "$d")/probe.json" >> "$d.log" 2>&1
     done
 fi
+refs=$(for r in ${REF//,/ }; do case " $CONFIGS " in *" $r "*) printf '%s,' "$r" ;; esac; done)
 python compare_runs.py --runs="$OUT" --plot="$OUT/compare.png" --title="world: $WORLD" --block=10 \
-    --window=10 --ref=nft_g16,nft_g48 | tee "$OUT/compare.md"
+    --window=10 ${refs:+--ref="${refs%,}"} | tee "$OUT/compare.md"
