@@ -27,7 +27,7 @@ EPOCHS=${EPOCHS:-150}
 JOBS=${JOBS:-2}
 NOISES=${NOISES:-64}  # final evaluation: images per held-out prompt
 ARGS=${ARGS:-}  # more Phase II arguments for every run (a pilot's learning rate: ARGS=--lr=3e-3)
-REF=${REF:-nft_g16,nft_g48}  # the table's reference labels (those in CONFIGS kept): each run against one of its N
+REF=${REF:-nft_g16,nft_g48}  # the table's references (those in CONFIGS): each run against one of its N
 CONFIGS=${CONFIGS:-"nft_g16 nft_g48 e2po_4x4 e2po_4x12 e2po_4x4_shared"}
 export OMP_NUM_THREADS=1
 CFG=config/shapes_variance.py
