@@ -2,15 +2,20 @@
 smooth reward R(x0) = mean(w * x0) (w fixed), compare Flow-GRPO's score-function gradient, taken by
 phase2_align.grpo_terms on the SDE paths sample.sde_sample drew (all 10 steps, theta = old, A = R - leave-one-
 out mean), with the pathwise gradient of the same paths (the SDE replayed with its eps fixed, autograd through
-every step). Both estimate grad E[R]; their projections on the pathwise direction should agree (ratio 1)."""
+every step). Both estimate grad E[R]; their projections on the pathwise direction should agree (ratio 1).
+Run from the repository root (docs/flow_grpo.md, pilot round 3d; chunk size and count as arguments):
+
+    python docs/flow_grpo/round3/estimator.py 64 48
+"""
 import math
+import os
 import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, "/work/wt-diag")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 import phase2_align as P2  # noqa: E402
 import sample as S  # noqa: E402
 
