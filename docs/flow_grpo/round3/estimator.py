@@ -58,9 +58,11 @@ for m in range(M):
     states, old_lp, _ = S.sde_sample(tr, sigmas, noise, c, generators=gens)
     R = (states[:, -1] * w).flatten(1).mean(1)
     A = (R - (R.sum() - R) / (B - 1))  # leave-one-out baseline: an unbiased score-function estimate
-    # score function, by the training code: -grad of sum_t grpo_loss = sum_b A_b sum_t grad log p (/D per step)
+    # score function, by the training code: -grad of sum_t grpo_loss = sum_b A_b sum_t grad log p
+    # (Flow-GRPO's log p is a mean over the D latent elements: times D)
     for t in range(T):
-        loss = P2.grpo_terms(run, states[:, t], states[:, t + 1], t, old_lp[:, t], A, torch.ones(B), 1.0, c)[0]
+        loss = P2.grpo_terms(run, states[:, t], states[:, t + 1], t, old_lp[:, t], A, torch.ones(B), 1.0,
+                             c)[0]
         loss.backward()
     g_sf.append(-flat_grad() * D / B)
     # pathwise: replay the same paths with their eps fixed, gradient through every step
@@ -82,7 +84,9 @@ g_sf, g_pw = torch.stack(g_sf), torch.stack(g_pw)
 u = g_pw.mean(0) / g_pw.mean(0).norm()
 a, b = g_sf @ u, g_pw @ u  # each chunk's projection on the pathwise direction
 se = lambda z: (z.std(unbiased=True) / math.sqrt(len(z))).item()
-print(f"{M} chunks x {B} paths; projection on the pathwise direction: score function {a.mean():.4e} +- {se(a):.1e}, "
+print(f"{M} chunks x {B} paths; projection on the pathwise direction: "
+      f"score function {a.mean():.4e} +- {se(a):.1e}, "
       f"pathwise {b.mean():.4e} +- {se(b):.1e}; ratio {a.mean() / b.mean():.3f} +- {se(a) / b.mean():.3f}")
 cos = torch.nn.functional.cosine_similarity(g_sf.mean(0), g_pw.mean(0), dim=0)
-print(f"cosine of the two mean gradients {cos:.3f} (|g_sf| {g_sf.mean(0).norm():.3e}, |g_pw| {g_pw.mean(0).norm():.3e})")
+print(f"cosine of the two mean gradients {cos:.3f} "
+      f"(|g_sf| {g_sf.mean(0).norm():.3e}, |g_pw| {g_pw.mean(0).norm():.3e})")
