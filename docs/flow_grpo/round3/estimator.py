@@ -34,6 +34,7 @@ sigmas = S.sigma_grid(pipe.scheduler, 10)
 prompts, _ = S.read_prompts("data/shapes/train_easy.jsonl")
 w = torch.randn(shape, generator=torch.Generator().manual_seed(123))
 D = math.prod(shape)
+reward = lambda x0: (x0 * w).flatten(1).mean(1)  # R(x0) = mean(w * x0), per path
 # grpo_terms reads the objective's settings from phase2_align's globals: plain policy gradient, no KL
 P2.guidance, P2.noise_level, P2.kl_beta, P2.clip_range, P2.adv_clip = 1.0, 0.7, 0.0, 1e-4, 1e9
 run = SimpleNamespace(sigmas=sigmas, transformer=tr, theta_model=tr, c_neg=None)
@@ -56,7 +57,7 @@ for m in range(M):
     gens = [[torch.Generator().manual_seed(10 ** 8 + 100 * i + t) for i in ids] for t in range(T)]
     tr.eval()
     states, old_lp, _ = S.sde_sample(tr, sigmas, noise, c, generators=gens)
-    R = (states[:, -1] * w).flatten(1).mean(1)
+    R = reward(states[:, -1])
     A = (R - (R.sum() - R) / (B - 1))  # leave-one-out baseline: an unbiased score-function estimate
     # score function, by the training code: -grad of sum_t grpo_loss = sum_b A_b sum_t grad log p
     # (Flow-GRPO's log p is a mean over the D latent elements: times D)
@@ -65,7 +66,8 @@ for m in range(M):
                              c)[0]
         loss.backward()
     g_sf.append(-flat_grad() * D / B)
-    # pathwise: replay the same paths with their eps fixed, gradient through every step
+    # pathwise: replay the same paths with their eps fixed, gradient through every step (eps is recovered from
+    # the stored states, so the replay's distance to them measures rounding only)
     x = noise.float()
     for t in range(T):
         s, s_next = float(sigmas[t]), float(sigmas[t + 1])
@@ -75,7 +77,7 @@ for m in range(M):
         eps = ((states[:, t + 1] - mean) / std).detach()
         x = mean + std * eps
     err = (x.detach() - states[:, -1]).abs().max().item()
-    ((x * w).flatten(1).mean(1).mean()).backward()
+    reward(x).mean().backward()
     g_pw.append(flat_grad())
     print(f"chunk {m}: replay max |x - stored| {err:.1e}, |g_sf| {g_sf[-1].norm():.3e}, "
           f"|g_pw| {g_pw[-1].norm():.3e}, {time.time() - t0:.0f}s", flush=True)
